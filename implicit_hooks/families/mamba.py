@@ -1,0 +1,219 @@
+"""Mamba-1 (S6) blocks of transformers: ``MambaMixer``, ``FalconMambaMixer``, ``JambaMambaMixer``.
+
+Per channel ``c`` (``docs/maths.md``)::
+
+    y = G · (R + diag(D)) · Z · M · P · x + bias
+    R[t, j] = Σ_n C_t[n] · exp(A[c, n] · Σ_{k=j+1..t} Δ_k) · Δ_j · B_j[n]
+
+``x``/``z`` are the halves of the ``in_proj`` output, ``M`` the depthwise conv, ``Z = σ(u)`` the SiLU
+slope at the conv output ``u`` (times the padding mask), ``G = SiLU(z)``. Only ``in_proj`` (and, off the
+fused training path, ``out_proj``) are tapped: everything else is derived from the weights when a view
+is read, so recording costs two references per call.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..patcher import Patcher, require
+from ..recording import BlockRecord
+from ..view import Core, Factors
+from ._hf import activation_slope, cache_states
+
+
+class SelectiveCore(Core):
+    """``R + diag(D)`` of a Mamba-1 call, for one or many channels, any block of rows and columns.
+
+    Shapes: ``delta (B, C, L)``, ``A (C, N)``, ``B``/``C (B, L, N)``, ``D (C,)``.
+    """
+
+    work_per_entry = 6
+    has_skip = True
+
+    def __init__(self, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None):
+        self.delta, self.A, self.B, self.C, self.D = delta, A, B, C, D
+        self.has_skip = D is not None
+        # Segment sums Σ_{k=j+1..t} Δ_k as differences of one cumulative sum, kept in float64 so that
+        # the difference of two large sums stays exact to float32 precision at any length.
+        self.cumdelta = delta.double().cumsum(-1)
+
+    def block(self, b: int, chans: Tensor, rows: Tensor, cols: Tensor, *, ssm: bool, skip: bool) -> Tensor:
+        dtype = self.delta.dtype
+        out = torch.zeros(len(chans), len(rows), len(cols), dtype=dtype, device=self.delta.device)
+        if ssm:
+            S = self.cumdelta[b].index_select(0, chans)  # (nc, L)
+            gap = S.index_select(1, rows)[:, :, None] - S.index_select(1, cols)[:, None, :]
+            gap = gap.clamp_min(0).to(dtype)  # (nc, nr, ncol); j > t is masked below
+            A = self.A.index_select(0, chans).to(dtype)  # (nc, N)
+            C_rows = self.C[b].index_select(0, rows).to(dtype)  # (nr, N)
+            B_cols = self.B[b].index_select(0, cols).to(dtype)  # (ncol, N)
+            for n in range(A.shape[1]):  # the state size (16), not the sequence length
+                out = out + torch.exp(gap * A[:, n, None, None]) * (C_rows[:, n, None] * B_cols[None, :, n])
+            causal = (rows[:, None] >= cols[None, :]).to(dtype)
+            out = out * (self.delta[b].index_select(0, chans).index_select(1, cols)[:, None, :] * causal)
+        if skip and self.D is not None:
+            eye = (rows[:, None] == cols[None, :]).to(dtype)
+            out = out + self.D.index_select(0, chans).to(dtype)[:, None, None] * eye
+        return out
+
+
+class MambaPatcher(Patcher):
+    """transformers' ``MambaMixer`` (and the base of the FalconMamba and Jamba variants)."""
+
+    kind = "mamba"
+    #: how B, C and the low-rank Δ are normalised after ``x_proj``: None, "weightless" or "weighted".
+    bcdt_norm: str | None = None
+
+    def taps(self):
+        return {"in_proj": (self.module.in_proj, "output"), "out_proj_input": (self.module.out_proj, "input")}
+
+    def weights(self):
+        m = self.module
+        w = {
+            "conv.weight": m.conv1d.weight, "x_proj.weight": m.x_proj.weight,
+            "dt_proj.weight": m.dt_proj.weight, "dt_proj.bias": m.dt_proj.bias, "A_log": m.A_log, "D": m.D,
+        }
+        if m.conv1d.bias is not None:
+            w["conv.bias"] = m.conv1d.bias
+        if self.bcdt_norm == "weighted":
+            for part in ("dt", "b", "c"):
+                w[f"{part}_layernorm.weight"] = getattr(m, f"{part}_layernorm").weight
+        return w
+
+    def on_call(self, record: BlockRecord, args: tuple, kwargs: dict) -> None:
+        hidden = self.argument("hidden_states", args, kwargs)
+        record.raw["attention_mask"] = self.argument("attention_mask", args, kwargs)
+        cache = self.argument("cache", args, kwargs) or self.argument("cache_params", args, kwargs)
+        conv_state, recurrent_state = cache_states(cache, self.module.layer_idx)
+        K = self.module.conv1d.weight.shape[-1]
+        # The forward updates the cache in place: keep copies of what this call starts from.
+        if conv_state is not None and K > 1:
+            record.raw["conv_context"] = conv_state[..., -(K - 1):].clone()
+        # Mamba-1 reads the recurrent state only on single-token steps (longer calls start from zero).
+        if recurrent_state is not None and hidden is not None and hidden.shape[1] == 1:
+            record.raw["initial_state"] = recurrent_state.clone()
+
+    # --- derivation -----------------------------------------------------------------------------
+    def _norm(self, t: Tensor, part: str, record: BlockRecord) -> Tensor:
+        if self.bcdt_norm is None:
+            return t
+        module = getattr(self.module, f"{part}_layernorm")
+        eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
+        normed = t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps)
+        if self.bcdt_norm == "weighted":
+            normed = record.weights[f"{part}_layernorm.weight"].to(t.dtype) * normed
+        return normed
+
+    def derive(self, record: BlockRecord, dtype: torch.dtype) -> dict[str, Any]:
+        """Every per-call quantity in ``dtype``; shapes in the module docstring (cached per dtype)."""
+        if dtype in record.cache:
+            return record.cache[dtype]
+        m, w = self.module, record.weights
+        require("in_proj" in record.raw, f"{record.name}: in_proj never ran as a module during this call")
+        xz = record.raw["in_proj"]
+        batch, L, _ = xz.shape
+        C = m.intermediate_size
+        x = xz[..., :C].transpose(1, 2).to(dtype)  # (B, C, L)
+        z = xz[..., C:].transpose(1, 2).to(dtype)
+
+        mask = record.raw.get("attention_mask")
+        if mask is not None:
+            require(
+                mask.dim() == 2 and tuple(mask.shape) == (batch, L),
+                f"{record.name}: attention_mask of shape {tuple(mask.shape)} does not match the call's "
+                f"(batch, length) = {(batch, L)}",
+            )
+            mask = mask.to(dtype)
+
+        taps = w["conv.weight"].squeeze(1).to(dtype)  # (C, K)
+        K = taps.shape[1]
+        conv_bias = w["conv.bias"].to(dtype) if "conv.bias" in w else None
+        context = record.raw.get("conv_context")
+        context = (
+            context.to(dtype) if context is not None else x.new_zeros(batch, C, K - 1)
+        )
+
+        def conv(signal: Tensor, left: Tensor, bias: Tensor | None) -> Tensor:
+            return F.conv1d(torch.cat([left, signal], dim=-1), taps[:, None, :], bias, groups=C)
+
+        u = conv(x, context, conv_bias)  # (B, C, L): the conv output before the activation
+        slope = activation_slope(m.activation, u)  # Z = act(u) / u
+        xc = u * slope if mask is None else u * slope * mask[:, None, :]  # the SSM input: act(u) · mask
+
+        x_dbl = F.linear(xc.transpose(1, 2), w["x_proj.weight"].to(dtype))  # (B, L, R + 2N)
+        R, N = m.time_step_rank, m.ssm_state_size
+        dt_low, Bm, Cm = torch.split(x_dbl, [R, N, N], dim=-1)
+        dt_low, Bm, Cm = self._norm(dt_low, "dt", record), self._norm(Bm, "b", record), self._norm(Cm, "c", record)
+        dt = w["dt_proj.weight"].to(dtype) @ dt_low.transpose(1, 2)  # (B, C, L)
+        delta = F.softplus(dt + w["dt_proj.bias"].to(dtype)[None, :, None])
+        A = -torch.exp(w["A_log"].to(dtype))  # (C, N)
+        D = w["D"].to(dtype)
+
+        # What the conv adds that is not conv(P·x): its bias, a cached left context, padded inputs.
+        padded_x = torch.zeros_like(x) if mask is None else x * (1 - mask[:, None, :])
+        conv_offset = conv(padded_x, context, conv_bias)
+
+        state_offset = None
+        h0 = record.raw.get("initial_state")
+        if h0 is not None:  # y_t += C_t · exp(A · Σ_{k≤t} Δ_k) · h0
+            decay = torch.exp(A[None, :, None, :] * delta.cumsum(-1)[..., None])  # (B, C, L, N)
+            state_offset = torch.einsum("bcln,bln,bcn->bcl", decay, Cm, h0.to(dtype))
+
+        derived = dict(
+            values=x, z=z, gate=F.silu(z), conv_preact=u, act=slope, mask=mask, delta=delta, A=A, B=Bm, C=Cm,
+            D=D, conv=taps, conv_offset=conv_offset, state_offset=state_offset,
+        )
+        record.cache[dtype] = derived
+        return derived
+
+    def factors(self, record: BlockRecord, dtype: torch.dtype) -> Factors:
+        d = self.derive(record, dtype)
+        return Factors(
+            values=d["values"],
+            core=SelectiveCore(d["delta"], d["A"], d["B"], d["C"], d["D"]),
+            left={"gate": d["gate"]},
+            right={"act": d["act"]},
+            conv=d["conv"],
+            conv_offset=d["conv_offset"],
+            state_offset=d["state_offset"],
+            input_mask=d["mask"],
+            mid_mask=d["mask"],
+        )
+
+    def tensors(self, record: BlockRecord, dtype: torch.dtype):
+        def get(key: str):
+            return lambda: self.derive(record, dtype)[key]
+
+        def decay() -> Tensor:
+            d = self.derive(record, dtype)
+            return torch.exp(d["delta"][..., None] * d["A"][None, :, None, :])  # (B, C, L, N)
+
+        def input_proj() -> Tensor:
+            d = self.derive(record, dtype)
+            return d["delta"][..., None] * d["B"][:, None, :, :]  # (B, C, L, N)
+
+        thunks = {k: get(k) for k in ("values", "gate", "conv_preact", "act", "mask", "delta", "A", "B", "C")}
+        thunks.update(decay=decay, input_proj=input_proj, skip=get("D"), readout=get("C"))
+        return thunks
+
+    def real_output(self, record: BlockRecord) -> Tensor | None:
+        y = record.raw.get("out_proj_input")
+        return None if y is None else y.transpose(1, 2)
+
+
+class FalconMambaPatcher(MambaPatcher):
+    """``FalconMambaMixer``: B, C and the low-rank Δ pass a weightless RMS norm after ``x_proj``."""
+
+    kind = "mamba"
+    bcdt_norm = "weightless"
+
+
+class JambaMambaPatcher(MambaPatcher):
+    """``JambaMambaMixer``: B, C and the low-rank Δ pass learned RMS norms; called with keywords."""
+
+    kind = "mamba"
+    bcdt_norm = "weighted"

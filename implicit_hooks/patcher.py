@@ -1,0 +1,146 @@
+"""The base class of every patcher: one object per supported block, owning that block's hooks.
+
+A patcher attaches hooks that *only read*: a forward pre-hook on the block (its inputs, with keyword
+arguments), forward hooks on the sub-modules it taps, and an always-called forward hook on the block
+that closes the call. It never changes an argument or an output, so the model computes exactly what it
+computes without us. Everything expensive happens later, when a view is read: :meth:`Patcher.factors`
+turns what was recorded, plus the block's weights, into the :class:`~implicit_hooks.view.Factors` of
+the implicit attention.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .errors import UnsupportedInputError
+from .recording import BlockRecord
+from .view import Factors
+
+
+class Patcher:
+    """Records the calls of one block and turns each call into factors.
+
+    Subclasses set :attr:`kind`, say which sub-module inputs or outputs to keep in :meth:`taps`, read the
+    block's own arguments in :meth:`on_call`, list the weights the maths reads in :meth:`weights`, and
+    implement :meth:`factors`. Example (a block ``y = sigmoid(g) * cumsum(v)`` of your own)::
+
+        class CumsumPatcher(implicit_hooks.Patcher):
+            kind = "cumsum"
+            def taps(self):
+                return {"v": (self.module.value, "output"), "g": (self.module.gate, "output")}
+            def factors(self, record, dtype):
+                v = record.raw["v"].to(dtype).transpose(1, 2)          # (B, C, L)
+                g = torch.sigmoid(record.raw["g"].to(dtype)).transpose(1, 2)
+                return Factors(values=v, core=DenseCore(torch.ones(...).tril()), left={"gate": g})
+
+        implicit_hooks.register_patcher(MyCumsumBlock, CumsumPatcher)
+    """
+
+    kind: ClassVar[str] = "custom"
+    #: taps whose tensors the model may later change in place: these are cloned when recorded.
+    copy_taps: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, module: nn.Module, name: str):
+        self.module = module
+        self.name = name
+        self._open: list[BlockRecord] = []
+        self._signature = _signature_of(module)
+
+    # --- what subclasses describe -------------------------------------------------------------
+    def taps(self) -> Mapping[str, tuple[nn.Module, str]]:
+        """``key -> (sub_module, "input" | "output")``: tensors kept in ``record.raw[key]``."""
+        return {}
+
+    def on_call(self, record: BlockRecord, args: tuple, kwargs: dict) -> None:
+        """Read the block's own arguments at the start of a call (no host synchronisation here)."""
+
+    def weights(self) -> Mapping[str, torch.Tensor]:
+        """The parameters and buffers the maths reads; a view refuses to build if they change later."""
+        return {}
+
+    def factors(self, record: BlockRecord, dtype: torch.dtype) -> Factors:
+        """The factors of one recorded call, computed in ``dtype``."""
+        raise NotImplementedError
+
+    def tensors(self, record: BlockRecord, dtype: torch.dtype) -> dict[str, Callable[[], torch.Tensor]]:
+        """Named tensors of the call (``"decay"``, ``"gate"``, …) as thunks, shown in ``record.tensors``."""
+        return {}
+
+    # --- helpers for subclasses -----------------------------------------------------------------
+    def argument(self, name: str, args: tuple, kwargs: dict, default: Any = None) -> Any:
+        """The block's argument ``name``, whether it came by position or by keyword."""
+        if name in kwargs:
+            return kwargs[name]
+        index = self._signature.get(name)
+        if index is not None and index < len(args):
+            return args[index]
+        return default
+
+    # --- the hook lifecycle (shared by every patcher) -------------------------------------------
+    def attach(self, on_record: Callable[[BlockRecord], None], *, grad: bool = False) -> list:
+        """Attach the hooks; returns their handles (the caller removes them)."""
+        weights = dict(self.weights())
+        kept_weights = {k: (w if grad else w.detach()) for k, w in weights.items()}
+        handles = []
+
+        def keep(key: str, tensor: Any) -> Any:
+            if not isinstance(tensor, torch.Tensor):
+                return tensor
+            tensor = tensor if grad else tensor.detach()
+            return tensor.clone() if key in self.copy_taps else tensor
+
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            record = BlockRecord(self.name, self.kind, self, grad=grad)
+            record.weights = kept_weights
+            record.weight_versions = {k: w._version for k, w in weights.items()}
+            self.on_call(record, args, kwargs)
+            self._open.append(record)
+            on_record(record)
+
+        def post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if not self._open:
+                return
+            record = self._open.pop()
+            # An always-called hook sees output None when the forward raised.
+            record.status = "complete" if output is not None else "failed"
+
+        def make_tap(key: str, where: str) -> Callable:
+            def tap(module: nn.Module, args: tuple, output: Any) -> None:
+                if self._open:
+                    self._open[-1].raw[key] = keep(key, output if where == "output" else args[0])
+
+            return tap
+
+        handles.append(self.module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        for key, (sub, where) in self.taps().items():
+            if where not in ("input", "output"):
+                raise ValueError(f"tap {key!r}: where must be 'input' or 'output', got {where!r}")
+            handles.append(sub.register_forward_hook(make_tap(key, where)))
+        handles.append(self.module.register_forward_hook(post_hook, with_kwargs=True, always_call=True))
+        return handles
+
+    def close(self) -> None:
+        """Mark calls that never finished (the context exited inside a forward) as failed."""
+        while self._open:
+            self._open.pop().status = "failed"
+
+
+def _signature_of(module: nn.Module) -> dict[str, int]:
+    """Positional index of each argument of ``module.forward`` (without ``self``)."""
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return {name: i for i, (name, p) in enumerate(params.items()) if p.kind in kinds}
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise :class:`UnsupportedInputError` with ``message`` unless ``condition`` holds."""
+    if not condition:
+        raise UnsupportedInputError(message)

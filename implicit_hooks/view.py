@@ -1,0 +1,456 @@
+"""The lazy implicit attention of one block call: ``A = G · (R + diag(D)) · Z · M · P``.
+
+Per batch row ``b`` and channel ``c`` (see ``docs/maths.md``)::
+
+    y[b, c] = A[b, c] @ x[b, c] + bias[b, c]
+    A       = left · core · right · conv · input_mask
+
+* ``left``  – diagonal factors on the rows: the output gate, a frozen normaliser (``G``).
+* ``core``  – the data-controlled lower-triangular mixing ``R`` plus the skip ``diag(D)``; one
+  :class:`Core` object per family computes any block of it.
+* ``right`` – diagonal factors between the core and the conv: the activation slope ``Z`` and the
+  padding mask the block applies after its conv.
+* ``conv``  – the causal depthwise short convolution ``M`` (banded Toeplitz, ``K`` taps).
+* ``input_mask`` – ``P``: zero for positions the block zeroed before its input projection.
+
+``bias`` collects everything that does not come from ``x``: the conv bias, a conv state carried from a
+previous call and padded inputs (``conv_offset``, pushed through ``core · right``), plus an initial
+recurrent state (``state_offset``, added after the core). Nothing is materialised until asked: every
+read is computed tile by tile over channels and rows, so a row costs ``O(L)`` per channel and a
+channel mean never holds ``channels × L × L``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+#: Largest number of elements one tile of intermediate work may hold (about 64 MB in float32).
+DEFAULT_TILE_ELEMENTS = 1 << 24
+
+
+class Core:
+    """The data-controlled mixing ``R (+ diag(D))`` of one block call, lower triangular per channel.
+
+    Subclasses compute any block of it; they never build the whole matrix unless asked to.
+
+    Attributes:
+        work_per_entry: elements of temporary memory per computed entry (guides tile sizes).
+        has_skip: whether the block has a skip term ``D``.
+    """
+
+    work_per_entry: int = 1
+    has_skip: bool = False
+
+    def block(self, b: int, chans: Tensor, rows: Tensor, cols: Tensor, *, ssm: bool, skip: bool) -> Tensor:
+        """Entries ``[chans, rows, cols]`` of batch row ``b``: shape ``(len(chans), len(rows), len(cols))``.
+
+        ``ssm`` selects the recurrence ``R``, ``skip`` the diagonal ``D``; both may be off (zeros).
+        """
+        raise NotImplementedError
+
+
+class DenseCore(Core):
+    """A core given as an explicit matrix ``(B, C, L, L)``, plus an optional skip ``D`` of shape ``(C,)``.
+
+    For blocks of your own whose mixing you can write down (and for softmax attention probabilities).
+    """
+
+    def __init__(self, matrix: Tensor, skip: Tensor | None = None):
+        if matrix.dim() != 4 or matrix.shape[-1] != matrix.shape[-2]:
+            raise ValueError(f"DenseCore wants a (batch, channels, L, L) matrix, got {tuple(matrix.shape)}")
+        self.matrix = matrix
+        self.skip = skip
+        self.has_skip = skip is not None
+
+    def block(self, b: int, chans: Tensor, rows: Tensor, cols: Tensor, *, ssm: bool, skip: bool) -> Tensor:
+        m = self.matrix[b].index_select(0, chans).index_select(1, rows).index_select(2, cols)
+        out = m if ssm else torch.zeros_like(m)
+        if skip and self.skip is not None:
+            eye = (rows[:, None] == cols[None, :]).to(out.dtype)
+            out = out + self.skip.index_select(0, chans)[:, None, None].to(out.dtype) * eye
+        return out
+
+
+@dataclass
+class Factors:
+    """Everything a view needs, per batch row ``b`` and channel ``c``. Shapes use ``B, C, L, K``.
+
+    Attributes:
+        values: ``(B, C, L)`` the ``x`` the matrix acts on.
+        core: the :class:`Core` (``R`` and ``D``).
+        left: name → ``(B, C, L)`` diagonal factors applied to rows (``"gate"``, ``"norm"``).
+        right: name → ``(B, C, L)`` diagonal factors between core and conv (``"act"``).
+        conv: ``(C, K)`` causal taps: ``x[j]`` reaches position ``j + k`` with weight ``conv[:, K-1-k]``.
+        conv_offset: ``(B, C, L)`` what the conv adds that is not ``conv(input_mask · x)``.
+        state_offset: ``(B, C, L)`` an initial recurrent state's contribution, added after the core.
+        input_mask: ``(B, L)`` zero where the block zeroed its input (padding).
+        mid_mask: ``(B, L)`` zero where the block zeroed positions after the conv (never ablated).
+    """
+
+    values: Tensor
+    core: Core
+    left: dict[str, Tensor] = field(default_factory=dict)
+    right: dict[str, Tensor] = field(default_factory=dict)
+    conv: Tensor | None = None
+    conv_offset: Tensor | None = None
+    state_offset: Tensor | None = None
+    input_mask: Tensor | None = None
+    mid_mask: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.values.dim() != 3:
+            raise ValueError(f"values must be (batch, channels, L), got shape {tuple(self.values.shape)}")
+        B, C, L = self.values.shape
+        for group in (self.left, self.right):
+            for name, t in group.items():
+                _expect(t, (B, C, L), name)
+        for name in ("conv_offset", "state_offset"):
+            if getattr(self, name) is not None:
+                _expect(getattr(self, name), (B, C, L), name)
+        for name in ("input_mask", "mid_mask"):
+            if getattr(self, name) is not None:
+                _expect(getattr(self, name), (B, L), name)
+        if self.conv is not None and (self.conv.dim() != 2 or self.conv.shape[0] != C):
+            raise ValueError(f"conv must be (channels={C}, taps), got shape {tuple(self.conv.shape)}")
+
+    def components(self) -> tuple[str, ...]:
+        names = [*self.left, "ssm"]
+        if self.core.has_skip:
+            names.append("skip")
+        names += list(self.right)
+        if self.conv is not None:
+            names.append("conv")
+        return tuple(names)
+
+
+def _expect(t: Tensor, shape: tuple[int, ...], name: str) -> None:
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+
+
+class AttentionView:
+    """The implicit attention of one block call, assembled only where it is read.
+
+    Shape ``(batch, channels, L, L)``; ``view[b, c, t, j]`` is how much ``values[b, c, j]`` contributes
+    to the block's output at ``(b, c, t)``. Reads:
+
+    * ``view[b, c, rows, cols]`` with ints, slices, index lists (tensors) – computes only that part;
+    * :meth:`dense` – the whole ``(B, C, L, L)``;
+    * :meth:`mean` / :meth:`sum` – channel reductions ``(B, L, L)``, never holding ``C × L × L``;
+    * :meth:`apply` – ``A @ x`` without building ``A``; :attr:`bias`; :meth:`output`.
+
+    Ablations keep the same maths with factors left out: ``view.only("ssm")`` is the S6-only matrix
+    of Ali et al.; ``view.without("conv")``, ``"act"``, ``"gate"``, ``"skip"``.
+
+    Example::
+
+        with implicit_hooks.record(model) as rec:
+            model(input_ids)
+        view = rec[0].attention
+        row = view[0, :, -1]                 # (C, L): the last token's row, every channel
+        avg = view.mean(absolute=True)       # (B, L, L)
+        torch.testing.assert_close(view.output(), rec[0].real_output)
+    """
+
+    def __init__(
+        self,
+        build: Callable[[], Factors],
+        *,
+        name: str = "",
+        grad: bool = False,
+        keep: frozenset[str] | None = None,
+        tile_elements: int = DEFAULT_TILE_ELEMENTS,
+        _cache: dict | None = None,
+    ):
+        self._build = build
+        self._cache = _cache if _cache is not None else {}
+        self.name = name
+        self.grad = grad
+        self._keep = keep
+        self.tile_elements = int(tile_elements)
+
+    # --- factors and metadata -------------------------------------------------------------------
+    @property
+    def factors(self) -> Factors:
+        """The factors behind the view (computed on first access, then shared by ablations)."""
+        if "factors" not in self._cache:
+            with self._grad_mode():
+                self._cache["factors"] = self._build()
+        return self._cache["factors"]
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """Component names of this block, in product order (left to right)."""
+        return self.factors.components()
+
+    @property
+    def kept(self) -> frozenset[str]:
+        """The components this view multiplies (all of them unless ablated)."""
+        return frozenset(self.components) if self._keep is None else self._keep
+
+    @property
+    def shape(self) -> torch.Size:
+        B, C, L = self.factors.values.shape
+        return torch.Size((B, C, L, L))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.factors.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.factors.values.device
+
+    def __repr__(self) -> str:
+        ablated = "" if self._keep is None else f", only={sorted(self._keep)}"
+        if "factors" not in self._cache:
+            return f"AttentionView({self.name!r}, not built yet{ablated})"
+        return f"AttentionView({self.name!r}, shape={tuple(self.shape)}, dtype={self.dtype}{ablated})"
+
+    def _grad_mode(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if self.grad else torch.no_grad()
+
+    def _derive(self, keep: frozenset[str]) -> AttentionView:
+        return AttentionView(
+            self._build, name=self.name, grad=self.grad, keep=keep,
+            tile_elements=self.tile_elements, _cache=self._cache,
+        )
+
+    # --- ablations ------------------------------------------------------------------------------
+    def _check_names(self, names: tuple[str, ...]) -> None:
+        unknown = [n for n in names if n not in self.components]
+        if unknown:
+            raise ValueError(
+                f"{self.name or 'this block'} has no component {unknown}; its components are "
+                f"{list(self.components)}"
+            )
+
+    def only(self, *names: str) -> AttentionView:
+        """The matrix with only the named components (``only("ssm")``: the S6-only matrix)."""
+        self._check_names(names)
+        return self._derive(frozenset(names))
+
+    def without(self, *names: str) -> AttentionView:
+        """The matrix with the named components left out (treated as identity)."""
+        self._check_names(names)
+        return self._derive(self.kept - set(names))
+
+    def with_tiles(self, tile_elements: int) -> AttentionView:
+        """The same view computed with tiles of at most ``tile_elements`` temporary elements."""
+        view = self._derive(self._keep)  # type: ignore[arg-type]
+        view.tile_elements = int(tile_elements)
+        return view
+
+    # --- the entries ----------------------------------------------------------------------------
+    def _block(
+        self, b: int, chans: Tensor, rows: Tensor, cols: Tensor, *, left: bool = True, conv: bool = True,
+        input_mask: bool = True,
+    ) -> Tensor:
+        """Entries ``[b, chans, rows, cols]`` of the (possibly ablated) product."""
+        f, keep = self.factors, self.kept
+        L = f.values.shape[-1]
+        use_conv = conv and f.conv is not None and "conv" in keep
+        if use_conv:
+            K = f.conv.shape[1]
+            # x[j] reaches the conv outputs j, …, j+K-1: the core is needed at those columns.
+            shifted = cols[None, :] + torch.arange(K, device=cols.device)[:, None]  # (K, ncol)
+            valid = shifted < L
+            core_cols, where = torch.unique(shifted.clamp(max=L - 1), return_inverse=True)
+        else:
+            core_cols = cols
+        core = f.core.block(b, chans, rows, core_cols, ssm="ssm" in keep, skip="skip" in keep)
+        right = self._diagonal(f.right, b, chans, extra=f.mid_mask)
+        if right is not None:
+            core = core * right.index_select(1, core_cols)[:, None, :]
+        if use_conv:
+            taps = f.conv.index_select(0, chans).to(core.dtype)  # (nc, K)
+            out = None
+            for k in range(K):  # K is the conv width (about 4), not the sequence length
+                weight = taps[:, K - 1 - k, None] * valid[k].to(core.dtype)[None, :]  # (nc, ncol)
+                term = core.index_select(2, where[k]) * weight[:, None, :]
+                out = term if out is None else out + term
+        else:
+            out = core
+        if input_mask and f.input_mask is not None:
+            out = out * f.input_mask[b].index_select(0, cols).to(out.dtype)[None, None, :]
+        if left:
+            gate = self._diagonal(f.left, b, chans)
+            if gate is not None:
+                out = out * gate.index_select(1, rows)[:, :, None]
+        return out
+
+    def _diagonal(self, group: dict[str, Tensor], b: int, chans: Tensor, extra: Tensor | None = None):
+        """Product of the kept diagonal factors of ``group`` for batch row ``b``: ``(nc, L)`` or None."""
+        out = None
+        for name, t in group.items():
+            if name in self.kept:
+                part = t[b].index_select(0, chans)
+                out = part if out is None else out * part
+        if extra is not None:
+            mask = extra[b].to(self.dtype)[None, :]
+            out = mask.expand(len(chans), -1) if out is None else out * mask
+        return out
+
+    def _tiles(self, n_chans: int, n_rows: int, n_cols: int) -> tuple[int, int]:
+        """Channel and row tile sizes whose temporary work fits in ``tile_elements``."""
+        K = self.factors.conv.shape[1] if self.factors.conv is not None else 1
+        per_row = max(1, min(n_cols * K, self.shape[-1]) * self.factors.core.work_per_entry)
+        per_chan = per_row * max(1, n_rows)
+        if per_chan <= self.tile_elements:
+            return max(1, min(n_chans, self.tile_elements // per_chan)), max(1, n_rows)
+        return 1, max(1, self.tile_elements // per_row)
+
+    def _compute(self, bs: Tensor, cs: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+        out = torch.zeros(len(bs), len(cs), len(rows), len(cols), dtype=self.dtype, device=self.device)
+        ct, rt = self._tiles(len(cs), len(rows), len(cols))
+        for i, b in enumerate(bs.tolist()):
+            for c0 in range(0, len(cs), ct):
+                for r0 in range(0, len(rows), rt):
+                    out[i, c0:c0 + ct, r0:r0 + rt] = self._block(b, cs[c0:c0 + ct], rows[r0:r0 + rt], cols)
+        return out
+
+    def __getitem__(self, key: Any) -> Tensor:
+        index = _parse_key(key, self.shape, self.device)
+        with self._grad_mode():
+            out = self._compute(*(t for t, _ in index))
+        squeeze = [d for d, (_, is_int) in enumerate(index) if is_int]
+        for d in reversed(squeeze):
+            out = out.squeeze(d)
+        return out
+
+    def dense(self) -> Tensor:
+        """The whole matrix, ``(B, C, L, L)``."""
+        return self[:, :, :, :]
+
+    def reduce(
+        self, op: str = "mean", *, absolute: bool = False, batch: Any = slice(None),
+        rows: Any = slice(None), cols: Any = slice(None), channels: Any = slice(None),
+    ) -> Tensor:
+        """Channel ``"mean"`` or ``"sum"`` of the (absolute) matrix: ``(B, rows, cols)``, tile by tile."""
+        if op not in ("mean", "sum"):
+            raise ValueError(f"op must be 'mean' or 'sum', got {op!r}")
+        B, C, L, _ = self.shape
+        bs, _ = _parse_index(batch, B, "batch", self.device)
+        cs, _ = _parse_index(channels, C, "channels", self.device)
+        rs, _ = _parse_index(rows, L, "rows", self.device)
+        js, _ = _parse_index(cols, L, "cols", self.device)
+        with self._grad_mode():
+            out = torch.zeros(len(bs), len(rs), len(js), dtype=self.dtype, device=self.device)
+            ct, rt = self._tiles(len(cs), len(rs), len(js))
+            for i, b in enumerate(bs.tolist()):
+                for c0 in range(0, len(cs), ct):
+                    for r0 in range(0, len(rs), rt):
+                        part = self._block(b, cs[c0:c0 + ct], rs[r0:r0 + rt], js)
+                        part = part.abs() if absolute else part
+                        out[i, r0:r0 + rt] = out[i, r0:r0 + rt] + part.sum(0)
+            return out / len(cs) if op == "mean" else out
+
+    def mean(self, *, absolute: bool = False, **where: Any) -> Tensor:
+        """Channel mean ``(B, L, L)`` (of ``|A|`` with ``absolute=True``); ``rows=``, ``cols=`` … restrict it."""
+        return self.reduce("mean", absolute=absolute, **where)
+
+    def sum(self, *, absolute: bool = False, **where: Any) -> Tensor:
+        """Channel sum ``(B, L, L)``; see :meth:`mean`."""
+        return self.reduce("sum", absolute=absolute, **where)
+
+    # --- products with vectors ------------------------------------------------------------------
+    def _matvec(self, x: Tensor, **parts: bool) -> Tensor:
+        """``(A_parts @ x)`` for ``x`` of shape ``(B, C, L)``, row tile by row tile (causal columns only)."""
+        B, C, L, _ = self.shape
+        out = torch.zeros(B, C, L, dtype=self.dtype, device=self.device)
+        x = x.to(self.dtype)
+        positions = torch.arange(L, device=self.device)
+        channels = torch.arange(C, device=self.device)
+        ct, rt = self._tiles(C, L, L)
+        for b in range(B):
+            for c0 in range(0, C, ct):
+                chans = channels[c0:c0 + ct]
+                for r0 in range(0, L, rt):
+                    rows = positions[r0:r0 + rt]
+                    cols = positions[: r0 + len(rows)]  # A is causal: columns past the last row are zero
+                    blk = self._block(b, chans, rows, cols, **parts)
+                    out[b, c0:c0 + ct, r0:r0 + rt] = torch.einsum("crj,cj->cr", blk, x[b, c0:c0 + ct, : len(cols)])
+        return out
+
+    def apply(self, x: Tensor) -> Tensor:
+        """``A @ x`` per channel for ``x`` of shape ``(B, C, L)``, without building ``A``."""
+        if tuple(x.shape) != tuple(self.factors.values.shape):
+            raise ValueError(
+                f"apply(x) wants x of shape (batch, channels, L) = {tuple(self.factors.values.shape)}, "
+                f"got {tuple(x.shape)}"
+            )
+        with self._grad_mode():
+            return self._matvec(x)
+
+    @property
+    def values(self) -> Tensor:
+        """The ``x`` the matrix acts on, ``(B, C, L)``."""
+        return self.factors.values
+
+    @property
+    def bias(self) -> Tensor:
+        """``(B, C, L)``: the part of the output that does not come from ``values``.
+
+        ``left · (core · right · conv_offset + state_offset)``; ablated factors are left out of it too.
+        """
+        f, keep = self.factors, self.kept
+        with self._grad_mode():
+            out = torch.zeros_like(f.values)
+            if f.conv_offset is not None and "conv" in keep:
+                out = self._matvec(f.conv_offset, left=False, conv=False, input_mask=False)
+            if f.state_offset is not None and "ssm" in keep:
+                out = out + f.state_offset.to(out.dtype)
+            for name, t in f.left.items():
+                if name in keep:
+                    out = out * t
+            return out
+
+    def output(self) -> Tensor:
+        """``A @ values + bias``: the block's output before its output projection, ``(B, C, L)``."""
+        return self.apply(self.values) + self.bias
+
+
+def _parse_index(index: Any, size: int, axis: str, device: torch.device) -> tuple[Tensor, bool]:
+    """An int, slice, list or 1-D tensor (integer or boolean) as a long index tensor, plus 'was an int'."""
+    if isinstance(index, bool):
+        raise TypeError(f"{axis}: a bool is not an index")
+    if isinstance(index, int) or (isinstance(index, Tensor) and index.dim() == 0):
+        i = int(index)
+        if not -size <= i < size:
+            raise IndexError(f"{axis} index {i} is out of range for size {size}")
+        return torch.tensor([i % size], device=device), True
+    if isinstance(index, slice):
+        return torch.arange(*index.indices(size), device=device), False
+    t = torch.as_tensor(index, device=device)
+    if t.dim() != 1:
+        raise IndexError(f"{axis}: index lists must be 1-D, got shape {tuple(t.shape)}")
+    if t.dtype == torch.bool:
+        if len(t) != size:
+            raise IndexError(f"{axis}: boolean mask of length {len(t)} for size {size}")
+        return t.nonzero().flatten(), False
+    if t.is_floating_point():
+        raise TypeError(f"{axis}: indices must be integers, got {t.dtype}")
+    t = t.long()
+    if len(t) and (t.min() < -size or t.max() >= size):
+        raise IndexError(f"{axis}: indices {t.tolist()} out of range for size {size}")
+    return t % size, False
+
+
+_AXES = ("batch", "channels", "rows", "cols")
+
+
+def _parse_key(key: Any, shape: torch.Size, device: torch.device) -> list[tuple[Tensor, bool]]:
+    key = key if isinstance(key, tuple) else (key,)
+    if any(k is Ellipsis for k in key):
+        at = key.index(Ellipsis)
+        key = key[:at] + (slice(None),) * (4 - len(key) + 1) + key[at + 1:]
+    if len(key) > 4:
+        raise IndexError(f"a view has 4 axes {_AXES}, got {len(key)} indices")
+    key = key + (slice(None),) * (4 - len(key))
+    return [_parse_index(k, n, axis, device) for k, n, axis in zip(key, shape, _AXES)]
