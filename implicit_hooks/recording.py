@@ -96,7 +96,9 @@ class BlockRecord:
 
         if dtype not in self._views:
             self._check_readable()
-            self._views[dtype] = AttentionView(lambda d=dtype: self.factors(d), name=self.name, grad=self.grad)
+            self._views[dtype] = AttentionView(
+                lambda d=dtype: self.factors(d), name=self.name, grad=self.grad
+            )
         return self._views[dtype]
 
     @property

@@ -218,8 +218,12 @@ class AttentionView:
 
     def _derive(self, keep: frozenset[str]) -> AttentionView:
         return AttentionView(
-            self._build, name=self.name, grad=self.grad, keep=keep,
-            tile_elements=self.tile_elements, _cache=self._cache,
+            self._build,
+            name=self.name,
+            grad=self.grad,
+            keep=keep,
+            tile_elements=self.tile_elements,
+            _cache=self._cache,
         )
 
     # --- ablations ------------------------------------------------------------------------------
@@ -249,7 +253,14 @@ class AttentionView:
 
     # --- the entries ----------------------------------------------------------------------------
     def _block(
-        self, b: int, chans: Tensor, rows: Tensor, cols: Tensor, *, left: bool = True, conv: bool = True,
+        self,
+        b: int,
+        chans: Tensor,
+        rows: Tensor,
+        cols: Tensor,
+        *,
+        left: bool = True,
+        conv: bool = True,
         input_mask: bool = True,
     ) -> Tensor:
         """Entries ``[b, chans, rows, cols]`` of the (possibly ablated) product."""
@@ -312,7 +323,9 @@ class AttentionView:
         for i, b in enumerate(bs.tolist()):
             for c0 in range(0, len(cs), ct):
                 for r0 in range(0, len(rows), rt):
-                    out[i, c0:c0 + ct, r0:r0 + rt] = self._block(b, cs[c0:c0 + ct], rows[r0:r0 + rt], cols)
+                    out[i, c0 : c0 + ct, r0 : r0 + rt] = self._block(
+                        b, cs[c0 : c0 + ct], rows[r0 : r0 + rt], cols
+                    )
         return out
 
     def __getitem__(self, key: Any) -> Tensor:
@@ -329,8 +342,14 @@ class AttentionView:
         return self[:, :, :, :]
 
     def reduce(
-        self, op: str = "mean", *, absolute: bool = False, batch: Any = slice(None),
-        rows: Any = slice(None), cols: Any = slice(None), channels: Any = slice(None),
+        self,
+        op: str = "mean",
+        *,
+        absolute: bool = False,
+        batch: Any = slice(None),
+        rows: Any = slice(None),
+        cols: Any = slice(None),
+        channels: Any = slice(None),
     ) -> Tensor:
         """Channel ``"mean"`` or ``"sum"`` of the (absolute) matrix: ``(B, rows, cols)``, tile by tile."""
         if op not in ("mean", "sum"):
@@ -346,13 +365,13 @@ class AttentionView:
             for i, b in enumerate(bs.tolist()):
                 for c0 in range(0, len(cs), ct):
                     for r0 in range(0, len(rs), rt):
-                        part = self._block(b, cs[c0:c0 + ct], rs[r0:r0 + rt], js)
+                        part = self._block(b, cs[c0 : c0 + ct], rs[r0 : r0 + rt], js)
                         part = part.abs() if absolute else part
-                        out[i, r0:r0 + rt] = out[i, r0:r0 + rt] + part.sum(0)
+                        out[i, r0 : r0 + rt] = out[i, r0 : r0 + rt] + part.sum(0)
             return out / len(cs) if op == "mean" else out
 
     def mean(self, *, absolute: bool = False, **where: Any) -> Tensor:
-        """Channel mean ``(B, L, L)`` (of ``|A|`` with ``absolute=True``); ``rows=``, ``cols=`` … restrict it."""
+        """Channel mean ``(B, L, L)`` (of ``|A|`` if ``absolute``); ``rows=``, ``cols=`` … restrict it."""
         return self.reduce("mean", absolute=absolute, **where)
 
     def sum(self, *, absolute: bool = False, **where: Any) -> Tensor:
@@ -370,12 +389,14 @@ class AttentionView:
         ct, rt = self._tiles(C, L, L)
         for b in range(B):
             for c0 in range(0, C, ct):
-                chans = channels[c0:c0 + ct]
+                chans = channels[c0 : c0 + ct]
                 for r0 in range(0, L, rt):
-                    rows = positions[r0:r0 + rt]
+                    rows = positions[r0 : r0 + rt]
                     cols = positions[: r0 + len(rows)]  # A is causal: columns past the last row are zero
                     blk = self._block(b, chans, rows, cols, **parts)
-                    out[b, c0:c0 + ct, r0:r0 + rt] = torch.einsum("crj,cj->cr", blk, x[b, c0:c0 + ct, : len(cols)])
+                    out[b, c0 : c0 + ct, r0 : r0 + rt] = torch.einsum(
+                        "crj,cj->cr", blk, x[b, c0 : c0 + ct, : len(cols)]
+                    )
         return out
 
     def apply(self, x: Tensor) -> Tensor:
@@ -449,7 +470,7 @@ def _parse_key(key: Any, shape: torch.Size, device: torch.device) -> list[tuple[
     key = key if isinstance(key, tuple) else (key,)
     if any(k is Ellipsis for k in key):
         at = key.index(Ellipsis)
-        key = key[:at] + (slice(None),) * (4 - len(key) + 1) + key[at + 1:]
+        key = key[:at] + (slice(None),) * (4 - len(key) + 1) + key[at + 1 :]
     if len(key) > 4:
         raise IndexError(f"a view has 4 axes {_AXES}, got {len(key)} indices")
     key = key + (slice(None),) * (4 - len(key))

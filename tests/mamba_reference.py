@@ -86,8 +86,19 @@ def reference(mixer, hidden, mask=None, *, norm=None, context=None) -> Frozen:
     return fr
 
 
-def frozen(fr: Frozen, v, *, conv=True, act=True, ssm=True, skip=True, gate=True, input_mask=True,
-           conv_bias=False, context=False):
+def frozen(
+    fr: Frozen,
+    v,
+    *,
+    conv=True,
+    act=True,
+    ssm=True,
+    skip=True,
+    gate=True,
+    input_mask=True,
+    conv_bias=False,
+    context=False,
+):
     """The mixer with every data-controlled factor frozen, applied to ``v (B, L, C)`` step by step."""
     batch, L, C = v.shape
     s = v * fr.mask[..., None] if input_mask else v
@@ -120,4 +131,6 @@ def impulse_matrix(fr: Frozen, **parts) -> torch.Tensor:
 
 def bias_reference(fr: Frozen) -> torch.Tensor:
     """``(B, C, L)``: the frozen mixer's output driven only by what is not ``P·x`` (conv bias, padded x)."""
-    return frozen(fr, fr.x * (1 - fr.mask[..., None]), input_mask=False, conv_bias=True, context=True).transpose(1, 2)
+    return frozen(
+        fr, fr.x * (1 - fr.mask[..., None]), input_mask=False, conv_bias=True, context=True
+    ).transpose(1, 2)

@@ -25,8 +25,15 @@ L = 13  # deliberately not a multiple of anything
 def mamba(device, *, conv_bias=True, use_bias=True, layers=3, dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
     cfg = MambaConfig(
-        vocab_size=64, hidden_size=16, state_size=4, num_hidden_layers=layers, intermediate_size=24,
-        conv_kernel=4, time_step_rank=3, use_conv_bias=conv_bias, use_bias=use_bias,
+        vocab_size=64,
+        hidden_size=16,
+        state_size=4,
+        num_hidden_layers=layers,
+        intermediate_size=24,
+        conv_kernel=4,
+        time_step_rank=3,
+        use_conv_bias=conv_bias,
+        use_bias=use_bias,
     )
     return randomize(MambaForCausalLM(cfg), seed).to(device=device, dtype=dtype).eval()
 
@@ -34,8 +41,15 @@ def mamba(device, *, conv_bias=True, use_bias=True, layers=3, dtype=torch.float3
 def falcon_mamba(device, seed=1):
     torch.manual_seed(seed)
     cfg = FalconMambaConfig(
-        vocab_size=64, hidden_size=16, state_size=4, num_hidden_layers=2, intermediate_size=24,
-        conv_kernel=3, time_step_rank=4, use_conv_bias=True, use_bias=False,
+        vocab_size=64,
+        hidden_size=16,
+        state_size=4,
+        num_hidden_layers=2,
+        intermediate_size=24,
+        conv_kernel=3,
+        time_step_rank=4,
+        use_conv_bias=True,
+        use_bias=False,
     )
     return randomize(FalconMambaForCausalLM(cfg), seed).to(device).eval()
 
@@ -43,10 +57,24 @@ def falcon_mamba(device, seed=1):
 def jamba(device, seed=2):
     torch.manual_seed(seed)
     cfg = JambaConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=2,
-        num_key_value_heads=1, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
-        expert_layer_offset=1, num_experts=2, num_experts_per_tok=1, mamba_d_state=4, mamba_d_conv=4,
-        mamba_expand=2, mamba_dt_rank=3, mamba_conv_bias=True, mamba_proj_bias=True,
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        attn_layer_period=2,
+        attn_layer_offset=1,
+        expert_layer_period=2,
+        expert_layer_offset=1,
+        num_experts=2,
+        num_experts_per_tok=1,
+        mamba_d_state=4,
+        mamba_d_conv=4,
+        mamba_expand=2,
+        mamba_dt_rank=3,
+        mamba_conv_bias=True,
+        mamba_proj_bias=True,
     )
     return randomize(JambaForCausalLM(cfg), seed, scale=0.3).to(device).eval()
 
@@ -86,8 +114,13 @@ def capture_mixers(model, cls):
 
 def check_record(record, call, norm=None, context=None):
     """Every read of one record against the independent reference of the same call."""
-    fr = reference(call["module"], call["hidden"].cpu(), None if call["mask"] is None else call["mask"].cpu(),
-                   norm=norm, context=context)
+    fr = reference(
+        call["module"],
+        call["hidden"].cpu(),
+        None if call["mask"] is None else call["mask"].cpu(),
+        norm=norm,
+        context=context,
+    )
     view = record.attention
     y_real = call["y"].transpose(1, 2)
     assert rel_err(fr.y.transpose(1, 2), y_real) < TOL, "the reference itself does not reproduce the model"

@@ -2,11 +2,12 @@
 
 from ..registry import register_patcher
 
+_TF = "transformers.models"
+_OURS = "implicit_hooks.families"
 _BUILTIN = {
-    "transformers.models.mamba.modeling_mamba.MambaMixer": "implicit_hooks.families.mamba:MambaPatcher",
-    "transformers.models.falcon_mamba.modeling_falcon_mamba.FalconMambaMixer":
-        "implicit_hooks.families.mamba:FalconMambaPatcher",
-    "transformers.models.jamba.modeling_jamba.JambaMambaMixer": "implicit_hooks.families.mamba:JambaMambaPatcher",
+    f"{_TF}.mamba.modeling_mamba.MambaMixer": f"{_OURS}.mamba:MambaPatcher",
+    f"{_TF}.falcon_mamba.modeling_falcon_mamba.FalconMambaMixer": f"{_OURS}.mamba:FalconMambaPatcher",
+    f"{_TF}.jamba.modeling_jamba.JambaMambaMixer": f"{_OURS}.mamba:JambaMambaPatcher",
 }
 
 for _block, _patcher in _BUILTIN.items():

@@ -74,8 +74,12 @@ class MambaPatcher(Patcher):
     def weights(self):
         m = self.module
         w = {
-            "conv.weight": m.conv1d.weight, "x_proj.weight": m.x_proj.weight,
-            "dt_proj.weight": m.dt_proj.weight, "dt_proj.bias": m.dt_proj.bias, "A_log": m.A_log, "D": m.D,
+            "conv.weight": m.conv1d.weight,
+            "x_proj.weight": m.x_proj.weight,
+            "dt_proj.weight": m.dt_proj.weight,
+            "dt_proj.bias": m.dt_proj.bias,
+            "A_log": m.A_log,
+            "D": m.D,
         }
         if m.conv1d.bias is not None:
             w["conv.bias"] = m.conv1d.bias
@@ -92,7 +96,7 @@ class MambaPatcher(Patcher):
         K = self.module.conv1d.weight.shape[-1]
         # The forward updates the cache in place: keep copies of what this call starts from.
         if conv_state is not None and K > 1:
-            record.raw["conv_context"] = conv_state[..., -(K - 1):].clone()
+            record.raw["conv_context"] = conv_state[..., -(K - 1) :].clone()
         # Mamba-1 reads the recurrent state only on single-token steps (longer calls start from zero).
         if recurrent_state is not None and hidden is not None and hidden.shape[1] == 1:
             record.raw["initial_state"] = recurrent_state.clone()
@@ -133,9 +137,7 @@ class MambaPatcher(Patcher):
         K = taps.shape[1]
         conv_bias = w["conv.bias"].to(dtype) if "conv.bias" in w else None
         context = record.raw.get("conv_context")
-        context = (
-            context.to(dtype) if context is not None else x.new_zeros(batch, C, K - 1)
-        )
+        context = context.to(dtype) if context is not None else x.new_zeros(batch, C, K - 1)
 
         def conv(signal: Tensor, left: Tensor, bias: Tensor | None) -> Tensor:
             return F.conv1d(torch.cat([left, signal], dim=-1), taps[:, None, :], bias, groups=C)
@@ -147,7 +149,11 @@ class MambaPatcher(Patcher):
         x_dbl = F.linear(xc.transpose(1, 2), w["x_proj.weight"].to(dtype))  # (B, L, R + 2N)
         R, N = m.time_step_rank, m.ssm_state_size
         dt_low, Bm, Cm = torch.split(x_dbl, [R, N, N], dim=-1)
-        dt_low, Bm, Cm = self._norm(dt_low, "dt", record), self._norm(Bm, "b", record), self._norm(Cm, "c", record)
+        dt_low, Bm, Cm = (
+            self._norm(dt_low, "dt", record),
+            self._norm(Bm, "b", record),
+            self._norm(Cm, "c", record),
+        )
         dt = w["dt_proj.weight"].to(dtype) @ dt_low.transpose(1, 2)  # (B, C, L)
         delta = F.softplus(dt + w["dt_proj.bias"].to(dtype)[None, :, None])
         A = -torch.exp(w["A_log"].to(dtype))  # (C, N)
@@ -164,8 +170,20 @@ class MambaPatcher(Patcher):
             state_offset = torch.einsum("bcln,bln,bcn->bcl", decay, Cm, h0.to(dtype))
 
         derived = dict(
-            values=x, z=z, gate=F.silu(z), conv_preact=u, act=slope, mask=mask, delta=delta, A=A, B=Bm, C=Cm,
-            D=D, conv=taps, conv_offset=conv_offset, state_offset=state_offset,
+            values=x,
+            z=z,
+            gate=F.silu(z),
+            conv_preact=u,
+            act=slope,
+            mask=mask,
+            delta=delta,
+            A=A,
+            B=Bm,
+            C=Cm,
+            D=D,
+            conv=taps,
+            conv_offset=conv_offset,
+            state_offset=state_offset,
         )
         record.cache[dtype] = derived
         return derived

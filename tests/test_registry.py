@@ -1,0 +1,119 @@
+"""The registry and the patcher base class, with a block of the user's own (no library involved)."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import implicit_hooks as ih
+
+
+class EmaBlock(nn.Module):
+    """A user's block: y = σ(g) ⊙ (h_t = a ⊙ h_{t-1} + v_t), per channel."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.value = nn.Linear(dim, dim)
+        self.gate = nn.Linear(dim, dim)
+        self.log_a = nn.Parameter(-torch.rand(dim))
+
+    def forward(self, x):
+        v, g = self.value(x), self.gate(x)
+        a = self.log_a.exp()
+        state, out = torch.zeros_like(v[:, 0]), []
+        for t in range(v.shape[1]):
+            state = a * state + v[:, t]
+            out.append(state)
+        return torch.sigmoid(g) * torch.stack(out, 1)
+
+
+class EmaPatcher(ih.Patcher):
+    kind = "ema"
+
+    def taps(self):
+        return {"v": (self.module.value, "output"), "g": (self.module.gate, "output")}
+
+    def weights(self):
+        return {"log_a": self.module.log_a}
+
+    def factors(self, record, dtype):
+        v = record.raw["v"].to(dtype).transpose(1, 2)  # (B, C, L)
+        g = torch.sigmoid(record.raw["g"].to(dtype)).transpose(1, 2)
+        L = v.shape[-1]
+        t = torch.arange(L)
+        gap = (t[:, None] - t[None, :]).clamp_min(0).to(dtype)
+        R = torch.exp(record.weights["log_a"].to(dtype)[:, None, None] * gap) * (t[:, None] >= t[None, :])
+        return ih.Factors(values=v, core=ih.DenseCore(R.expand(v.shape[0], -1, -1, -1)), left={"gate": g})
+
+    def real_output(self, record):
+        return None
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([EmaBlock(5), EmaBlock(5)])
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b(x)
+        return x
+
+
+def test_a_users_block_through_register_patcher():
+    ih.register_patcher(EmaBlock, EmaPatcher)
+    torch.manual_seed(0)
+    net = Net()
+    x = torch.randn(2, 9, 5)
+    outputs = []
+
+    def keep(mod, args, out):
+        outputs.append(out.detach())
+
+    handles = [b.register_forward_hook(keep) for b in net.blocks]
+    with torch.no_grad(), ih.record(net) as rec:
+        net(x)
+    for h in handles:
+        h.remove()
+    assert [r.kind for r in rec] == ["ema", "ema"]
+    for r, y in zip(rec, outputs):
+        torch.testing.assert_close(r.attention.output(), y.transpose(1, 2))
+        assert r.attention.components == ("gate", "ssm")
+    with pytest.raises(ih.RecordingError, match="not observable"):
+        rec[0].output_error()
+
+
+def test_lazy_registration_by_string_and_conflicts():
+    path = f"{__name__}.EmaBlock"
+    ih.register_patcher(path, f"{__name__}:EmaPatcher", replace=True)
+    assert path in ih.supported_classes()
+    with pytest.raises(ValueError, match="already registered"):
+        ih.register_patcher(path, ih.Patcher)
+    with pytest.raises(ValueError, match="package.module:Name"):
+        ih.register_patcher("a.b.C", "not_lazy")
+
+
+def test_import_pulls_in_no_model_library():
+    code = (
+        "import sys, implicit_hooks; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('transformers', 'rwkv', 'nnsight')]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_views_of_a_dense_core_and_index_errors():
+    B, C, L = 2, 3, 6
+    R = torch.randn(B, C, L, L).tril()
+    f = ih.Factors(values=torch.randn(B, C, L), core=ih.DenseCore(R, skip=torch.ones(C)))
+    view = ih.AttentionView(lambda: f)
+    torch.testing.assert_close(view.dense(), R + torch.eye(L))
+    torch.testing.assert_close(view.only("ssm").dense(), R)
+    with pytest.raises(TypeError, match="integers"):
+        view[0, 0, [0.5]]
+    with pytest.raises(IndexError, match="4 axes"):
+        view[0, 0, 0, 0, 0]
+    with pytest.raises(ValueError, match="shape"):
+        ih.Factors(values=torch.randn(B, C, L), core=ih.DenseCore(R), left={"gate": torch.ones(B, L)})
