@@ -400,3 +400,30 @@ def test_errors_say_what_is_wrong(device):
     with pytest.raises(ih.RecordingError, match="changed in place"):
         rec[0].attention.dense()
     assert view.name == "backbone.layers.0.mixer"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+def test_recording_adds_no_host_synchronisation_on_cuda():
+    import warnings
+
+    model = mamba("cuda")
+    ids, mask = padded_batch("cuda")
+
+    def syncs(fn) -> int:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    def recorded():
+        with ih.record(model):
+            model(ids, attention_mask=mask)
+
+    with torch.no_grad():
+        model(ids, attention_mask=mask)  # warm-up
+        assert syncs(recorded) == syncs(lambda: model(ids, attention_mask=mask))
