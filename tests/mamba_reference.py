@@ -17,7 +17,7 @@ f64 = torch.float64
 
 
 def _w(t):
-    return None if t is None else t.detach().to(f64)
+    return None if t is None else t.detach().cpu().to(f64)
 
 
 @dataclass
