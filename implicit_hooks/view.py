@@ -91,6 +91,7 @@ class Factors:
         state_offset: ``(B, C, L)`` an initial recurrent state's contribution, added after the core.
         input_mask: ``(B, L)`` zero where the block zeroed its input (padding).
         mid_mask: ``(B, L)`` zero where the block zeroed positions after the conv (never ablated).
+        groups: name → ``(C,)`` integer group of each channel (``"heads"``), for grouped reductions.
     """
 
     values: Tensor
@@ -102,6 +103,7 @@ class Factors:
     state_offset: Tensor | None = None
     input_mask: Tensor | None = None
     mid_mask: Tensor | None = None
+    groups: dict[str, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.values.dim() != 3:
@@ -116,6 +118,11 @@ class Factors:
         for name in ("input_mask", "mid_mask"):
             if getattr(self, name) is not None:
                 _expect(getattr(self, name), (B, L), name)
+        for name, g in self.groups.items():
+            if g.dim() != 1 or len(g) != C or g.dtype != torch.long:
+                raise ValueError(
+                    f"group {name!r} must be a (channels={C},) long tensor, got {g.dtype} {tuple(g.shape)}"
+                )
         if self.conv is not None and (self.conv.dim() != 2 or self.conv.shape[0] != C):
             raise ValueError(f"conv must be (channels={C}, taps), got shape {tuple(self.conv.shape)}")
 
@@ -346,12 +353,17 @@ class AttentionView:
         op: str = "mean",
         *,
         absolute: bool = False,
+        by: str | Tensor | None = None,
         batch: Any = slice(None),
         rows: Any = slice(None),
         cols: Any = slice(None),
         channels: Any = slice(None),
     ) -> Tensor:
-        """Channel ``"mean"`` or ``"sum"`` of the (absolute) matrix: ``(B, rows, cols)``, tile by tile."""
+        """Channel ``"mean"`` or ``"sum"`` of the (absolute) matrix, tile by tile.
+
+        Returns ``(B, rows, cols)``; with ``by`` (a group name such as ``"heads"``, see
+        :attr:`groups`, or a ``(C,)`` integer tensor) one reduction per group: ``(B, G, rows, cols)``.
+        """
         if op not in ("mean", "sum"):
             raise ValueError(f"op must be 'mean' or 'sum', got {op!r}")
         B, C, L, _ = self.shape
@@ -359,16 +371,44 @@ class AttentionView:
         cs, _ = _parse_index(channels, C, "channels", self.device)
         rs, _ = _parse_index(rows, L, "rows", self.device)
         js, _ = _parse_index(cols, L, "cols", self.device)
+        group = self._group_index(by)
+        n_groups = 1 if group is None else int(group.max()) + 1
+        member = torch.zeros(len(cs), dtype=torch.long, device=self.device) if group is None else group[cs]
         with self._grad_mode():
-            out = torch.zeros(len(bs), len(rs), len(js), dtype=self.dtype, device=self.device)
+            out = torch.zeros(len(bs), n_groups, len(rs), len(js), dtype=self.dtype, device=self.device)
             ct, rt = self._tiles(len(cs), len(rs), len(js))
             for i, b in enumerate(bs.tolist()):
                 for c0 in range(0, len(cs), ct):
                     for r0 in range(0, len(rs), rt):
                         part = self._block(b, cs[c0 : c0 + ct], rs[r0 : r0 + rt], js)
                         part = part.abs() if absolute else part
-                        out[i, r0 : r0 + rt] = out[i, r0 : r0 + rt] + part.sum(0)
-            return out / len(cs) if op == "mean" else out
+                        summed = torch.zeros_like(out[i, :, r0 : r0 + rt]).index_add(
+                            0, member[c0 : c0 + ct], part
+                        )
+                        out[i, :, r0 : r0 + rt] = out[i, :, r0 : r0 + rt] + summed
+            if op == "mean":
+                counts = torch.bincount(member, minlength=n_groups).clamp_min(1).to(self.dtype)
+                out = out / counts[None, :, None, None]
+            return out[:, 0] if group is None else out
+
+    @property
+    def groups(self) -> dict[str, Tensor]:
+        """Named channel groupings of this block (``"heads"`` → ``(C,)`` head of each channel)."""
+        return self.factors.groups
+
+    def _group_index(self, by: str | Tensor | None) -> Tensor | None:
+        if by is None:
+            return None
+        if isinstance(by, str):
+            if by not in self.groups:
+                raise ValueError(
+                    f"{self.name or 'this block'} has no channel grouping {by!r}; it has {list(self.groups)}"
+                )
+            return self.groups[by].to(self.device)
+        by = torch.as_tensor(by, device=self.device)
+        if by.shape != (self.shape[1],) or by.is_floating_point() or by.min() < 0:
+            raise ValueError(f"by must be a group name or a ({self.shape[1]},) tensor of non-negative ints")
+        return by.long()
 
     def mean(self, *, absolute: bool = False, **where: Any) -> Tensor:
         """Channel mean ``(B, L, L)`` (of ``|A|`` if ``absolute``); ``rows=``, ``cols=`` … restrict it."""

@@ -8,6 +8,9 @@ _BUILTIN = {
     f"{_TF}.mamba.modeling_mamba.MambaMixer": f"{_OURS}.mamba:MambaPatcher",
     f"{_TF}.falcon_mamba.modeling_falcon_mamba.FalconMambaMixer": f"{_OURS}.mamba:FalconMambaPatcher",
     f"{_TF}.jamba.modeling_jamba.JambaMambaMixer": f"{_OURS}.mamba:JambaMambaPatcher",
+    # --- RG-LRU and RWKV-4 (griffin.py, rwkv4.py) ---
+    # --- Mamba-2 family and Zamba (mamba2.py) ---
+    # --- softmax attention layers of Griffin and the hybrids (attention.py) ---
 }
 
 for _block, _patcher in _BUILTIN.items():
