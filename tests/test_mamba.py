@@ -431,3 +431,29 @@ def test_recording_adds_no_host_synchronisation_on_cuda():
     with torch.no_grad():
         model(ids, attention_mask=mask)  # warm-up
         assert syncs(recorded) == syncs(lambda: model(ids, attention_mask=mask))
+
+
+def test_training_mode_forward_is_recorded_exactly(device):
+    """`self.training and cache is None` is the fused-kernel branch; without the kernels HF falls back to
+    the torch path, and only in_proj/out_proj are tapped either way."""
+    model = mamba(device).train()
+    ids, mask = padded_batch(device)
+    with ih.record(model) as rec:
+        loss = model(ids, attention_mask=mask, labels=ids).loss
+    loss.backward()  # recording does not get in the way of training
+    assert [r.status for r in rec] == ["complete"] * 3
+    for r in rec:
+        assert r.output_error() < TOL
+
+
+def test_generation_records_every_step(device):
+    model = mamba(device, layers=2)
+    ids = torch.randint(0, 64, (2, 6), device=device)
+    with torch.no_grad(), ih.record(model) as rec:
+        out = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert out.shape == (2, 9)
+    calls = rec.calls("backbone.layers.1.mixer")
+    assert [c.attention.shape[-1] for c in calls] == [6, 1, 1]  # prefill, then one call per new token
+    assert all(c.output_error() < TOL for c in rec)
+    with pytest.raises(KeyError, match="called 3 times"):
+        rec["backbone.layers.1.mixer"]
