@@ -274,12 +274,17 @@ class AttentionView:
         f, keep = self.factors, self.kept
         L = f.values.shape[-1]
         use_conv = conv and f.conv is not None and "conv" in keep
+        span = None  # (c0, c1) when the columns are one contiguous range: the conv is then plain slicing
         if use_conv:
             K = f.conv.shape[1]
             # x[j] reaches the conv outputs j, …, j+K-1: the core is needed at those columns.
-            shifted = cols[None, :] + torch.arange(K, device=cols.device)[:, None]  # (K, ncol)
-            valid = shifted < L
-            core_cols, where = torch.unique(shifted.clamp(max=L - 1), return_inverse=True)
+            if len(cols) == 1 or bool((cols[1:] - cols[:-1] == 1).all()):
+                span = (int(cols[0]), int(cols[-1]) + 1)
+                core_cols = torch.arange(span[0], min(span[1] + K - 1, L), device=cols.device)
+            else:
+                shifted = cols[None, :] + torch.arange(K, device=cols.device)[:, None]  # (K, ncol)
+                valid = shifted < L
+                core_cols, where = torch.unique(shifted.clamp(max=L - 1), return_inverse=True)
         else:
             core_cols = cols
         core = f.core.block(b, chans, rows, core_cols, ssm="ssm" in keep, skip="skip" in keep)
@@ -288,10 +293,15 @@ class AttentionView:
             core = core * right.index_select(1, core_cols)[:, None, :]
         if use_conv:
             taps = f.conv.index_select(0, chans).to(core.dtype)  # (nc, K)
+            if span is not None:  # past the end of the sequence the conv reads nothing
+                core = torch.nn.functional.pad(core, (0, span[1] + K - 1 - span[0] - core.shape[-1]))
             out = None
             for k in range(K):  # K is the conv width (about 4), not the sequence length
-                weight = taps[:, K - 1 - k, None] * valid[k].to(core.dtype)[None, :]  # (nc, ncol)
-                term = core.index_select(2, where[k]) * weight[:, None, :]
+                if span is not None:
+                    term = core[:, :, k : k + len(cols)] * taps[:, K - 1 - k, None, None]
+                else:
+                    weight = taps[:, K - 1 - k, None] * valid[k].to(core.dtype)[None, :]  # (nc, ncol)
+                    term = core.index_select(2, where[k]) * weight[:, None, :]
                 out = term if out is None else out + term
         else:
             out = core

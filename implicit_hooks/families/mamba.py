@@ -29,36 +29,115 @@ class SelectiveCore(Core):
     """``R + diag(D)`` of a Mamba-1 call, for one or many channels, any block of rows and columns.
 
     Shapes: ``delta (B, C, L)``, ``A (C, N)``, ``B``/``C (B, L, N)``, ``D (C,)``.
+
+    Two assemblies of the same entries: :meth:`direct` (one exponential per entry and state, the
+    readable twin) and :meth:`chunked` (the default for contiguous columns): positions are cut into
+    chunks of ``chunk`` and a pair ``(t, j)`` in different chunks factorises through the chunk
+    boundaries, ``exp(A·(S_t − S_j)) = exp(A·(S_t − S_{I})) · exp(A·(S_{I} − S_{J})) · exp(A·(S_{J} − S_j))``,
+    every factor ≤ 1, so far pairs are one matrix product over the state per chunk pair and only pairs
+    inside a chunk need their own exponentials.
     """
 
     work_per_entry = 6
     has_skip = True
 
-    def __init__(self, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None):
+    def __init__(self, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, chunk: int = 64):
         self.delta, self.A, self.B, self.C, self.D = delta, A, B, C, D
         self.has_skip = D is not None
+        self.chunk = chunk
         # Segment sums Σ_{k=j+1..t} Δ_k as differences of one cumulative sum, kept in float64 so that
         # the difference of two large sums stays exact to float32 precision at any length.
-        self.cumdelta = delta.double().cumsum(-1)
+        # S[p + 1] = Σ_{k ≤ p} Δ_k and S[0] = 0, so that chunk boundaries index it directly.
+        self.cumdelta = F.pad(delta.double().cumsum(-1), (1, 0))
 
     def block(self, b: int, chans: Tensor, rows: Tensor, cols: Tensor, *, ssm: bool, skip: bool) -> Tensor:
         dtype = self.delta.dtype
-        out = torch.zeros(len(chans), len(rows), len(cols), dtype=dtype, device=self.delta.device)
-        if ssm:
-            S = self.cumdelta[b].index_select(0, chans)  # (nc, L)
-            gap = S.index_select(1, rows)[:, :, None] - S.index_select(1, cols)[:, None, :]
-            gap = gap.clamp_min(0).to(dtype)  # (nc, nr, ncol); j > t is masked below
-            A = self.A.index_select(0, chans).to(dtype)  # (nc, N)
-            C_rows = self.C[b].index_select(0, rows).to(dtype)  # (nr, N)
-            B_cols = self.B[b].index_select(0, cols).to(dtype)  # (ncol, N)
-            for n in range(A.shape[1]):  # the state size (16), not the sequence length
-                out = out + torch.exp(gap * A[:, n, None, None]) * (C_rows[:, n, None] * B_cols[None, :, n])
-            causal = (rows[:, None] >= cols[None, :]).to(dtype)
-            out = out * (self.delta[b].index_select(0, chans).index_select(1, cols)[:, None, :] * causal)
+        if not ssm:
+            out = torch.zeros(len(chans), len(rows), len(cols), dtype=dtype, device=self.delta.device)
+        elif len(cols) > 1 and bool((cols[1:] - cols[:-1] == 1).all()):
+            out = self.chunked(b, chans, rows, int(cols[0]), int(cols[-1]) + 1)
+        else:
+            out = self.direct(b, chans, rows, cols)
         if skip and self.D is not None:
             eye = (rows[:, None] == cols[None, :]).to(dtype)
             out = out + self.D.index_select(0, chans).to(dtype)[:, None, None] * eye
         return out
+
+    def _gap(self, S: Tensor, to: Tensor, since: Tensor) -> Tensor:
+        """``S[to] − S[since]`` (S padded: index p + 1 is the sum through position p), clamped at 0."""
+        return (
+            (
+                S.index_select(1, to.flatten()).view(len(S), *to.shape)
+                - S.index_select(1, since.flatten()).view(len(S), *since.shape)
+            )
+            .clamp_min(0)
+            .to(self.delta.dtype)
+        )
+
+    def direct(self, b: int, chans: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+        """``R[chans, rows, cols]``, one exponential per entry and state: ``(nc, nr, ncol)``."""
+        dtype = self.delta.dtype
+        S = self.cumdelta[b].index_select(0, chans)  # (nc, L + 1)
+        gap = self._gap(S, rows[:, None] + 1, cols[None, :] + 1)  # (nc, nr, ncol); j > t masked below
+        A = self.A.index_select(0, chans).to(dtype)  # (nc, N)
+        C_rows = self.C[b].index_select(0, rows).to(dtype)  # (nr, N)
+        B_cols = self.B[b].index_select(0, cols).to(dtype)  # (ncol, N)
+        out = torch.zeros_like(gap)
+        for n in range(A.shape[1]):  # the state size (16), not the sequence length
+            out = out + torch.exp(gap * A[:, n, None, None]) * (C_rows[:, n, None] * B_cols[None, :, n])
+        causal = (rows[:, None] >= cols[None, :]).to(dtype)
+        return out * (self.delta[b].index_select(0, chans).index_select(1, cols)[:, None, :] * causal)
+
+    def chunked(self, b: int, chans: Tensor, rows: Tensor, c0: int, c1: int) -> Tensor:
+        """``R[chans, rows, c0:c1]`` through chunk boundaries: ``(nc, nr, c1 - c0)``."""
+        dtype, device, Q = self.delta.dtype, self.delta.device, self.chunk
+        L = self.delta.shape[-1]
+        S = self.cumdelta[b].index_select(0, chans)  # (nc, L + 1)
+        A = self.A.index_select(0, chans).to(dtype)[:, None, :]  # (nc, 1, N)
+        J0, J1 = c0 // Q, (c1 - 1) // Q + 1  # the column chunks, padded to whole chunks
+        nJ = J1 - J0
+        pos = torch.arange(J0 * Q, J1 * Q, device=device)  # (nJ·Q,) padded column positions
+        inside = ((pos >= c0) & (pos < c1)).to(dtype)
+        pos_c = pos.clamp(max=L - 1)
+        row_chunk = torch.div(rows, Q, rounding_mode="floor")  # I(t)
+        # V[j] = Δ_j B_j exp(A (S_{end of j's chunk} − S_j)): the key side, carried to its chunk's end
+        ends = (torch.div(pos_c, Q, rounding_mode="floor") + 1).mul(Q).clamp(max=L)
+        V = torch.exp(self._gap(S, ends, pos_c + 1)[..., None] * A)  # (nc, nJ·Q, N)
+        V = (
+            V
+            * self.B[b].index_select(0, pos_c).to(dtype)
+            * (self.delta[b].index_select(0, chans).index_select(1, pos_c) * inside)[..., None]
+        )
+        # U[t] = C_t exp(A (S_t − S_{start of t's chunk})): the query side, from its chunk's start
+        U = torch.exp(self._gap(S, rows + 1, row_chunk * Q)[..., None] * A)  # (nc, nr, N)
+        U = U * self.C[b].index_select(0, rows).to(dtype)
+        # Between chunks: exp(A (S_{start of I} − S_{end of J})) for J < I
+        col_chunks = torch.arange(J0, J1, device=device)
+        mid_gap = self._gap(S, (row_chunk * Q)[:, None], ((col_chunks + 1) * Q).clamp(max=L)[None, :])
+        far = (col_chunks[None, :] < row_chunk[:, None]).to(dtype)  # (nr, nJ)
+        W = U[:, :, None, :] * torch.exp(mid_gap[..., None] * A[:, :, None, :]) * far[None, :, :, None]
+        out = torch.einsum("ctjn,cjqn->ctjq", W, V.view(len(chans), nJ, Q, -1))  # (nc, nr, nJ, Q)
+        # Inside a chunk: direct exponentials over the row's own chunk (Q columns per row)
+        band = row_chunk[:, None] * Q + torch.arange(Q, device=device)[None, :]  # (nr, Q)
+        band_c = band.clamp(max=L - 1)
+        gap = self._gap(S, (rows + 1)[:, None].expand_as(band), band_c + 1)  # (nc, nr, Q)
+        C_rows = self.C[b].index_select(0, rows).to(dtype)  # (nr, N)
+        B_band = self.B[b].index_select(0, band_c.flatten()).view(*band.shape, -1).to(dtype)  # (nr, Q, N)
+        near = torch.zeros_like(gap)
+        for n in range(A.shape[-1]):  # the state size (16), not the sequence length
+            near = near + torch.exp(gap * A[:, :, n, None]) * (C_rows[:, n, None] * B_band[..., n])
+        keep = ((band <= rows[:, None]) & (band >= c0) & (band < c1)).to(dtype)
+        delta_band = (
+            self.delta[b]
+            .index_select(0, chans)
+            .index_select(1, band_c.flatten())
+            .view(len(chans), *band.shape)
+        )
+        near = near * delta_band * keep
+        slot = row_chunk - J0  # the padded chunk that holds row t's own chunk
+        ok = (slot >= 0) & (slot < nJ)
+        out[:, ok.nonzero().flatten(), slot[ok]] += near[:, ok]
+        return out.reshape(len(chans), len(rows), nJ * Q)[:, :, c0 - J0 * Q : c1 - J0 * Q]
 
 
 class MambaPatcher(Patcher):
