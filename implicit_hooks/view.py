@@ -363,19 +363,33 @@ class AttentionView:
         op: str = "mean",
         *,
         absolute: bool = False,
+        transform: str = "signed",
+        row_weight: Tensor | None = None,
+        col_weight: Tensor | None = None,
         by: str | Tensor | None = None,
         batch: Any = slice(None),
         rows: Any = slice(None),
         cols: Any = slice(None),
         channels: Any = slice(None),
     ) -> Tensor:
-        """Channel ``"mean"`` or ``"sum"`` of the (absolute) matrix, tile by tile.
+        """Channel ``"mean"`` or ``"sum"`` of the matrix, tile by tile.
+
+        Each entry ``A[b, c, t, j]`` is first multiplied by ``row_weight[b, c, t]`` and
+        ``col_weight[b, c, j]`` (each ``(B, C, L)``, optional), then transformed: ``"signed"`` (as is),
+        ``"abs"`` (``absolute=True`` is the same) or ``"positive"`` (clamped at 0). With
+        ``row_weight = ∂T/∂y`` and ``col_weight = x`` the entries are ``∇_A T ⊙ A`` (Chefer-style).
 
         Returns ``(B, rows, cols)``; with ``by`` (a group name such as ``"heads"``, see
         :attr:`groups`, or a ``(C,)`` integer tensor) one reduction per group: ``(B, G, rows, cols)``.
         """
         if op not in ("mean", "sum"):
             raise ValueError(f"op must be 'mean' or 'sum', got {op!r}")
+        transform = "abs" if absolute else transform
+        if transform not in ("signed", "abs", "positive"):
+            raise ValueError(f"transform must be 'signed', 'abs' or 'positive', got {transform!r}")
+        for name, w in (("row_weight", row_weight), ("col_weight", col_weight)):
+            if w is not None and tuple(w.shape) != tuple(self.factors.values.shape):
+                raise ValueError(f"{name} must have shape (B, C, L) = {tuple(self.factors.values.shape)}")
         B, C, L, _ = self.shape
         bs, _ = _parse_index(batch, B, "batch", self.device)
         cs, _ = _parse_index(channels, C, "channels", self.device)
@@ -390,8 +404,16 @@ class AttentionView:
             for i, b in enumerate(bs.tolist()):
                 for c0 in range(0, len(cs), ct):
                     for r0 in range(0, len(rs), rt):
-                        part = self._block(b, cs[c0 : c0 + ct], rs[r0 : r0 + rt], js)
-                        part = part.abs() if absolute else part
+                        chans, rows_ = cs[c0 : c0 + ct], rs[r0 : r0 + rt]
+                        part = self._block(b, chans, rows_, js)
+                        if row_weight is not None:
+                            part = part * row_weight[b].to(part.dtype)[chans][:, rows_, None]
+                        if col_weight is not None:
+                            part = part * col_weight[b].to(part.dtype)[chans][:, None, js]
+                        if transform == "abs":
+                            part = part.abs()
+                        elif transform == "positive":
+                            part = part.clamp_min(0)
                         summed = torch.zeros_like(out[i, :, r0 : r0 + rt]).index_add(
                             0, member[c0 : c0 + ct], part
                         )
@@ -420,13 +442,13 @@ class AttentionView:
             raise ValueError(f"by must be a group name or a ({self.shape[1]},) tensor of non-negative ints")
         return by.long()
 
-    def mean(self, *, absolute: bool = False, **where: Any) -> Tensor:
-        """Channel mean ``(B, L, L)`` (of ``|A|`` if ``absolute``); ``rows=``, ``cols=`` … restrict it."""
-        return self.reduce("mean", absolute=absolute, **where)
+    def mean(self, *, absolute: bool = False, **options: Any) -> Tensor:
+        """Channel mean ``(B, L, L)`` (of ``|A|`` if ``absolute``); options as in :meth:`reduce`."""
+        return self.reduce("mean", absolute=absolute, **options)
 
-    def sum(self, *, absolute: bool = False, **where: Any) -> Tensor:
+    def sum(self, *, absolute: bool = False, **options: Any) -> Tensor:
         """Channel sum ``(B, L, L)``; see :meth:`mean`."""
-        return self.reduce("sum", absolute=absolute, **where)
+        return self.reduce("sum", absolute=absolute, **options)
 
     # --- products with vectors ------------------------------------------------------------------
     def _matvec(self, x: Tensor, **parts: bool) -> Tensor:

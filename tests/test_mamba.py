@@ -197,6 +197,9 @@ def test_rows_blocks_and_channel_reductions_equal_the_dense_matrix(device):
         groups = torch.arange(24) % 5  # any channel grouping: one reduction per group
         expected = torch.stack([A[:, groups == g].mean(1) for g in range(5)], 1)
         torch.testing.assert_close(v.mean(by=groups.to(device)), expected)
+        g, x = torch.randn(3, 24, L, device=device), torch.randn(3, 24, L, device=device)
+        weighted = (g[..., :, None] * A * x[..., None, :]).clamp_min(0).mean(1)
+        torch.testing.assert_close(v.mean(transform="positive", row_weight=g, col_weight=x), weighted)
         x = torch.randn(3, 24, L, device=device)
         torch.testing.assert_close(v.apply(x), torch.einsum("bctj,bcj->bct", A, x))
     with pytest.raises(IndexError, match="out of range"):
