@@ -42,6 +42,8 @@ class Patcher:
     """
 
     kind: ClassVar[str] = "custom"
+    #: the tap holding the block's real output before its output projection, laid out ``(B, L, C)``.
+    real_output_key: ClassVar[str | None] = None
     #: taps whose tensors the model may later change in place: these are cloned when recorded.
     copy_taps: ClassVar[frozenset[str]] = frozenset()
 
@@ -70,6 +72,11 @@ class Patcher:
     def tensors(self, record: BlockRecord, dtype: torch.dtype) -> dict[str, Callable[[], torch.Tensor]]:
         """Named tensors of the call (``"decay"``, ``"gate"``, …) as thunks, shown in ``record.tensors``."""
         return {}
+
+    def real_output(self, record: BlockRecord) -> torch.Tensor | None:
+        """The block's real output before its output projection, ``(B, C, L)``, if it was observable."""
+        y = record.raw.get(self.real_output_key) if self.real_output_key else None
+        return None if y is None else y.transpose(1, 2)
 
     # --- helpers for subclasses -----------------------------------------------------------------
     def argument(self, name: str, args: tuple, kwargs: dict, default: Any = None) -> Any:

@@ -120,7 +120,7 @@ class BlockRecord:
     def real_output(self) -> torch.Tensor | None:
         """The block's real output before its output projection, ``(B, C, L)``, when it was observable."""
         self._check_readable()
-        return self.patcher.real_output(self) if hasattr(self.patcher, "real_output") else None
+        return self.patcher.real_output(self)
 
     def output_error(self, dtype: torch.dtype = torch.float32) -> float:
         """``‖A·x + bias − y‖ / ‖y‖`` against the block's real output ``y`` (Frobenius norms)."""

@@ -47,9 +47,6 @@ class EmaPatcher(ih.Patcher):
         R = torch.exp(record.weights["log_a"].to(dtype)[:, None, None] * gap) * (t[:, None] >= t[None, :])
         return ih.Factors(values=v, core=ih.DenseCore(R.expand(v.shape[0], -1, -1, -1)), left={"gate": g})
 
-    def real_output(self, record):
-        return None
-
 
 class Net(nn.Module):
     def __init__(self):

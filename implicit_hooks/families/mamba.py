@@ -144,6 +144,7 @@ class MambaPatcher(Patcher):
     """transformers' ``MambaMixer`` (and the base of the FalconMamba and Jamba variants)."""
 
     kind = "mamba"
+    real_output_key = "out_proj_input"
     #: how B, C and the low-rank Δ are normalised after ``x_proj``: None, "weightless" or "weighted".
     bcdt_norm: str | None = None
 
@@ -296,10 +297,6 @@ class MambaPatcher(Patcher):
         thunks = {k: get(k) for k in ("values", "gate", "conv_preact", "act", "mask", "delta", "A", "B", "C")}
         thunks.update(decay=decay, input_proj=input_proj, skip=get("D"), readout=get("C"))
         return thunks
-
-    def real_output(self, record: BlockRecord) -> Tensor | None:
-        y = record.raw.get("out_proj_input")
-        return None if y is None else y.transpose(1, 2)
 
 
 class FalconMambaPatcher(MambaPatcher):
