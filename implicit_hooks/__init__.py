@@ -16,6 +16,7 @@ Importing this package imports neither transformers, rwkv nor nnsight.
 
 from . import families as _families  # noqa: F401  (registers the built-in patchers)
 from .errors import ImplicitHooksError, RecordingError, UnsupportedInputError, UnsupportedModelError
+from .explain import Attribution, Explainer, GradAttention, RawAttention, Rollout
 from .patcher import Patcher
 from .recording import BlockRecord, Recording, find_blocks, record
 from .registry import register_patcher, supported_classes
@@ -24,15 +25,20 @@ from .view import AttentionView, Core, DenseCore, Factors
 __version__ = "0.1.0"
 
 __all__ = [
+    "Attribution",
     "AttentionView",
     "BlockRecord",
     "Core",
     "DenseCore",
+    "Explainer",
     "Factors",
+    "GradAttention",
     "ImplicitHooksError",
     "Patcher",
+    "RawAttention",
     "Recording",
     "RecordingError",
+    "Rollout",
     "UnsupportedInputError",
     "UnsupportedModelError",
     "find_blocks",
