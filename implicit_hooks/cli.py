@@ -1,28 +1,104 @@
-"""The ``implicit-hooks`` command line."""
+"""The ``implicit-hooks`` command line: ``demo`` and ``explain``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from .errors import ImplicitHooksError
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="implicit-hooks", description="Exact implicit attention of attention-free models."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser(
-        "demo", help="record the built-in model and print the exactness of every layer's matrix"
-    )
+    demo = sub.add_parser("demo", help="explain the built-in model: exactness per layer and a report folder")
     demo.add_argument("--text", default="Attention-free models attend too: every gate and decay is a matrix.")
     demo.add_argument("--device", default="cpu")
     demo.add_argument("--layers", type=int, default=4)
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        from .demo import run_demo
+    demo.add_argument("--out", default="implicit_hooks_report", help="report folder (default: %(default)s)")
+    demo.add_argument("--no-progress", action="store_true")
+    explain = sub.add_parser("explain", help="explain a local Hugging Face model directory on a text")
+    explain.add_argument("model", help="a local model directory (config.json and weights)")
+    source = explain.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", help="the input text (needs a tokenizer in the model directory)")
+    source.add_argument("--ids", help="comma-separated token ids, e.g. 5,17,3")
+    explain.add_argument("--query", type=int, default=-1, help="position to explain (default: last)")
+    explain.add_argument("--target", type=int, default=None, help="logit index (default: predicted)")
+    explain.add_argument("--device", default="cpu")
+    explain.add_argument(
+        "--out", default="implicit_hooks_report", help="report folder (default: %(default)s)"
+    )
+    explain.add_argument("--no-progress", action="store_true")
+    return parser
 
-        return run_demo(text=args.text, device=args.device, layers=args.layers)
-    return 2
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            from .demo import run_demo
+
+            return run_demo(
+                text=args.text,
+                device=args.device,
+                layers=args.layers,
+                out=args.out,
+                show_progress=not args.no_progress,
+            )
+        return _explain(args)
+    except (ImplicitHooksError, FileNotFoundError) as err:
+        print(f"implicit-hooks: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _explain(args: argparse.Namespace) -> int:
+    import torch
+
+    from .report import build_report
+
+    path = Path(args.model)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.is_file():
+        raise FileNotFoundError(
+            f"{path} is a file; explain takes a Hugging Face model directory (with config.json). "
+            "Checkpoints of the rwkv package are not supported by this command yet."
+        )
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(args.device).eval()
+    if args.text is not None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise FileNotFoundError(
+                f"{path} has no usable tokenizer ({err}); pass --ids instead of --text"
+            ) from err
+        ids = tokenizer(args.text, return_tensors="pt").input_ids
+        tokens = tokenizer.convert_ids_to_tokens(ids[0].tolist())
+    else:
+        try:
+            ids = torch.tensor([[int(i) for i in args.ids.split(",")]])
+        except ValueError as err:
+            raise ImplicitHooksError(f"--ids must be comma-separated integers, got {args.ids!r}") from err
+        tokens = [str(i) for i in ids[0].tolist()]
+    index = build_report(
+        model,
+        {"input_ids": ids.to(args.device)},
+        tokens,
+        args.out,
+        query=args.query,
+        target=args.target,
+        show_progress=not args.no_progress,
+        title=f"implicit_hooks: {path.name}",
+    )
+    print(index)
+    return 0
 
 
 if __name__ == "__main__":

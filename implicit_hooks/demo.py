@@ -34,7 +34,9 @@ def demo_model(layers: int = 4, seed: int = 0):
     return model
 
 
-def run_demo(text: str, device: str = "cpu", layers: int = 4) -> int:
+def run_demo(
+    text: str, device: str = "cpu", layers: int = 4, out: str | None = None, show_progress: bool = True
+) -> int:
     model = demo_model(layers).to(device)
     ids = torch.tensor([list(text.encode("utf-8"))], device=device)
     with torch.no_grad():
@@ -59,4 +61,12 @@ def run_demo(text: str, device: str = "cpu", layers: int = 4) -> int:
     tokens = [text.encode("utf-8")[i : i + 1].decode("utf-8", "replace") for i in top]
     print(f"last layer, last token attends most to positions {top} ({tokens})")
     print("exact (≤ 1e-5)" if worst <= 1e-5 else f"NOT exact: worst relative error {worst:.2e}")
+    if out is not None:
+        from .report import build_report
+
+        tokens = [bytes([b]).decode("utf-8", "replace") for b in text.encode("utf-8")]
+        index = build_report(
+            model, {"input_ids": ids}, tokens, out, show_progress=show_progress, title="implicit_hooks demo"
+        )
+        print(f"report: {index}")
     return 0 if worst <= 1e-5 else 1

@@ -108,9 +108,14 @@ class Explainer:
     def layer_map(self, rec: BlockRecord, q: int, transform: str | None = None, **weights: Tensor) -> Tensor:
         """``Ā_l`` restricted to positions ``≤ q``: ``(B, q + 1, q + 1)``, channel-reduced tile by tile."""
         window = slice(0, q + 1)
-        return self.view(rec).reduce(
-            "mean", transform=transform or _AGGREGATES[self.aggregate], rows=window, cols=window, **weights
-        )
+        with torch.no_grad():  # the gradients needed are passed in as weights: no graph through the view
+            return self.view(rec).reduce(
+                "mean",
+                transform=transform or _AGGREGATES[self.aggregate],
+                rows=window,
+                cols=window,
+                **weights,
+            )
 
 
 class RawAttention(Explainer):
@@ -159,7 +164,8 @@ def _grad_weights(records: list[BlockRecord], score: Tensor) -> list[tuple[Tenso
     pairs = []
     for rec, g, y in zip(records, grads, outputs):
         g = torch.zeros_like(y) if g is None else g
-        pairs.append((g.transpose(1, 2).detach(), rec.attention.values.detach()))
+        with torch.no_grad():
+            pairs.append((g.transpose(1, 2).detach(), rec.attention.values.detach()))
     return pairs
 
 
