@@ -1,0 +1,107 @@
+"""Synthetic tasks whose evidence is known, generated from a seed (no datasets to download).
+
+Every task yields a :class:`Batch`: token ids ``(B, L)``, the label token the model must predict at the
+last position (the query), and a boolean ``evidence`` mask ``(B, L)`` of the positions that decide the
+label. Tokens share one vocabulary (:data:`VOCAB`): special tokens, two label tokens per task family,
+and a pool of distractor tokens.
+
+* :func:`markers` – sentiment-like: a few marker tokens of one polarity scattered among distractors;
+  label = the polarity; evidence = the marker positions.
+* :func:`recall` – key–value recall: pairs ``k v`` then a query key; label = its value; evidence = the
+  queried pair (key and value positions).
+* :func:`patches` – a 2-D grid flattened row by row with one object: a few cells of one object type
+  at a random location among background noise; label = the object type; evidence = its cells.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# --- the shared vocabulary ----------------------------------------------------------------------
+PAD, QUERY, SEP = 0, 1, 2
+POSITIVE, NEGATIVE = 3, 4  # label tokens of `markers`
+POS_MARKERS = (5, 6, 7)
+NEG_MARKERS = (8, 9, 10)
+KEYS = tuple(range(11, 27))  # 16 keys for `recall`
+VALUES = tuple(range(27, 35))  # 8 values (also the labels of `recall`)
+OBJECT_TYPES = (35, 36, 37, 38)  # cell tokens of the 4 object types of `patches` (also their labels)
+DISTRACTORS = tuple(range(39, 64))
+VOCAB = 64
+
+
+@dataclass
+class Batch:
+    """``ids (B, L)``, ``label (B,)`` token to predict at the last position, ``evidence (B, L)`` bool."""
+
+    ids: Tensor
+    label: Tensor
+    evidence: Tensor
+    task: str
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _choice(options: tuple[int, ...], shape: tuple[int, ...], g: torch.Generator) -> Tensor:
+    return torch.tensor(options)[torch.randint(len(options), shape, generator=g)]
+
+
+def markers(n: int, *, length: int = 32, n_markers: int = 3, seed: int = 0) -> Batch:
+    """``n`` sequences of ``length``: distractors, ``n_markers`` markers of one polarity, a final QUERY."""
+    g = torch.Generator().manual_seed(seed)
+    ids = _choice(DISTRACTORS, (n, length), g)
+    ids[:, -1] = QUERY
+    positive = torch.rand(n, generator=g) < 0.5
+    evidence = torch.zeros(n, length, dtype=torch.bool)
+    for i in range(n):  # a loop over samples of a data generator, not over a model's sequence
+        where = torch.randperm(length - 1, generator=g)[:n_markers]
+        pool = POS_MARKERS if positive[i] else NEG_MARKERS
+        ids[i, where] = _choice(pool, (n_markers,), g)
+        evidence[i, where] = True
+    label = torch.where(positive, POSITIVE, NEGATIVE)
+    return Batch(ids, label, evidence, "markers")
+
+
+def recall(n: int, *, pairs: int = 8, seed: int = 0) -> Batch:
+    """``pairs`` distinct key–value pairs, SEP, the queried key, QUERY: length ``2·pairs + 3``."""
+    g = torch.Generator().manual_seed(seed)
+    length = 2 * pairs + 3
+    ids = torch.zeros(n, length, dtype=torch.long)
+    evidence = torch.zeros(n, length, dtype=torch.bool)
+    label = torch.zeros(n, dtype=torch.long)
+    for i in range(n):
+        keys = torch.tensor(KEYS)[torch.randperm(len(KEYS), generator=g)[:pairs]]
+        values = _choice(VALUES, (pairs,), g)
+        ids[i, 0 : 2 * pairs : 2], ids[i, 1 : 2 * pairs : 2] = keys, values
+        asked = int(torch.randint(pairs, (1,), generator=g))
+        ids[i, 2 * pairs], ids[i, 2 * pairs + 1], ids[i, 2 * pairs + 2] = SEP, keys[asked], QUERY
+        label[i] = values[asked]
+        evidence[i, 2 * asked] = evidence[i, 2 * asked + 1] = True
+    return Batch(ids, label, evidence, "recall")
+
+
+SHAPES = ((0, 0), (0, 1), (1, 0), (1, 1))  # a 2×2 object, cells as (row, col) offsets
+
+
+def patches(n: int, *, grid: tuple[int, int] = (6, 6), seed: int = 0) -> Batch:
+    """A ``grid`` of distractor cells with one 2×2 object of a random type, flattened, then QUERY."""
+    g = torch.Generator().manual_seed(seed)
+    H, W = grid
+    ids = _choice(DISTRACTORS, (n, H * W + 1), g)
+    ids[:, -1] = QUERY
+    evidence = torch.zeros(n, H * W + 1, dtype=torch.bool)
+    label = _choice(OBJECT_TYPES, (n,), g)
+    for i in range(n):
+        top = int(torch.randint(H - 1, (1,), generator=g))
+        left = int(torch.randint(W - 1, (1,), generator=g))
+        for dr, dc in SHAPES:
+            cell = (top + dr) * W + (left + dc)
+            ids[i, cell] = label[i]
+            evidence[i, cell] = True
+    return Batch(ids, label, evidence, "patches")
+
+
+TASKS = {"markers": markers, "recall": recall, "patches": patches}
