@@ -53,7 +53,7 @@ def test_rankings_perfect_reversed_and_tied():
 
 def test_perturbation_curves_of_a_model_that_reads_only_the_evidence():
     """A 'model' that is right iff any evidence token survives: removing evidence first kills it."""
-    L, n_ev = 10, 2
+    L = 10
     ids = torch.arange(1, L + 1).repeat(4, 1)
     evidence = torch.zeros(4, L, dtype=torch.bool)
     evidence[:, [3, 7]] = True

@@ -36,7 +36,7 @@ def evidence_auroc(relevance: Tensor, evidence: Tensor, candidates: Tensor | Non
 
 
 def topk_precision(relevance: Tensor, evidence: Tensor, candidates: Tensor | None = None) -> Tensor:
-    """Per-sample fraction ``(B,)`` of the ``k`` most relevant candidates that are evidence (k = #evidence)."""
+    """Per-sample share ``(B,)`` of evidence among the ``k`` most relevant candidates (k = #evidence)."""
     candidates = torch.ones_like(evidence) if candidates is None else candidates
     r = relevance.float().masked_fill(~candidates, float("-inf"))
     out = torch.empty(len(r))
