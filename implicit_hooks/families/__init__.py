@@ -9,6 +9,10 @@ _BUILTIN = {
     f"{_TF}.falcon_mamba.modeling_falcon_mamba.FalconMambaMixer": f"{_OURS}.mamba:FalconMambaPatcher",
     f"{_TF}.jamba.modeling_jamba.JambaMambaMixer": f"{_OURS}.mamba:JambaMambaPatcher",
     # --- RG-LRU and RWKV-4 (griffin.py, rwkv4.py) ---
+    f"{_TF}.recurrent_gemma.modeling_recurrent_gemma.RecurrentGemmaRecurrentBlock": (
+        f"{_OURS}.griffin:RGLRUPatcher"
+    ),
+    f"{_TF}.rwkv.modeling_rwkv.RwkvSelfAttention": f"{_OURS}.rwkv4:RWKV4Patcher",
     # --- Mamba-2 family and Zamba (mamba2.py) ---
     # --- softmax attention layers of Griffin and the hybrids (attention.py) ---
 }
