@@ -15,6 +15,18 @@ _BUILTIN = {
     f"{_TF}.rwkv.modeling_rwkv.RwkvSelfAttention": f"{_OURS}.rwkv4:RWKV4Patcher",
     # --- Mamba-2 family and Zamba (mamba2.py) ---
     # --- softmax attention layers of Griffin and the hybrids (attention.py) ---
+    f"{_TF}.recurrent_gemma.modeling_recurrent_gemma.RecurrentGemmaAttention": (
+        f"{_OURS}.attention:RecurrentGemmaAttentionPatcher"
+    ),
+    f"{_TF}.jamba.modeling_jamba.JambaAttention": f"{_OURS}.attention:SoftmaxAttentionPatcher",
+    f"{_TF}.zamba.modeling_zamba.ZambaAttention": f"{_OURS}.attention:SoftmaxAttentionPatcher",
+    f"{_TF}.zamba2.modeling_zamba2.Zamba2Attention": f"{_OURS}.attention:Zamba2AttentionPatcher",
+    f"{_TF}.bamba.modeling_bamba.BambaAttention": f"{_OURS}.attention:SoftmaxAttentionPatcher",
+    f"{_TF}.nemotron_h.modeling_nemotron_h.NemotronHAttention": f"{_OURS}.attention:SoftmaxAttentionPatcher",
+    f"{_TF}.granitemoehybrid.modeling_granitemoehybrid.GraniteMoeHybridAttention": (
+        f"{_OURS}.attention:SoftmaxAttentionPatcher"
+    ),
+    f"{_TF}.falcon_h1.modeling_falcon_h1.FalconH1Attention": f"{_OURS}.attention:FalconH1AttentionPatcher",
 }
 
 for _block, _patcher in _BUILTIN.items():
