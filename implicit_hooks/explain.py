@@ -127,7 +127,7 @@ class RawAttention(Explainer):
 
     def _relevance(self, records, q, score, block_inputs):
         chosen = records if self.layer is None else [records[self.layer]]
-        return torch.stack([self.layer_map(r, q)[:, q] for r in chosen]).mean(0)
+        return _gather([self.layer_map(r, q)[:, q] for r in chosen]).mean(0)
 
 
 class Rollout(Explainer):
@@ -144,7 +144,8 @@ class Rollout(Explainer):
             m = self.layer_map(rec, q)
             m = m + torch.eye(q + 1, dtype=m.dtype, device=m.device)
             m = m / m.sum(-1, keepdim=True)
-            r = m[:, q] if r is None else torch.einsum("bt,btj->bj", r, m)
+            # layers may live on different devices: only the (B, q + 1) row vector moves
+            r = m[:, q] if r is None else torch.einsum("bt,btj->bj", r.to(m.device), m)
         return r
 
 
@@ -178,7 +179,7 @@ class GradAttention(Explainer):
         maps = []
         for rec, (g, x) in zip(records, _grad_weights(records, score)):
             maps.append(self.layer_map(rec, q, transform="positive", row_weight=g, col_weight=x)[:, q])
-        return torch.stack(maps).mean(0)
+        return _gather(maps).mean(0)
 
 
 class Attribution(Explainer):
@@ -231,9 +232,10 @@ class Attribution(Explainer):
         maps = self._maps(records, q, score, block_inputs)[self.start_layer :]
         if self.layer_normalize == "minmax":
             maps = [_normalize(m.flatten(1), "minmax").view_as(m) for m in maps]
-        r = torch.zeros(maps[0].shape[0], q + 1, dtype=maps[0].dtype, device=maps[0].device)
+        r = torch.zeros(maps[0].shape[0], q + 1, dtype=maps[0].dtype, device=maps[-1].device)
         r[:, q] = 1
         for m in reversed(maps):  # e_q · (I + Ā_L) ⋯ (I + Ā_s)
+            r = r.to(m.device)  # only the (B, q + 1) row vector moves between devices
             r = r + torch.einsum("bt,btj->bj", r, m)
         return r
 
@@ -247,6 +249,11 @@ METHODS: dict[str, type[Explainer]] = {
 
 
 # --- helpers ------------------------------------------------------------------------------------
+def _gather(rows: list[Tensor]) -> Tensor:
+    """Stack per-layer ``(B, L)`` results on the last layer's device (a model may be sharded)."""
+    return torch.stack([r.to(rows[-1].device) for r in rows])
+
+
 def _single_forward(rec: Recording) -> list[BlockRecord]:
     names = rec.names()
     if not names:
