@@ -74,3 +74,46 @@ def test_perturbation_curves_of_a_model_that_reads_only_the_evidence():
     expected_morf = float(torch.trapezoid(morf[:, 0], x) / 0.9)
     torch.testing.assert_close(area(morf)[0], torch.tensor(expected_morf))
     assert float(area(lerf)[0] - area(morf)[0]) > 0.7  # ΔA^F of a perfect explanation
+
+
+def test_shipped_models_load_and_reach_their_reported_accuracy():
+    from implicit_hooks.faithfulness import models
+
+    shipped = models.available()
+    assert ("mamba", "markers") in shipped
+    for family, task in shipped:
+        meta = models.metadata(family, task)
+        model = models.load(family, task)
+        batch = T.TASKS[task](meta["held_out_n"], seed=meta["held_out_seed"], **meta["task_options"])
+        with torch.no_grad():
+            acc = float((model(batch.ids).logits[:, -1].argmax(-1) == batch.label).float().mean())
+        assert abs(acc - meta["held_out_accuracy"]) < 1e-6, (family, task)
+        assert acc > 0.9, (family, task, acc)
+
+
+def test_benchmark_pipeline_end_to_end_on_a_small_subset(tmp_path):
+    from implicit_hooks.faithfulness import benchmark
+
+    methods = ["random", "MambaLRP-style grad × input", "rollout (full)", "attribution (S6 only)"]
+    results = benchmark.run([("mamba", "markers")], n=4, methods=methods, show_progress=False)
+    res = results["mamba/markers"]
+    assert list(res["methods"]) == methods
+    for m in res["methods"].values():
+        assert 0 <= m["evidence AUROC"]["mean"] <= 1 and m["evidence AUROC"]["n"] == 4
+        assert len(m["curves"]["morf"]["prob"]) == 10
+    folder = benchmark.write(results, tmp_path)
+    assert "| rollout (full) |" in (folder / "faithfulness_table.md").read_text()
+    assert (folder / "faithfulness_curves.png").stat().st_size > 0
+
+
+def test_mamba_lrp_forward_keeps_the_models_values():
+    from implicit_hooks.faithfulness import models
+    from implicit_hooks.faithfulness.baselines import lrp_forward
+
+    model = models.load("mamba", "markers")
+    ids = T.markers(3, seed=9).ids
+    embeds = model.get_input_embeddings()(ids)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            lrp_forward(model, embeds), model(inputs_embeds=embeds).logits, rtol=1e-4, atol=1e-5
+        )
