@@ -14,10 +14,16 @@ def _parser() -> argparse.ArgumentParser:
         prog="implicit-hooks", description="Exact implicit attention of attention-free models."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="explain the built-in model: exactness per layer and a report folder")
+    demo = sub.add_parser("demo", help="explain a built-in model: exactness per layer and a report folder")
+    demo.add_argument("--family", default="mamba", help="family of the shipped model (default: %(default)s)")
+    demo.add_argument("--task", default="markers", help="task it was trained on (default: %(default)s)")
+    demo.add_argument("--seed", type=int, default=0, help="which task sample to explain")
+    demo.add_argument(
+        "--random", action="store_true", help="a wider random byte-level Mamba on --text instead"
+    )
     demo.add_argument("--text", default="Attention-free models attend too: every gate and decay is a matrix.")
+    demo.add_argument("--layers", type=int, default=4, help="layers of the --random model")
     demo.add_argument("--device", default="cpu")
-    demo.add_argument("--layers", type=int, default=4)
     demo.add_argument("--out", default="implicit_hooks_report", help="report folder (default: %(default)s)")
     demo.add_argument("--no-progress", action="store_true")
     explain = sub.add_parser("explain", help="explain a local Hugging Face model directory on a text")

@@ -17,9 +17,20 @@ def png_size(path):
         return im.size
 
 
+def test_demo_of_the_shipped_model(tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["demo", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "trained on 'markers'" in printed and "exact (≤ 1e-5)" in printed
+    assert (out / "relevance.html").exists() and (out / "heatmaps.png").exists()
+
+
 def test_demo_writes_a_report(tmp_path, capsys):
     out = tmp_path / "report"
-    assert main(["demo", "--text", "a<b & c", "--layers", "2", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(["demo", "--random", "--text", "a<b & c", "--layers", "2", "--out", str(out), "--no-progress"])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert f"report: {out / 'index.html'}" in printed and "exact (≤ 1e-5)" in printed
     for name in ("index.html", "heatmaps.png", "relevance.html", "exactness.html"):

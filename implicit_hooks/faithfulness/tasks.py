@@ -105,3 +105,24 @@ def patches(n: int, *, grid: tuple[int, int] = (6, 6), seed: int = 0) -> Batch:
 
 
 TASKS = {"markers": markers, "recall": recall, "patches": patches}
+
+
+def token_names() -> list[str]:
+    """A readable name for every token of :data:`VOCAB` (for reports and pictures)."""
+    names = [f"w{i}" for i in range(VOCAB)]
+    names[PAD], names[QUERY], names[SEP] = "<pad>", "?", "|"
+    names[POSITIVE], names[NEGATIVE] = "POS", "NEG"
+    for tok, word in zip(POS_MARKERS, ("good", "great", "fine")):
+        names[tok] = word
+    for tok, word in zip(NEG_MARKERS, ("bad", "awful", "poor")):
+        names[tok] = word
+    for i, tok in enumerate(KEYS):
+        names[tok] = f"k{i}"
+    for i, tok in enumerate(VALUES):
+        names[tok] = f"v{i}"
+    for tok, shape in zip(OBJECT_TYPES, ("■", "▲", "●", "◆")):
+        names[tok] = shape
+    fillers = "the a of and to in is it on at as by or an be we so if no up do go me my us".split()
+    for tok, word in zip(DISTRACTORS, fillers):
+        names[tok] = word
+    return names
