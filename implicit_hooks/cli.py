@@ -48,9 +48,13 @@ def main(argv: list[str] | None = None) -> int:
             from .demo import run_demo
 
             return run_demo(
+                family=args.family,
+                task=args.task,
+                seed=args.seed,
+                random=args.random,
                 text=args.text,
-                device=args.device,
                 layers=args.layers,
+                device=args.device,
                 out=args.out,
                 show_progress=not args.no_progress,
             )
