@@ -14,6 +14,15 @@ _BUILTIN = {
     ),
     f"{_TF}.rwkv.modeling_rwkv.RwkvSelfAttention": f"{_OURS}.rwkv4:RWKV4Patcher",
     # --- Mamba-2 family and Zamba (mamba2.py) ---
+    f"{_TF}.mamba2.modeling_mamba2.Mamba2Mixer": f"{_OURS}.mamba2:Mamba2Patcher",
+    f"{_TF}.bamba.modeling_bamba.BambaMixer": f"{_OURS}.mamba2:Mamba2Patcher",
+    f"{_TF}.nemotron_h.modeling_nemotron_h.NemotronHMamba2Mixer": f"{_OURS}.mamba2:Mamba2Patcher",
+    f"{_TF}.granitemoehybrid.modeling_granitemoehybrid.GraniteMoeHybridMambaLayer": (
+        f"{_OURS}.mamba2:Mamba2Patcher"
+    ),
+    f"{_TF}.zamba2.modeling_zamba2.Zamba2MambaMixer": f"{_OURS}.mamba2:Mamba2Patcher",
+    f"{_TF}.falcon_h1.modeling_falcon_h1.FalconH1Mixer": f"{_OURS}.mamba2:FalconH1Patcher",
+    f"{_TF}.zamba.modeling_zamba.ZambaMambaMixer": f"{_OURS}.zamba:ZambaMambaPatcher",
     # --- softmax attention layers of Griffin and the hybrids (attention.py) ---
     f"{_TF}.recurrent_gemma.modeling_recurrent_gemma.RecurrentGemmaAttention": (
         f"{_OURS}.attention:RecurrentGemmaAttentionPatcher"
