@@ -138,13 +138,17 @@ class Patcher:
 
 
 def _signature_of(module: nn.Module) -> dict[str, int]:
-    """Positional index of each argument of ``module.forward`` (without ``self``)."""
+    """Positional index of each argument of the class's ``forward`` (without ``self``).
+
+    The class's, not the instance's: wrappers such as nnsight replace the instance ``forward`` with a
+    ``(*args, **kwargs)`` function, which would hide the argument names.
+    """
     try:
-        params = inspect.signature(module.forward).parameters
+        params = list(inspect.signature(type(module).forward).parameters.items())[1:]  # drop self
     except (TypeError, ValueError):
         return {}
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return {name: i for i, (name, p) in enumerate(params.items()) if p.kind in kinds}
+    return {name: i for i, (name, p) in enumerate(params) if p.kind in kinds}
 
 
 def require(condition: bool, message: str) -> None:

@@ -451,8 +451,14 @@ class AttentionView:
         return self.reduce("sum", absolute=absolute, **options)
 
     # --- products with vectors ------------------------------------------------------------------
-    def _matvec(self, x: Tensor, **parts: bool) -> Tensor:
-        """``(A_parts @ x)`` for ``x`` of shape ``(B, C, L)``, row tile by row tile (causal columns only)."""
+    def _matvec(self, x: Tensor, *, fast: bool = True, **parts: bool) -> Tensor:
+        """``(A_parts @ x)`` for ``x`` of shape ``(B, C, L)``.
+
+        Factor by factor (``O(L)`` per channel) when the core offers ``matvec``; otherwise (or with
+        ``fast=False``, the readable twin) row tile by row tile over the causal columns.
+        """
+        if fast and hasattr(self.factors.core, "matvec"):
+            return self._matvec_factored(x, **parts)
         B, C, L, _ = self.shape
         out = torch.zeros(B, C, L, dtype=self.dtype, device=self.device)
         x = x.to(self.dtype)
@@ -470,6 +476,31 @@ class AttentionView:
                         "crj,cj->cr", blk, x[b, c0 : c0 + ct, : len(cols)]
                     )
         return out
+
+    def _matvec_factored(
+        self, x: Tensor, *, left: bool = True, conv: bool = True, input_mask: bool = True
+    ) -> Tensor:
+        """``left · core · right · conv · input_mask`` applied to ``x``, one factor after the other."""
+        f, keep = self.factors, self.kept
+        B, C, L, _ = self.shape
+        channels = torch.arange(C, device=self.device)
+        out = []
+        for b in range(B):
+            s = x[b].to(self.dtype)  # (C, L)
+            if input_mask and f.input_mask is not None:
+                s = s * f.input_mask[b].to(s.dtype)
+            if conv and f.conv is not None and "conv" in keep:
+                K = f.conv.shape[1]
+                s = torch.nn.functional.conv1d(
+                    torch.nn.functional.pad(s[None], (K - 1, 0)), f.conv.to(s.dtype)[:, None, :], groups=C
+                )[0]
+            right = self._diagonal(f.right, b, channels, extra=f.mid_mask)
+            if right is not None:
+                s = s * right
+            y = f.core.matvec(b, s, ssm="ssm" in keep, skip="skip" in keep)
+            gate = self._diagonal(f.left, b, channels) if left else None
+            out.append(y if gate is None else y * gate)
+        return torch.stack(out)
 
     def apply(self, x: Tensor) -> Tensor:
         """``A @ x`` per channel for ``x`` of shape ``(B, C, L)``, without building ``A``."""

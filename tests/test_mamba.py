@@ -202,6 +202,7 @@ def test_rows_blocks_and_channel_reductions_equal_the_dense_matrix(device):
         torch.testing.assert_close(v.mean(transform="positive", row_weight=g, col_weight=x), weighted)
         x = torch.randn(3, 24, L, device=device)
         torch.testing.assert_close(v.apply(x), torch.einsum("bctj,bcj->bct", A, x))
+        torch.testing.assert_close(v._matvec(x, fast=False), v.apply(x))  # the tiled twin of the scan
     with pytest.raises(IndexError, match="out of range"):
         view[0, 24]
     with pytest.raises(ValueError, match="apply"):

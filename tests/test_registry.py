@@ -114,3 +114,13 @@ def test_views_of_a_dense_core_and_index_errors():
         view[0, 0, 0, 0, 0]
     with pytest.raises(ValueError, match="shape"):
         ih.Factors(values=torch.randn(B, C, L), core=ih.DenseCore(R), left={"gate": torch.ones(B, L)})
+
+
+def test_argument_positions_survive_a_wrapped_instance_forward():
+    """Wrappers (nnsight) replace the instance forward by ``(*args, **kwargs)``: positions must still be known."""
+    block = EmaBlock(3)
+    block.forward = lambda *args, **kwargs: type(block).forward(block, *args, **kwargs)
+    patcher = ih.Patcher(block, "block")
+    x = torch.randn(1, 2, 3)
+    assert patcher.argument("x", (x,), {}) is x
+    assert patcher.argument("x", (), {"x": x}) is x

@@ -61,3 +61,13 @@ def test_long_sequences_keep_float32_precision():
     exact = core64.direct(0, torch.arange(3), rows, torch.arange(4000))
     exact = exact + core64.D[:, None, None] * (rows[:, None] == torch.arange(4000)[None, :])
     assert float((fast.double() - exact).norm() / exact.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 64])
+def test_chunked_scan_matvec_equals_the_matrix(chunk):
+    core = random_core(chunk=chunk)
+    v = torch.randn(5, 37)
+    chans, everything = torch.arange(5), torch.arange(37)
+    R = core.block(1, chans, everything, everything, ssm=True, skip=True)
+    torch.testing.assert_close(core.matvec(1, v, ssm=True, skip=True), torch.einsum("ctj,cj->ct", R, v))
+    torch.testing.assert_close(core.matvec(1, v, ssm=False, skip=True), core.D[:, None] * v)

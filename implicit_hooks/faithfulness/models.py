@@ -29,6 +29,48 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
             time_step_rank=4,
         ),
     ),
+    "mamba2": (
+        "Mamba2Config",
+        "Mamba2ForCausalLM",
+        dict(
+            hidden_size=32,
+            num_heads=4,
+            head_dim=16,
+            expand=2,
+            state_size=16,
+            n_groups=1,
+            num_hidden_layers=2,
+            chunk_size=16,
+            conv_kernel=4,
+        ),
+    ),
+    "rglru": (  # RecurrentGemma with recurrent blocks only; its cache needs an attention block, so none
+        "RecurrentGemmaConfig",
+        "RecurrentGemmaForCausalLM",
+        dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            lru_width=32,
+            attention_window_size=16,
+            block_types=["recurrent", "recurrent"],
+            use_cache=False,
+        ),
+    ),
+    "rwkv4": (
+        "RwkvConfig",
+        "RwkvForCausalLM",
+        dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            attention_hidden_size=32,
+            intermediate_size=64,
+            context_length=64,
+        ),
+    ),
 }
 
 
