@@ -20,11 +20,12 @@ def test_markers_evidence_is_the_markers_of_the_labelled_polarity():
 def test_recall_evidence_is_the_queried_pair():
     b = T.recall(40, pairs=5, seed=2)
     assert b.ids.shape == (40, 13)
-    for ids, ev, label in zip(b.ids, b.evidence, b.label):
+    for ids, ev, q, label in zip(b.ids, b.evidence, b.question, b.label):
         key, value = ids[ev].tolist()
-        assert key == int(ids[-2]) and value == int(label) and value in T.VALUES
-        keys = ids[0:10:2].tolist()
-        assert len(set(keys)) == 5 and keys.index(key) * 2 == int(ev.nonzero()[0])
+        assert key == int(ids[0]) and value == int(label) and value in T.VALUES
+        keys = ids[2:12:2].tolist()
+        assert len(set(keys)) == 5 and 2 + keys.index(key) * 2 == int(ev.nonzero()[0])
+        assert q.nonzero().flatten().tolist() == [0, 12] and not (q & ev).any()
 
 
 def test_patches_evidence_is_one_two_by_two_object_of_the_label_type():

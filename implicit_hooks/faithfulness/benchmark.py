@@ -47,8 +47,7 @@ def evaluate(
 ) -> dict:
     """Metrics (and mean curves) of each method on ``batch``; methods that do not apply are skipped."""
     model.eval()
-    candidates = torch.ones_like(batch.evidence)
-    candidates[:, -1] = False  # never remove the query
+    candidates = ~batch.question  # never remove the question (the query, the queried key)
 
     @torch.no_grad()
     def predict(ids: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,8 @@ and a pool of distractor tokens.
 
 * :func:`markers` – sentiment-like: a few marker tokens of one polarity scattered among distractors;
   label = the polarity; evidence = the marker positions.
-* :func:`recall` – key–value recall: pairs ``k v`` then a query key; label = its value; evidence = the
-  queried pair (key and value positions).
+* :func:`recall` – key–value recall: the queried key, then pairs ``k v``, then the query; label = the
+  value bound to the key; evidence = the queried pair (key and value positions).
 * :func:`patches` – a 2-D grid flattened row by row with one object: a few cells of one object type
   at a random location among background noise; label = the object type; evidence = its cells.
 """
@@ -34,12 +34,19 @@ VOCAB = 64
 
 @dataclass
 class Batch:
-    """``ids (B, L)``, ``label (B,)`` token to predict at the last position, ``evidence (B, L)`` bool."""
+    """``ids (B, L)``, ``label (B,)`` token to predict at the last position, ``evidence (B, L)`` bool,
+    ``question (B, L)`` bool (the query token, and the queried key in ``recall``)."""
 
     ids: Tensor
     label: Tensor
     evidence: Tensor
     task: str
+    question: Tensor | None = None  # (B, L) bool: positions of the question, never removed
+
+    def __post_init__(self) -> None:
+        if self.question is None:  # by default the question is the final QUERY token
+            self.question = torch.zeros_like(self.evidence)
+            self.question[:, -1] = True
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -66,21 +73,28 @@ def markers(n: int, *, length: int = 32, n_markers: int = 3, seed: int = 0) -> B
 
 
 def recall(n: int, *, pairs: int = 8, seed: int = 0) -> Batch:
-    """``pairs`` distinct key–value pairs, SEP, the queried key, QUERY: length ``2·pairs + 3``."""
+    """The queried key, SEP, ``pairs`` distinct key–value pairs, QUERY: length ``2·pairs + 3``.
+
+    The answer is the value bound to the queried key, read far back from the query position; the
+    question (the queried key at position 0 and QUERY) is never removed by the perturbation metrics.
+    """
     g = torch.Generator().manual_seed(seed)
     length = 2 * pairs + 3
     ids = torch.zeros(n, length, dtype=torch.long)
     evidence = torch.zeros(n, length, dtype=torch.bool)
+    question = torch.zeros(n, length, dtype=torch.bool)
     label = torch.zeros(n, dtype=torch.long)
-    for i in range(n):
+    for i in range(n):  # a loop over samples of a data generator, not over a model's sequence
         keys = torch.tensor(KEYS)[torch.randperm(len(KEYS), generator=g)[:pairs]]
         values = _choice(VALUES, (pairs,), g)
-        ids[i, 0 : 2 * pairs : 2], ids[i, 1 : 2 * pairs : 2] = keys, values
         asked = int(torch.randint(pairs, (1,), generator=g))
-        ids[i, 2 * pairs], ids[i, 2 * pairs + 1], ids[i, 2 * pairs + 2] = SEP, keys[asked], QUERY
+        ids[i, 0], ids[i, 1], ids[i, -1] = keys[asked], SEP, QUERY
+        ids[i, 2 : 2 + 2 * pairs : 2], ids[i, 3 : 3 + 2 * pairs : 2] = keys, values
         label[i] = values[asked]
-        evidence[i, 2 * asked] = evidence[i, 2 * asked + 1] = True
-    return Batch(ids, label, evidence, "recall")
+        evidence[i, 2 + 2 * asked] = evidence[i, 3 + 2 * asked] = True
+        question[i, 0] = True
+    question[:, -1] = True
+    return Batch(ids, label, evidence, "recall", question)
 
 
 SHAPES = ((0, 0), (0, 1), (1, 0), (1, 1))  # a 2×2 object, cells as (row, col) offsets
