@@ -20,7 +20,7 @@ from implicit_hooks.faithfulness import models, tasks
 
 TASK_OPTIONS = {
     "markers": dict(length=32, n_markers=3),
-    "recall": dict(pairs=6),
+    "recall": dict(pairs=4),
     "patches": dict(grid=(6, 6)),
 }
 HELD_OUT_SEED, HELD_OUT_N = 10_000, 512
