@@ -7,6 +7,7 @@ import transformers as tf
 from attention_reference import capture_attention, reference
 from conftest import cache_kwarg, randomize, rel_err
 from transformers import DynamicCache, StaticCache
+from view_checks import cuda_syncs
 
 import implicit_hooks as ih
 from implicit_hooks import registry
@@ -474,22 +475,9 @@ def test_bfloat16_model():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_recording_adds_no_host_synchronisation_on_cuda(implementation):
-    import warnings
-
     model = build("bamba", implementation, "cuda")
     ids, mask = padded_batch("cuda")
     layers = attention_layers(model)
-
-    def syncs(fn) -> int:
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                fn()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-        return sum("synchroniz" in str(w.message) for w in caught)
 
     def recorded():
         with ih.record(model, layers=layers):
@@ -497,4 +485,4 @@ def test_recording_adds_no_host_synchronisation_on_cuda(implementation):
 
     with torch.no_grad():
         model(ids, attention_mask=mask)  # warm-up
-        assert syncs(recorded) == syncs(lambda: model(ids, attention_mask=mask))
+        assert cuda_syncs(recorded) == cuda_syncs(lambda: model(ids, attention_mask=mask))

@@ -9,6 +9,7 @@ import torch
 from conftest import randomize, rel_err
 from griffin_reference import bias_reference, impulse_matrix, reference
 from transformers import DynamicCache, RecurrentGemmaConfig, RecurrentGemmaForCausalLM
+from view_checks import assert_reads_bounded, cuda_syncs
 
 import implicit_hooks as ih
 
@@ -355,40 +356,14 @@ def test_reads_only_compute_what_they_return(device):
     with torch.no_grad(), ih.record(model) as rec:
         model(torch.randint(0, 64, (1, 40), device=device))
     view = rglru(rec)[0].attention.with_tiles(8000)
-    core = view.factors.core
-    asked = []
-    original = core.block
-
-    def spy(b, chans, rows, cols, **kw):
-        asked.append((len(chans), len(rows), len(cols)))
-        return original(b, chans, rows, cols, **kw)
-
-    core.block = spy
-    view[0, :, -1]
-    assert {r for _, r, _ in asked} == {1}
-    asked.clear()
-    view.mean()
-    assert max(c * r * k * core.work_per_entry for c, r, k in asked) <= 8000
+    assert_reads_bounded(view)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
 def test_recording_adds_no_host_synchronisation_on_cuda():
-    import warnings
-
     model = griffin("cuda")
     ids, pos = batch_with_resets("cuda")
     kw = cache_kwarg(model)
-
-    def syncs(fn) -> int:
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                fn()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-        return sum("synchroniz" in str(w.message) for w in caught)
 
     def run():
         cache = DynamicCache(config=model.config)
@@ -401,4 +376,4 @@ def test_recording_adds_no_host_synchronisation_on_cuda():
 
     with torch.no_grad():
         run()  # warm-up
-        assert syncs(recorded) == syncs(run)
+        assert cuda_syncs(recorded) == cuda_syncs(run)

@@ -15,6 +15,7 @@ from transformers import (
     MambaConfig,
     MambaForCausalLM,
 )
+from view_checks import assert_reads_bounded, cuda_syncs
 
 import implicit_hooks as ih
 
@@ -216,20 +217,7 @@ def test_reads_only_compute_what_they_return(device):
     with torch.no_grad(), ih.record(model) as rec:
         model(ids)
     view = rec[0].attention.with_tiles(4000)
-    core = view.factors.core
-    asked = []
-    original = core.block
-
-    def spy(b, chans, rows, cols, **kw):
-        asked.append((len(chans), len(rows), len(cols)))
-        return original(b, chans, rows, cols, **kw)
-
-    core.block = spy
-    view[0, :, -1]
-    assert {r for _, r, _ in asked} == {1}
-    asked.clear()
-    view.mean()
-    assert max(c * r * k * core.work_per_entry for c, r, k in asked) <= 4000
+    assert_reads_bounded(view)
 
 
 def test_falcon_mamba_rms_normed_b_c_delta(device):
@@ -412,21 +400,8 @@ def test_errors_say_what_is_wrong(device):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
 def test_recording_adds_no_host_synchronisation_on_cuda():
-    import warnings
-
     model = mamba("cuda")
     ids, mask = padded_batch("cuda")
-
-    def syncs(fn) -> int:
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                fn()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-        return sum("synchroniz" in str(w.message) for w in caught)
 
     def recorded():
         with ih.record(model):
@@ -434,7 +409,7 @@ def test_recording_adds_no_host_synchronisation_on_cuda():
 
     with torch.no_grad():
         model(ids, attention_mask=mask)  # warm-up
-        assert syncs(recorded) == syncs(lambda: model(ids, attention_mask=mask))
+        assert cuda_syncs(recorded) == cuda_syncs(lambda: model(ids, attention_mask=mask))
 
 
 def test_training_mode_forward_is_recorded_exactly(device):

@@ -19,6 +19,7 @@ from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
 from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMamba2Mixer
 from transformers.models.zamba.modeling_zamba import ZambaMambaMixer
 from transformers.models.zamba2.modeling_zamba2 import Zamba2MambaMixer
+from view_checks import cuda_syncs
 
 import implicit_hooks as ih
 
@@ -662,22 +663,9 @@ def test_errors_say_what_is_wrong(device):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
 def test_recording_adds_no_host_synchronisation_on_cuda():
-    import warnings
-
     model = bamba("cuda")
     ids, mask = padded_batch("cuda")
     kw = cache_kwarg(model)
-
-    def syncs(fn) -> int:
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                fn()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-        return sum("synchroniz" in str(w.message) for w in caught)
 
     with torch.no_grad():
         cache = output_cache(model(ids, attention_mask=mask, use_cache=True))
@@ -687,11 +675,11 @@ def test_recording_adds_no_host_synchronisation_on_cuda():
             with ih.record(model):
                 model(ids, attention_mask=mask)
 
-        assert syncs(recorded) == syncs(lambda: model(ids, attention_mask=mask))
-        plain = syncs(lambda: model(step, **{kw: cache}, use_cache=True))
+        assert cuda_syncs(recorded) == cuda_syncs(lambda: model(ids, attention_mask=mask))
+        plain = cuda_syncs(lambda: model(step, **{kw: cache}, use_cache=True))
 
         def recorded_step():
             with ih.record(model):
                 model(step, **{kw: cache}, use_cache=True)
 
-        assert syncs(recorded_step) == plain
+        assert cuda_syncs(recorded_step) == plain

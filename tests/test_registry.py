@@ -117,7 +117,7 @@ def test_views_of_a_dense_core_and_index_errors():
 
 
 def test_argument_positions_survive_a_wrapped_instance_forward():
-    """Wrappers (nnsight) replace the instance forward by ``(*args, **kwargs)``: positions must still be known."""
+    """Wrappers (nnsight) swap the instance forward for ``(*args, **kwargs)``: positions must survive."""
     block = EmaBlock(3)
     block.forward = lambda *args, **kwargs: type(block).forward(block, *args, **kwargs)
     patcher = ih.Patcher(block, "block")

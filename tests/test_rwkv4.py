@@ -12,6 +12,7 @@ from conftest import randomize, rel_err
 from rwkv4_reference import bias_reference, impulse_matrix, reference
 from transformers import RwkvConfig, RwkvForCausalLM
 from transformers.models.rwkv import modeling_rwkv
+from view_checks import assert_reads_bounded, cuda_syncs
 
 import implicit_hooks as ih
 
@@ -365,39 +366,13 @@ def test_reads_only_compute_what_they_return(device):
     with torch.no_grad(), ih.record(model) as rec:
         model(tokens(device, batch=1, length=40))
     view = wkv(rec)[0].attention.with_tiles(4000)
-    core = view.factors.core
-    asked = []
-    original = core.block
-
-    def spy(b, chans, rows, cols, **kw):
-        asked.append((len(chans), len(rows), len(cols)))
-        return original(b, chans, rows, cols, **kw)
-
-    core.block = spy
-    view[0, :, -1]
-    assert {r for _, r, _ in asked} == {1}
-    asked.clear()
-    view.mean()
-    assert max(c * r * k * core.work_per_entry for c, r, k in asked) <= 4000
+    assert_reads_bounded(view)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
 def test_recording_adds_no_host_synchronisation_on_cuda():
-    import warnings
-
     model = rwkv("cuda")
     ids = tokens("cuda")
-
-    def syncs(fn) -> int:
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                fn()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-        return sum("synchroniz" in str(w.message) for w in caught)
 
     def recorded():
         with ih.record(model):
@@ -405,4 +380,4 @@ def test_recording_adds_no_host_synchronisation_on_cuda():
 
     with torch.no_grad():
         model(ids)  # warm-up
-        assert syncs(recorded) == syncs(lambda: model(ids))
+        assert cuda_syncs(recorded) == cuda_syncs(lambda: model(ids))
