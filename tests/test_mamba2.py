@@ -401,6 +401,7 @@ def test_rows_blocks_and_head_reductions_equal_the_dense_matrix(device):
         )
         x = torch.randn(3, 32, L, device=device)
         torch.testing.assert_close(v.apply(x), torch.einsum("bctj,bcj->bct", A, x))
+        torch.testing.assert_close(v._matvec(x, fast=False), v.apply(x))  # the tiled twin of the scan
     # the core's head-level blocks are R_h itself, shared by the head's channels
     core = view.factors.core
     R = view.only("ssm").dense()

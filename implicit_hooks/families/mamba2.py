@@ -96,6 +96,27 @@ class SSDCore(Core):
             out = out + self.D.index_select(0, head).to(dtype)[:, None, None] * eye
         return out
 
+    def matvec(self, b: int, v: Tensor, *, ssm: bool, skip: bool) -> Tensor:
+        """``(R + diag(D)) @ v`` for all channels, ``v (C, L)``, through :func:`ssd_scan` (``O(L)``)."""
+        dtype = self.delta.dtype
+        v = v.to(dtype)
+        H, L = self.delta.shape[1], v.shape[1]
+        out = torch.zeros_like(v)
+        if ssm:
+            xa = v.view(1, H, -1, L)  # channels are laid out head by head: c = h·P + p
+            y = ssd_scan(
+                xa,
+                self.delta[b : b + 1].to(dtype),
+                self.A.to(dtype),
+                self.B[b : b + 1].to(dtype),
+                self.C[b : b + 1].to(dtype),
+                None,
+            )
+            out = y.reshape(-1, L)
+        if skip and self.D is not None:
+            out = out + self.D.to(dtype).index_select(0, self.head_of)[:, None] * v
+        return out
+
 
 def ssd_scan(xa: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, h0: Tensor | None, chunk: int = 64):
     """The SSM output without skip, ``y_t = C_t · h_t``, chunk by chunk: ``(B, H, P, L)``.
