@@ -31,6 +31,7 @@ full ones. ``aggregate`` picks the channel reduction: ``"abs"`` (mean of ``|A|``
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -80,6 +81,7 @@ class Explainer:
         """Relevance of every input position for the output at ``query``: ``(B, L)``."""
         kwargs = dict(inputs) if isinstance(inputs, Mapping) else {"input_ids": inputs}
         kwargs.update(forward_kwargs)
+        kwargs = _no_cache(self.model, kwargs)
         if self.needs_grad:
             kwargs = _embeds_as_leaf(self.model, kwargs)
         block_inputs: dict[str, Tensor] = {}
@@ -163,8 +165,13 @@ def _grad_weights(records: list[BlockRecord], score: Tensor) -> list[tuple[Tenso
         outputs.append(rec.raw[key])
     grads = torch.autograd.grad(score, outputs, allow_unused=True)
     pairs = []
-    for rec, g, y in zip(records, grads, outputs):
-        g = torch.zeros_like(y) if g is None else g
+    for rec, g in zip(records, grads):
+        if g is None:
+            raise RecordingError(
+                f"{rec.name}: the target does not depend on this block's recorded output (not recorded "
+                "inside the autograd graph), so its gradient-weighted map cannot be computed"
+            )
+        g = g[:, None, :] if g.dim() == 2 else g  # a (B, C) single-token output
         with torch.no_grad():
             pairs.append((g.transpose(1, 2).detach(), rec.attention.values.detach()))
     return pairs
@@ -292,6 +299,14 @@ def _normalize(r: Tensor, how: str) -> Tensor:
         return r / r.abs().amax(-1, keepdim=True).clamp_min(1e-30)
     low, high = r.amin(-1, keepdim=True), r.amax(-1, keepdim=True)
     return (r - low) / (high - low).clamp_min(1e-30)
+
+
+def _no_cache(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """One forward needs no cache, and some models (RWKV) write their cached state in place, which
+    breaks backpropagation: ask for none unless the caller did."""
+    if "use_cache" not in kwargs and "use_cache" in inspect.signature(type(model).forward).parameters:
+        kwargs = {**kwargs, "use_cache": False}
+    return kwargs
 
 
 def _embeds_as_leaf(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:

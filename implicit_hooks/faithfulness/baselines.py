@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..explain import _normalize, _position, _score
+from ..explain import _no_cache, _normalize, _position, _score
 from ..families.mamba import SelectiveCore
 
 
@@ -29,6 +29,10 @@ class Baseline:
 
     def __init__(self, model: nn.Module, *, normalize: str = "none"):
         self.model, self.normalize = model, normalize
+
+    def forward(self, **kwargs: Any) -> Any:
+        """The model's output, without a cache (see :func:`implicit_hooks.explain._no_cache`)."""
+        return self.model(**_no_cache(self.model, kwargs))
 
     def attribute(self, inputs: Tensor | Mapping[str, Any], *, target: Any = None, query: int = -1) -> Tensor:
         ids = inputs["input_ids"] if isinstance(inputs, Mapping) else inputs
@@ -57,7 +61,7 @@ def _embed(model: nn.Module, ids: Tensor) -> Tensor:
 class GradInput(Baseline):
     def _relevance(self, ids, target, q):
         embeds = _embed(self.model, ids)
-        score = _score(self.model(inputs_embeds=embeds), target, q)
+        score = _score(self.forward(inputs_embeds=embeds), target, q)
         (grad,) = torch.autograd.grad(score, embeds)
         return (grad * embeds).sum(-1)
 
@@ -72,11 +76,11 @@ class IntegratedGradients(Baseline):
 
         embeds = _embed(self.model, ids)
         with torch.no_grad():
-            logits = self.model(inputs_embeds=embeds).logits[:, q]
+            logits = self.forward(inputs_embeds=embeds).logits[:, q]
         index = logits.argmax(-1) if target is None else torch.as_tensor(target).expand(len(ids))
 
         def forward(x: Tensor) -> Tensor:
-            return self.model(inputs_embeds=x).logits[:, q]
+            return self.forward(inputs_embeds=x).logits[:, q]
 
         ig = CaptumIG(forward)
         attributions = ig.attribute(

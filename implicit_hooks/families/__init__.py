@@ -36,6 +36,9 @@ _BUILTIN = {
         f"{_OURS}.attention:SoftmaxAttentionPatcher"
     ),
     f"{_TF}.falcon_h1.modeling_falcon_h1.FalconH1Attention": f"{_OURS}.attention:FalconH1AttentionPatcher",
+    # --- rwkv package (rwkv_pkg.py) ---
+    "rwkv.model.RWKV": f"{_OURS}.rwkv_pkg:RWKVPackagePatcher",
+    "rwkv.model.RWKV_x070": f"{_OURS}.rwkv7:RWKV7PackagePatcher",
 }
 
 for _block, _patcher in _BUILTIN.items():

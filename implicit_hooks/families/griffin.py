@@ -68,6 +68,7 @@ class RGLRUPatcher(Patcher):
     """transformers' ``RecurrentGemmaRecurrentBlock`` with its ``RecurrentGemmaRglru``."""
 
     kind = "rglru"
+    real_output_key = "linear_out_input"
 
     def taps(self):
         m = self.module
@@ -226,7 +227,3 @@ class RGLRUPatcher(Patcher):
         if "initial_state" in record.raw:
             thunks["initial_state"] = lambda: record.raw["initial_state"].to(dtype)
         return thunks
-
-    def real_output(self, record: BlockRecord) -> Tensor | None:
-        y = record.raw.get("linear_out_input")
-        return None if y is None else y.transpose(1, 2)

@@ -198,6 +198,7 @@ class Mamba2Patcher(Patcher):
     ``Zamba2MambaMixer`` (same forward; NemotronH and Zamba2 clamp ``Δ`` from below only)."""
 
     kind = "mamba2"
+    real_output_key = "out_proj_input"
 
     def taps(self):
         return {"in_proj": (self.module.in_proj, "output"), "out_proj_input": (self.module.out_proj, "input")}

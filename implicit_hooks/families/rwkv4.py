@@ -75,6 +75,7 @@ class RWKV4Patcher(Patcher):
     """transformers' ``RwkvSelfAttention`` (RWKV-4 time mixing), on the CPU loop and the CUDA kernel path."""
 
     kind = "rwkv4"
+    real_output_key = "output_input"
 
     def taps(self):
         m = self.module
@@ -174,7 +175,3 @@ class RWKV4Patcher(Patcher):
         if "initial_state" in record.raw:
             thunks["initial_state"] = lambda: record.raw["initial_state"].to(dtype)  # (3, B, C)
         return thunks
-
-    def real_output(self, record: BlockRecord) -> Tensor | None:
-        y = record.raw.get("output_input")
-        return None if y is None else y.transpose(1, 2)

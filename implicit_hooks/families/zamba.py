@@ -68,6 +68,7 @@ class ZambaMambaPatcher(Patcher):
     """transformers' ``ZambaMambaMixer`` (multi-head Mamba-1; keyword calls)."""
 
     kind = "mamba"
+    real_output_key = "out_proj_input"
 
     def taps(self):
         return {"in_proj": (self.module.in_proj, "output"), "out_proj_input": (self.module.out_proj, "input")}
@@ -195,7 +196,3 @@ class ZambaMambaPatcher(Patcher):
             decay=decay, input_proj=input_proj, skip=get("D"), readout=get("C"), heads=get("head_of")
         )
         return thunks
-
-    def real_output(self, record: BlockRecord) -> Tensor | None:
-        y = record.raw.get("out_proj_input")
-        return None if y is None else y.transpose(1, 2)
