@@ -545,6 +545,7 @@ ATT_METHODS = {
     6.0: ("att_seq_v6_0", "att_one_v6_0", "cuda_att_seq_v6_0"),
 }
 _STATE_ARGS = ("aa", "bb", "pp", "s")
+_PROJECTIONS = {"kw": "key", "vw": "value", "rw": "receptance", "gw": "gate", "ow": "output"}
 _ACTIVATIONS = ("x", "sx", *_STATE_ARGS)
 
 
@@ -577,6 +578,13 @@ class RWKVPackagePatcher(Patcher):
         model = self.module
         n_layer = model.args.n_layer
         layer_of = {id(model.w[f"blocks.{i}.ln1.weight"]): i for i in range(n_layer)}
+        # Streamed layers ("*N+" strategies) receive fresh device copies of their projections on every call:
+        # records keep the stored weights instead, moved to the device when a view is built.
+        self.stored = {
+            i: {k: model.w[key] for k, key in self._projections(i).items() if key in model.w}
+            for i in range(n_layer)
+            if getattr(model.strategy[i], "stream", False)
+        }
         handles = []
         for method in ATT_METHODS[self.version]:
             original = getattr(model, method, None)
@@ -600,12 +608,13 @@ class RWKVPackagePatcher(Patcher):
             x = named.get("x")
             # States may be updated in place by the CUDA kernels: keep copies (a few (H, N, N) per layer).
             inputs = {k: (keep(v).clone() if k in _STATE_ARGS else keep(v)) for k, v in named.items()}
+            inputs.update({k: w for k, w in self.stored.get(layer, {}).items() if k in inputs})
             record.raw.update(
                 method=method, layer=layer, inputs=inputs, replay=time_mix.unpatched, names=names
             )
             weights = {
                 k: v
-                for k, v in named.items()
+                for k, v in inputs.items()
                 if isinstance(v, Tensor) and k not in _ACTIVATIONS and v is not x
             }
             record.weights = {k: keep(v) for k, v in weights.items()}
@@ -625,6 +634,18 @@ class RWKVPackagePatcher(Patcher):
 
         return time_mix
 
+    @staticmethod
+    def _projections(layer: int) -> dict[str, str]:
+        return {k: f"blocks.{layer}.att.{name}.weight" for k, name in _PROJECTIONS.items()}
+
+    def inputs(self, record: BlockRecord) -> dict[str, Any]:
+        """The call's arguments by name, every tensor on the device of its input ``x``."""
+        n = dict(record.raw["inputs"])
+        device = n["x"].device
+        return {
+            k: (v.to(device) if isinstance(v, Tensor) and v.device != device else v) for k, v in n.items()
+        }
+
     # --- the real output, by replay -------------------------------------------------------------------
     def real_output(self, record: BlockRecord) -> Tensor | None:
         """The time mix's output before its output projection, ``(1, C, L)`` float32.
@@ -635,7 +656,7 @@ class RWKVPackagePatcher(Patcher):
         """
         key = self.real_output_key
         if key not in record.raw:
-            n = dict(record.raw["inputs"])
+            n = self.inputs(record)
             x, ow = n["x"], n["ow"]
             scale = 2.0**4 if x.dtype == torch.float16 else 2.0**16
             n["ow"] = torch.eye(ow.shape[-1], dtype=x.dtype, device=x.device) * scale
@@ -658,7 +679,7 @@ class RWKVPackagePatcher(Patcher):
             f"{record.name}: this record holds no time-mix inputs (recorded by another patcher?)",
         )
         require(record.raw.get("layer") is not None, f"{record.name}: the layer of this call is unknown")
-        n = record.raw["inputs"]
+        n = self.inputs(record)
         x = n["x"] if n["x"].dim() == 2 else n["x"][None]  # (L, C) in the model's dtype
         C = x.shape[-1]
 
