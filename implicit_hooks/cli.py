@@ -65,7 +65,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    import torch
 
     from .report import build_report
 
@@ -73,10 +72,7 @@ def _explain(args: argparse.Namespace) -> int:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     if path.is_file():
-        raise FileNotFoundError(
-            f"{path} is a file; explain takes a Hugging Face model directory (with config.json). "
-            "Checkpoints of the rwkv package are not supported by this command yet."
-        )
+        return _explain_rwkv_checkpoint(path, args)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -92,11 +88,7 @@ def _explain(args: argparse.Namespace) -> int:
         ids = tokenizer(args.text, return_tensors="pt").input_ids
         tokens = tokenizer.convert_ids_to_tokens(ids[0].tolist())
     else:
-        try:
-            ids = torch.tensor([[int(i) for i in args.ids.split(",")]])
-        except ValueError as err:
-            raise ImplicitHooksError(f"--ids must be comma-separated integers, got {args.ids!r}") from err
-        tokens = [str(i) for i in ids[0].tolist()]
+        ids, tokens = _parse_ids(args.ids)
     index = build_report(
         model,
         {"input_ids": ids.to(args.device)},
@@ -109,6 +101,54 @@ def _explain(args: argparse.Namespace) -> int:
     )
     print(index)
     return 0
+
+
+def _explain_rwkv_checkpoint(path: Path, args: argparse.Namespace) -> int:
+    """A checkpoint of the ``rwkv`` package: raw attention and rollout (the package runs without
+    gradients, so gradient-weighted methods do not apply)."""
+    import torch
+
+    from .families.rwkv_pkg import RwkvLM, load_checkpoint
+    from .report import build_report
+
+    if path.suffix != ".pth":
+        raise FileNotFoundError(
+            f"{path} is a file but not an rwkv checkpoint (.pth); explain takes a Hugging Face model "
+            "directory (with config.json) or an rwkv package checkpoint"
+        )
+    strategy = "cuda fp32" if args.device.startswith("cuda") else "cpu fp32"
+    try:
+        model = RwkvLM(load_checkpoint(path, strategy))
+    except Exception as err:  # the package raises bare errors for files it cannot read
+        raise ImplicitHooksError(f"cannot load {path} as an rwkv checkpoint: {err}") from err
+    if args.text is not None:
+        ids = torch.tensor([model.tokenizer().encode(args.text)])
+        tokens = [model.tokenizer().decode([i]) for i in ids[0].tolist()]
+    else:
+        ids, tokens = _parse_ids(args.ids)
+    index = build_report(
+        model,
+        {"input_ids": ids},
+        tokens,
+        args.out,
+        query=args.query,
+        target=args.target,
+        methods=("raw", "rollout"),
+        show_progress=not args.no_progress,
+        title=f"implicit_hooks: {path.name}",
+    )
+    print(index)
+    return 0
+
+
+def _parse_ids(text: str):
+    import torch
+
+    try:
+        ids = torch.tensor([[int(i) for i in text.split(",")]])
+    except ValueError as err:
+        raise ImplicitHooksError(f"--ids must be comma-separated integers, got {text!r}") from err
+    return ids, [str(i) for i in ids[0].tolist()]
 
 
 if __name__ == "__main__":

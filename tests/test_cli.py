@@ -102,10 +102,14 @@ def test_explain_a_local_model_directory(model_dir, tmp_path, capsys):
 def test_clear_errors(model_dir, tmp_path, capsys):
     assert main(["explain", str(tmp_path / "missing"), "--ids", "1,2"]) == 2
     assert "does not exist" in capsys.readouterr().err
-    checkpoint = tmp_path / "model.pth"
-    checkpoint.write_bytes(b"")
-    assert main(["explain", str(checkpoint), "--ids", "1,2"]) == 2
-    assert "is a file" in capsys.readouterr().err
+    weights = tmp_path / "model.bin"
+    weights.write_bytes(b"")
+    assert main(["explain", str(weights), "--ids", "1,2"]) == 2
+    assert "not an rwkv checkpoint" in capsys.readouterr().err
+    broken = tmp_path / "broken.pth"
+    broken.write_bytes(b"not a checkpoint")
+    assert main(["explain", str(broken), "--ids", "1,2"]) == 2
+    assert "cannot load" in capsys.readouterr().err
     assert main(["explain", str(tmp_path), "--ids", "1,2"]) == 2
     assert "no config.json" in capsys.readouterr().err
     assert main(["explain", str(model_dir), "--ids", "1,x"]) == 2
@@ -114,3 +118,19 @@ def test_clear_errors(model_dir, tmp_path, capsys):
     GPT2LMHeadModel(GPT2Config(vocab_size=16, n_embd=8, n_layer=1, n_head=2)).save_pretrained(gpt2)
     assert main(["explain", str(gpt2), "--ids", "1,2,3", "--out", str(tmp_path / "g")]) == 2
     assert "contains no block that implicit_hooks supports" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("version", ["4", "6", "7"])
+def test_explain_an_rwkv_package_checkpoint(tmp_path, capsys, version):
+    from implicit_hooks.families.rwkv_pkg import tiny_checkpoint
+
+    checkpoint = tiny_checkpoint(version, tmp_path / f"tiny-v{version}.pth")
+    out = tmp_path / "r"
+    assert main(["explain", str(checkpoint), "--ids", "3,1,4,1,5,9", "--out", str(out), "--no-progress"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(
+        out / "index.html"
+    )  # v7 prints a banner first
+    page = (out / "relevance.html").read_text()
+    assert "rollout (full)" in page and "raw (S6 only)" in page
+    exactness = (out / "exactness.html").read_text()
+    assert "blocks.0.att" in exactness and "e-0" in exactness

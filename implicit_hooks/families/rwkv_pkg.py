@@ -143,6 +143,36 @@ def load_checkpoint(
     return rwkv_module(jit=jit).RWKV(str(path), strategy, verbose=False)
 
 
+class RwkvLM(torch.nn.Module):
+    """A causal-LM face for the ``rwkv`` package's model: ``forward(input_ids)`` → an object with
+    ``.logits (B, L, V)``, one package call per batch row, so explanations and reports can run on it.
+
+    Example::
+
+        lm = RwkvLM(load_checkpoint("model.pth"))
+        relevance = implicit_hooks.Rollout(lm).attribute(torch.tensor([[5, 17, 3]]))
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.rwkv = model
+
+    def forward(self, input_ids: Tensor, **unused: Any) -> Any:
+        from types import SimpleNamespace
+
+        logits = [self.rwkv.forward(row.tolist(), None, full_output=True)[0] for row in input_ids]
+        return SimpleNamespace(logits=torch.stack([torch.as_tensor(x).float() for x in logits]))
+
+    @staticmethod
+    def tokenizer() -> Any:
+        """The World tokenizer that ships with the package (``rwkv_vocab_v20230424``)."""
+        import rwkv.utils as utils
+        from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
+
+        vocab = Path(utils.__file__).parent / "rwkv_vocab_v20230424.txt"
+        return TRIE_TOKENIZER(str(vocab))
+
+
 def tiny_checkpoint(
     version: str | float,
     path: str | os.PathLike,
