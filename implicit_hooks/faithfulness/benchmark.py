@@ -128,25 +128,34 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict[str, Any], path: str | Path) -> None:
+def plot(results: dict[str, Any], path: str | Path, *, columns: int = 4) -> None:
     """Perturbation curves (probability of the label, MoRF solid, LeRF dashed), one panel per model."""
     from matplotlib.figure import Figure
 
     keys = list(results)
-    fig = Figure(figsize=(4.5 * len(keys), 4), dpi=100)
+    rows = math.ceil(len(keys) / columns)
+    fig = Figure(figsize=(4 * min(columns, len(keys)), 3.2 * rows + 0.8), dpi=100)
     x = [f * 100 for f in metrics.FRACTIONS]
     for i, key in enumerate(keys):
-        ax = fig.add_subplot(1, len(keys), i + 1)
-        for j, (name, m) in enumerate(results[key]["methods"].items()):
-            colour = f"C{j % 10}"
+        ax = fig.add_subplot(rows, min(columns, len(keys)), i + 1)
+        for name, m in results[key]["methods"].items():
+            j = list(METHODS).index(name)  # one colour per method across panels
+            colour = f"C{j}" if j < 10 else "black"
             ax.plot(x, m["curves"]["morf"]["prob"], color=colour, label=name)
             ax.plot(x, m["curves"]["lerf"]["prob"], color=colour, linestyle="--")
-        ax.set_title(key)
-        ax.set_xlabel("% of tokens removed")
-        ax.set_ylabel("p(label)")
+        ax.set_title(key, fontsize=9)
         ax.set_ylim(0, 1)
-    fig.axes[-1].legend(fontsize=6, loc="lower left")
-    fig.tight_layout()
+        ax.tick_params(labelsize=7)
+        if i % columns == 0:
+            ax.set_ylabel("p(label)")
+        if i >= len(keys) - columns:
+            ax.set_xlabel("% of tokens removed")
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=6, fontsize=7, frameon=False)
+    fig.suptitle(
+        "label probability as tokens are removed: most relevant first (solid), least relevant first (dashed)"
+    )
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
     fig.savefig(path)
 
 
