@@ -60,17 +60,21 @@ def grad_maps(layers):
     return [(l["g"][..., :, None] * l["A"] * l["x"][..., None, :]).clamp_min(0).mean(1) for l in layers]
 
 
-def close(a, b):
-    assert float((a.double() - b).norm() / b.norm()) < 1e-4
+def close(a, b) -> bool:
+    err = float((a.double() - b).norm() / b.norm())
+    assert err < 1e-4, err
+    return True
 
 
 def test_raw_attention_per_layer_and_mean(case):
     model, ids, layers = case
     maps = [l["A"].abs().mean(1) for l in layers]
-    close(RawAttention(model).attribute(ids, query=Q), expected_padded((maps[0][:, Q] + maps[1][:, Q]) / 2))
-    close(RawAttention(model, layer=1).attribute(ids, query=Q), expected_padded(maps[1][:, Q]))
+    assert close(
+        RawAttention(model).attribute(ids, query=Q), expected_padded((maps[0][:, Q] + maps[1][:, Q]) / 2)
+    )
+    assert close(RawAttention(model, layer=1).attribute(ids, query=Q), expected_padded(maps[1][:, Q]))
     signed = RawAttention(model, aggregate="mean", layer=0).attribute(ids, query=Q)
-    close(signed, expected_padded(layers[0]["A"].mean(1)[:, Q]))
+    assert close(signed, expected_padded(layers[0]["A"].mean(1)[:, Q]))
 
 
 def test_rollout_by_hand(case):
@@ -81,13 +85,15 @@ def test_rollout_by_hand(case):
         m = l["A"].abs().mean(1) + eye
         hats.append(m / m.sum(-1, keepdim=True))
     rollout = hats[1] @ hats[0]  # layer 2 after layer 1
-    close(Rollout(model).attribute(ids, query=Q), expected_padded(rollout[:, Q]))
+    assert close(Rollout(model).attribute(ids, query=Q), expected_padded(rollout[:, Q]))
 
 
 def test_grad_attention_by_hand(case):
     model, ids, layers = case
     maps = grad_maps(layers)
-    close(GradAttention(model).attribute(ids, query=Q), expected_padded((maps[0][:, Q] + maps[1][:, Q]) / 2))
+    assert close(
+        GradAttention(model).attribute(ids, query=Q), expected_padded((maps[0][:, Q] + maps[1][:, Q]) / 2)
+    )
 
 
 def test_attribution_variants_by_hand(case):
@@ -95,12 +101,12 @@ def test_attribution_variants_by_hand(case):
     eye = torch.eye(Q + 1, dtype=torch.float64)
     m1, m2 = grad_maps(layers)
     R = (eye + m2) @ (eye + m1)
-    close(Attribution(model).attribute(ids, query=Q), expected_padded(R[:, Q]))
-    close(Attribution(model, start_layer=1).attribute(ids, query=Q), expected_padded((eye + m2)[:, Q]))
+    assert close(Attribution(model).attribute(ids, query=Q), expected_padded(R[:, Q]))
+    assert close(Attribution(model, start_layer=1).attribute(ids, query=Q), expected_padded((eye + m2)[:, Q]))
     # the published code's variant: gradient at the block input, max over model channels
     weighted = [(l["A"].abs().mean(1) * l["h_grad"].amax(-1)[:, :, None]).clamp_min(0) for l in layers]
     R = (eye + weighted[1]) @ (eye + weighted[0])
-    close(Attribution(model, grad="input_max").attribute(ids, query=Q), expected_padded(R[:, Q]))
+    assert close(Attribution(model, grad="input_max").attribute(ids, query=Q), expected_padded(R[:, Q]))
 
 
 def test_s6_option_uses_the_s6_only_matrices(case):
@@ -108,7 +114,7 @@ def test_s6_option_uses_the_s6_only_matrices(case):
     with torch.no_grad(), ih.record(model) as rec:
         model(ids)
     s6 = [r.attention.only("ssm").mean(absolute=True)[:, Q, : Q + 1] for r in rec]
-    close(
+    assert close(
         RawAttention(model, matrix="s6").attribute(ids, query=Q),
         expected_padded((s6[0] + s6[1]).double() / 2),
     )

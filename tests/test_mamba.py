@@ -15,7 +15,7 @@ from transformers import (
     MambaConfig,
     MambaForCausalLM,
 )
-from view_checks import assert_reads_bounded, cuda_syncs
+from view_checks import cuda_syncs, reads_are_bounded
 
 import implicit_hooks as ih
 
@@ -217,7 +217,7 @@ def test_reads_only_compute_what_they_return(device):
     with torch.no_grad(), ih.record(model) as rec:
         model(ids)
     view = rec[0].attention.with_tiles(4000)
-    assert_reads_bounded(view)
+    assert reads_are_bounded(view)
 
 
 def test_falcon_mamba_rms_normed_b_c_delta(device):

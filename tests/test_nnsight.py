@@ -557,4 +557,5 @@ def test_importing_implicit_hooks_does_not_import_nnsight():
         "assert 'nnsight' not in sys.modules, 'nnsight imported'; "
         "import implicit_hooks.integrations.nnsight; assert 'nnsight' in sys.modules"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

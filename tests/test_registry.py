@@ -98,7 +98,8 @@ def test_import_pulls_in_no_model_library():
         "bad = [m for m in sys.modules if m.split('.')[0] in ('transformers', 'rwkv', 'nnsight')]; "
         "assert not bad, bad"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 def test_views_of_a_dense_core_and_index_errors():

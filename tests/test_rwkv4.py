@@ -12,7 +12,7 @@ from conftest import randomize, rel_err
 from rwkv4_reference import bias_reference, impulse_matrix, reference
 from transformers import RwkvConfig, RwkvForCausalLM
 from transformers.models.rwkv import modeling_rwkv
-from view_checks import assert_reads_bounded, cuda_syncs
+from view_checks import cuda_syncs, reads_are_bounded
 
 import implicit_hooks as ih
 
@@ -366,7 +366,7 @@ def test_reads_only_compute_what_they_return(device):
     with torch.no_grad(), ih.record(model) as rec:
         model(tokens(device, batch=1, length=40))
     view = wkv(rec)[0].attention.with_tiles(4000)
-    assert_reads_bounded(view)
+    assert reads_are_bounded(view)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
