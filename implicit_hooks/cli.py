@@ -62,6 +62,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ImplicitHooksError, FileNotFoundError) as err:
         print(f"implicit-hooks: error: {err}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as err:
+        extra = {"matplotlib": "viz", "transformers": "hf", "rwkv": "rwkv"}.get(
+            (err.name or "").split(".")[0]
+        )
+        if extra is None:
+            raise
+        print(
+            f"implicit-hooks: error: this needs {err.name}: pip install 'implicit_hooks[{extra}]'",
+            file=sys.stderr,
+        )
+        return 2
 
 
 def _explain(args: argparse.Namespace) -> int:
