@@ -62,16 +62,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ImplicitHooksError, FileNotFoundError) as err:
         print(f"implicit-hooks: error: {err}", file=sys.stderr)
         return 2
-    except ModuleNotFoundError as err:
-        extra = {"matplotlib": "viz", "transformers": "hf", "rwkv": "rwkv"}.get(
-            (err.name or "").split(".")[0]
-        )
-        if extra is None:
+    except ImportError as err:  # an optional dependency: name the extra that brings it
+        name = (getattr(err, "name", None) or "").split(".")[0]
+        extra = {"matplotlib": "viz", "transformers": "hf", "rwkv": "rwkv"}.get(name)
+        if "implicit_hooks[" in str(err):
+            print(f"implicit-hooks: error: {err}", file=sys.stderr)
+        elif extra is not None:
+            print(
+                f"implicit-hooks: error: this needs {name}: pip install 'implicit_hooks[{extra}]'",
+                file=sys.stderr,
+            )
+        else:
             raise
-        print(
-            f"implicit-hooks: error: this needs {err.name}: pip install 'implicit_hooks[{extra}]'",
-            file=sys.stderr,
-        )
         return 2
 
 

@@ -134,3 +134,13 @@ def test_explain_an_rwkv_package_checkpoint(tmp_path, capsys, version):
     assert "rollout (full)" in page and "raw (S6 only)" in page
     exactness = (out / "exactness.html").read_text()
     assert "blocks.0.att" in exactness and "e-0" in exactness
+
+
+def test_a_missing_optional_dependency_names_its_extra(tmp_path, capsys, monkeypatch):
+    import sys
+
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["demo", "--out", str(tmp_path / "r"), "--no-progress"]) == 2
+    assert "pip install 'implicit_hooks[viz]'" in capsys.readouterr().err
