@@ -50,6 +50,15 @@ def build(version, device, tmp_path, *, jit=True, layers=3, seed=0, dtype="fp32"
     return load_checkpoint(path, f"{torch.device(device).type} {dtype}", jit=jit)
 
 
+def settled(device, fn):
+    """``fn()`` once TorchScript has settled. On CUDA the profiling executor optimises (and fuses) compiled
+    graphs after their first runs, which can move the last bit of a result: bit-identity is compared
+    between runs in the same executor state (on CPU nothing is fused, the first run is compared)."""
+    for _ in range(3 if torch.device(device).type == "cuda" else 1):
+        out = fn()
+    return out
+
+
 def clone_state(state):
     return None if state is None else [s.clone() for s in state]
 
@@ -99,7 +108,7 @@ def kind_of(version):
 @pytest.mark.parametrize("version", VERSIONS)
 def test_every_version_matches_the_impulse_response_every_layer(device, version, tmp_path):
     model = build(version, device, tmp_path)
-    before = run(model, IDS[:L])[0]
+    before = settled(device, lambda: run(model, IDS[:L])[0])
     calls, rec, (during, _) = recorded(model, IDS[:L])
     assert torch.equal(before, during)
     assert [r.name for r in rec] == [f"blocks.{i}.att" for i in range(3)]
@@ -255,14 +264,14 @@ def test_output_bit_identical_and_instance_restored(device, version, jit, tmp_pa
 
 
 @pytest.mark.parametrize("version", ["4", "5.2", "6", "7"])
-@pytest.mark.parametrize("strategy, tol", [("fp32i8", TOL), ("bf16", 1e-2), ("fp16", 3e-3)])
+@pytest.mark.parametrize("strategy, tol", [("fp32i8", TOL), ("bf16", 3e-2), ("fp16", 5e-3)])
 def test_quantised_and_half_precision_strategies(device, version, strategy, tol, tmp_path):
     """int8 weights are dequantised as the package does (exact); bf16/fp16 models are explained in float32
     from their recordings, against outputs the model itself rounded."""
     if version == "7" and strategy == "fp32i8":
         pytest.skip("RWKV-7 strategies have no int8 weights")
     model = build(version, device, tmp_path, layers=2, dtype=strategy)
-    before = run(model, IDS[:L])[0]
+    before = settled(device, lambda: run(model, IDS[:L])[0])
     with ih.record(model) as rec:
         during = run(model, IDS[:L])[0]
     assert torch.equal(before, during)
@@ -288,15 +297,16 @@ def test_chunked_and_direct_blocks_agree():
 @pytest.mark.parametrize("version", ["6", "7"])
 def test_nested_recordings_both_see_every_call(device, version, tmp_path):
     model = build(version, device, tmp_path, layers=2)
-    before = run(model, IDS[:L])[0]
+    before = settled(device, lambda: [run(model, ids)[0] for ids in (IDS[:5], IDS[:L], IDS[:3])])
     attributes = dict(model.__dict__)
     with ih.record(model) as outer:
-        run(model, IDS[:5])
+        first = run(model, IDS[:5])[0]
         with ih.record(model) as inner:
             during = run(model, IDS[:L])[0]
             assert inner[1].output_error() < TOL  # its replay is not recorded by either context
-        run(model, IDS[:3])
-    assert torch.equal(before, during) and dict(model.__dict__) == attributes
+        last = run(model, IDS[:3])[0]
+    assert all(torch.equal(x, y) for x, y in zip(before, [first, during, last]))
+    assert dict(model.__dict__) == attributes
     assert [r.attention.shape[-1] for r in outer] == [5, 5, L, L, 3, 3]
     assert [r.attention.shape[-1] for r in inner] == [L, L]
     assert rel_err(outer[2].attention.dense(), inner[0].attention.dense()) == 0

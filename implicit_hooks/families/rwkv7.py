@@ -20,10 +20,13 @@ once, every step rank one: ``T q = w ⊙ q − κ (α · q)``); between chunks, 
 ``M_K = T_{s_K} ⋯ T_{e_K}``, so a pair ``(t, j)`` in chunks ``I > J`` is ``κ'_jᵀ M_{J+1} ⋯ M_{I−1} ρ'_t``
 with the key carried to its chunk's end and the readout pulled back to its chunk's start.
 
-The compiled time mix is called from compiled ``forward_seq``/``forward_one``: the patcher replaces those two
-methods of the instance with Python mirrors that call the compiled ``RWKV_x070_TMix_*`` unchanged (outputs are
-bit-identical) and record each layer's inputs. The real output before the projection is obtained on demand by
-replaying the compiled time mix with ``O = I``.
+The compiled time mix is inlined into the compiled ``forward_seq``/``forward_one``, out of reach of any hook.
+The patcher wraps those two methods of the instance: the wrapper keeps the call's tokens and a copy of its
+state, then calls the compiled method unchanged (so the output is bit-identical, also on CUDA where TorchScript
+fuses the whole compiled graph). When a view first needs a layer's inputs, a Python mirror of the method
+replays the call, calling the compiled ``RWKV_x070_TMix_*``/``CMix_*`` layer by layer, and keeps each time mix's
+arguments. The real output before the projection is obtained on demand by replaying the compiled time mix with
+``O = I``.
 """
 
 from __future__ import annotations
@@ -215,18 +218,26 @@ class RWKV7PackagePatcher(Patcher):
             mirror = _MIRRORS[id(self.module)] = _Mirror(self.module, fns)
         return [mirror.listen(self, on_record, grad)]
 
-    def open_record(self, path: str, i: int, args: list, fns: dict, grad: bool) -> BlockRecord:
-        """A record of layer ``i``'s time mix with its inputs (the state copied: CUDA updates it in place)."""
+    def open_record(self, path: str, i: int, call: _Call, fns: dict, grad: bool) -> BlockRecord:
+        """A record of layer ``i``'s time mix in ``call``; its inputs come from a replay when first needed."""
         record = BlockRecord(self.block_name(i), self.kind, self, grad=grad)
-        kept = [a.detach() if isinstance(a, Tensor) and not grad else a for a in args]
-        kept[6] = kept[6].clone()
         fn = fns["TMix_seq"] if path == "seq" else fns["TMix_one"]
-        record.raw.update(layer=i, path=path, args=kept, names=fns["names"], fn=fn, kernel=fns["kernel"])
-        weights = dict(zip(fns["names"][len(_TMIX_ARGS) :], args[len(_TMIX_ARGS) :]))
+        record.raw.update(layer=i, path=path, call=call, names=fns["names"], fn=fn, kernel=fns["kernel"])
+        z = self.module.z
+        weights = [z[f"blocks.{i}.att.{name}"] for name in TMIX_WEIGHTS]
+        weights = dict(zip(fns["names"][len(_TMIX_ARGS) :], weights))
         record.weights = {k: (v if grad else v.detach()) for k, v in weights.items()}
         record.weight_versions = {k: v._version for k, v in weights.items()}
         self._open.append(record)
         return record
+
+    @staticmethod
+    def args(record: BlockRecord) -> list:
+        """The time mix's arguments in this call (replayed once per call, for all its layers)."""
+        if "args" not in record.raw:
+            require("call" in record.raw, f"{record.name}: this record holds no time-mix inputs")
+            record.raw["args"] = record.raw["call"].layer_args(record.raw["layer"])
+        return record.raw["args"]
 
     # --- the real output, by replay -------------------------------------------------------------------
     def real_output(self, record: BlockRecord) -> Tensor | None:
@@ -237,7 +248,7 @@ class RWKV7PackagePatcher(Patcher):
         """
         key = self.real_output_key
         if key not in record.raw:
-            args = list(record.raw["args"])
+            args = list(self.args(record))
             names = record.raw["names"]
             O_ = args[names.index("O_")]
             args[names.index("O_")] = torch.eye(O_.shape[0], dtype=O_.dtype, device=O_.device)
@@ -252,8 +263,7 @@ class RWKV7PackagePatcher(Patcher):
         """Every per-call quantity (cached per dtype): ``(1, C, L)`` unless noted."""
         if dtype in record.cache:
             return record.cache[dtype]
-        require("args" in record.raw, f"{record.name}: this record holds no time-mix inputs")
-        n = dict(zip(record.raw["names"], record.raw["args"]))
+        n = dict(zip(record.raw["names"], self.args(record)))
         layer, H, N = n["layer_id"], n["H"], n["N"]
         x = n["x"] if n["x"].dim() == 2 else n["x"][None]  # (L, C), the ln1 output
         L, C = x.shape
@@ -366,9 +376,29 @@ class _Listener:
         self.mirror.leave(self.entry)
 
 
+class _Call:
+    """One call of ``forward_seq``/``forward_one``: its tokens and a copy of its initial state. The first
+    view that needs a layer's time-mix inputs replays the whole call through the Python mirror."""
+
+    def __init__(self, mirror: _Mirror, path: str, idx: Any, state: list, full_output: bool):
+        self.mirror, self.path, self.full_output = mirror, path, full_output
+        self.idx = list(idx) if path == "seq" else idx
+        self.state = [s.clone() for s in state]  # the compiled call updates the state in place
+        self.replayed: dict[int, list] | None = None
+
+    def layer_args(self, layer: int) -> list:
+        if self.replayed is None:
+            self.replayed = {}
+            state = [s.clone() for s in self.state]
+            x = self.mirror.model.z["emb.weight"][self.idx]
+            with torch.no_grad():
+                self.mirror.layers(x, state, self.path, self.replayed)
+        return self.replayed[layer]
+
+
 class _Mirror:
-    """Python mirrors of ``RWKV_x070.forward_seq``/``forward_one`` on one model instance, shared by every
-    open recording of it. They call the compiled ``RWKV_x070_TMix_*``/``CMix_*`` unchanged, in order."""
+    """The recording wrappers of ``RWKV_x070.forward_seq``/``forward_one`` on one model instance, shared by
+    every open recording of it, and the Python mirror that replays a call layer by layer."""
 
     def __init__(self, model: torch.nn.Module, fns: dict[str, Any]):
         self.model, self.fns = model, fns
@@ -378,8 +408,8 @@ class _Mirror:
     def listen(self, patcher: RWKV7PackagePatcher, on_record: Callable, grad: bool) -> _Listener:
         if not self.listeners:
             self.patches = [
-                InstancePatch(self.model, "forward_seq", self.forward_seq),
-                InstancePatch(self.model, "forward_one", self.forward_one),
+                InstancePatch(self.model, "forward_seq", self.wrap("seq", self.model.forward_seq)),
+                InstancePatch(self.model, "forward_one", self.wrap("one", self.model.forward_one)),
             ]
         self.listeners.append((patcher, on_record, grad))
         return _Listener(self, patcher, on_record, grad)
@@ -393,27 +423,35 @@ class _Mirror:
             self.patches = []
             _MIRRORS.pop(id(self.model), None)
 
-    def time_mix(self, path: str, i: int, args: list) -> Any:
-        records = []
-        for patcher, on_record, grad in list(self.listeners):
-            records.append(patcher.open_record(path, i, args, self.fns, grad))
-            on_record(records[-1])
-        try:
-            out = (self.fns["TMix_seq"] if path == "seq" else self.fns["TMix_one"])(*args)
-        except BaseException:
+    def wrap(self, path: str, compiled: Callable) -> Callable:
+        def recorded(idx: Any, state: list, *rest: Any, **options: Any) -> Any:
+            full = bool(rest[0] if rest else options.get("full_output", False))
+            call = _Call(self, path, idx, state, full)
+            records = []
+            for patcher, on_record, grad in list(self.listeners):
+                for i in range(self.model.n_layer):
+                    records.append(patcher.open_record(path, i, call, self.fns, grad))
+                    on_record(records[-1])
+            try:
+                out = compiled(idx, state, *rest, **options)
+            except BaseException:
+                for record in records:
+                    record.status = "failed"
+                raise
+            finally:
+                for record in records:
+                    if record in record.patcher._open:
+                        record.patcher._open.remove(record)
             for record in records:
-                record.status = "failed"
-            raise
-        finally:
-            for record in records:
-                if record in record.patcher._open:
-                    record.patcher._open.remove(record)
-        for record in records:
-            record.status = "complete"
-        return out
+                record.status = "complete"
+            return out
 
-    def layers(self, x: Tensor, state: list, path: str) -> Tensor:
+        return recorded
+
+    def layers(self, x: Tensor, state: list, path: str, keep: dict[int, list]) -> Tensor:
+        """A mirror of the compiled layer loop; ``keep[i]`` gets layer ``i``'s time-mix arguments."""
         model, z = self.model, self.model.z
+        tmix = self.fns["TMix_seq"] if path == "seq" else self.fns["TMix_one"]
         cmix = self.fns["CMix_seq"] if path == "seq" else self.fns["CMix_one"]
         v_first = torch.empty_like(x)
         for i in range(model.n_layer):
@@ -421,24 +459,11 @@ class _Mirror:
             xx = F.layer_norm(x, (model.n_embd,), weight=z[bbb + "ln1.weight"], bias=z[bbb + "ln1.bias"])
             args = [i, model.n_head, model.head_size, xx, state[i * 3 + 0], v_first, state[i * 3 + 1]]
             args += [z[att + name] for name in TMIX_WEIGHTS]
-            xx, state[i * 3 + 0], state[i * 3 + 1], v_first = self.time_mix(path, i, args)
+            keep[i] = args[:6] + [args[6].clone()] + args[7:]  # the CUDA kernel updates the state in place
+            xx, state[i * 3 + 0], state[i * 3 + 1], v_first = tmix(*args)
             x = x + xx
             xx = F.layer_norm(x, (model.n_embd,), weight=z[bbb + "ln2.weight"], bias=z[bbb + "ln2.bias"])
             ffn_weights = (z[ffn + "x_k"], z[ffn + "key.weight"], z[ffn + "value.weight"])
             xx, state[i * 3 + 2] = cmix(xx, state[i * 3 + 2], *ffn_weights)
             x = x + xx
         return x
-
-    def head(self, x: Tensor) -> Tensor:
-        z = self.model.z
-        x = F.layer_norm(x, (self.model.n_embd,), weight=z["ln_out.weight"], bias=z["ln_out.bias"])
-        return x @ z["head.weight"]
-
-    def forward_seq(self, idx: list, state: list, full_output: bool = False) -> tuple[Tensor, list]:
-        with torch.no_grad():  # a mirror of the compiled RWKV_x070.forward_seq
-            x = self.layers(self.model.z["emb.weight"][idx], state, "seq")
-            return self.head(x if full_output else x[-1, :]), state
-
-    def forward_one(self, idx: int, state: list) -> tuple[Tensor, list]:
-        with torch.no_grad():  # a mirror of the compiled RWKV_x070.forward_one
-            return self.head(self.layers(self.model.z["emb.weight"][idx], state, "one")), state

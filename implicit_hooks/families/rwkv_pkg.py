@@ -71,7 +71,8 @@ def rwkv_module(*, v7: bool = False, jit: bool = True) -> ModuleType:
 
     The package chooses at import time (``RWKV_V7_ON``, ``RWKV_JIT_ON``); a process that needs another
     flavour than the imported one gets a private copy of ``rwkv/model.py`` executed under those settings
-    (``sys.modules`` and the environment are left as they were). v7 is always TorchScript.
+    (``sys.modules``, the environment and the TF32/cuDNN switches the package flips on import are left as
+    they were). v7 is always TorchScript.
     """
     jit = True if v7 else jit
     if (v7, jit) in _MODULES:
@@ -88,12 +89,14 @@ def rwkv_module(*, v7: bool = False, jit: bool = True) -> ModuleType:
         if spec is None or spec.origin is None:
             raise ImportError("the rwkv package is not installed: pip install rwkv")
         saved = {key: os.environ.get(key) for key in wanted_env}
+        switches = _backend_switches()
         os.environ.update(wanted_env)
         try:
             private = importlib.util.spec_from_file_location("rwkv.model", spec.origin)
             module = importlib.util.module_from_spec(private)
             private.loader.exec_module(module)  # type: ignore[union-attr]
         finally:
+            _backend_switches(switches)
             for key, value in saved.items():
                 if value is None:
                     os.environ.pop(key, None)
@@ -102,6 +105,20 @@ def rwkv_module(*, v7: bool = False, jit: bool = True) -> ModuleType:
             os.environ.setdefault("RWKV_CUDA_ON", "0")  # read by the package at run time
     _MODULES[(v7, jit)] = module
     return module
+
+
+def _backend_switches(restore: dict[str, bool] | None = None) -> dict[str, bool]:
+    """torch's TF32 and cuDNN benchmark switches (which ``rwkv/model.py`` turns on when executed), or
+    set them back to ``restore``."""
+    places = {
+        "matmul.allow_tf32": torch.backends.cuda.matmul,
+        "cudnn.allow_tf32": torch.backends.cudnn,
+        "cudnn.benchmark": torch.backends.cudnn,
+    }
+    if restore is not None:
+        for key, value in restore.items():
+            setattr(places[key], key.split(".")[1], value)
+    return {key: getattr(obj, key.split(".")[1]) for key, obj in places.items()}
 
 
 def checkpoint_version(path: str | os.PathLike) -> float:
