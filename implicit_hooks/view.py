@@ -32,6 +32,12 @@ from torch import Tensor
 
 #: Largest number of elements one tile of intermediate work may hold (about 64 MB in float32).
 DEFAULT_TILE_ELEMENTS = 1 << 24
+#: How entries are assembled: see :meth:`AttentionView.with_backend`.
+BACKENDS = ("auto", "torch", "triton")
+#: Elements of the per-channel arrays a fused kernel's preparation may hold at once (256 MB in float32).
+FUSED_PREP_ELEMENTS = 1 << 26
+#: Reads of fewer rows go to the torch path under ``backend="auto"`` (rows cost O(L) per channel there).
+FUSED_MIN_ROWS = 16
 
 
 class Core:
@@ -53,6 +59,15 @@ class Core:
         ``ssm`` selects the recurrence ``R``, ``skip`` the diagonal ``D``; both may be off (zeros).
         """
         raise NotImplementedError
+
+    def tiles(self, b: int, chans: Tensor, **parts: Any) -> Any:
+        """A fused assembler for whole tiles (``.dense(r0, r1, c0, c1)``, ``.reduce(...)``), or None.
+
+        ``parts``: ``left``, ``right`` (``(nc, L)`` or None), ``taps`` (``(nc, K)`` or None),
+        ``input_mask`` (``(L,)`` or None), ``ssm``, ``skip``. Cores without a kernel return None and the
+        view falls back to :meth:`block`.
+        """
+        return None
 
 
 class DenseCore(Core):
@@ -173,14 +188,18 @@ class AttentionView:
         grad: bool = False,
         keep: frozenset[str] | None = None,
         tile_elements: int = DEFAULT_TILE_ELEMENTS,
+        backend: str = "auto",
         _cache: dict | None = None,
     ):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self._build = build
         self._cache = _cache if _cache is not None else {}
         self.name = name
         self.grad = grad
         self._keep = keep
         self.tile_elements = int(tile_elements)
+        self.backend = backend
 
     # --- factors and metadata -------------------------------------------------------------------
     @property
@@ -230,6 +249,7 @@ class AttentionView:
             grad=self.grad,
             keep=keep,
             tile_elements=self.tile_elements,
+            backend=self.backend,
             _cache=self._cache,
         )
 
@@ -251,6 +271,16 @@ class AttentionView:
         """The matrix with the named components left out (treated as identity)."""
         self._check_names(names)
         return self._derive(self.kept - set(names))
+
+    def with_backend(self, backend: str) -> AttentionView:
+        """The same view assembled by ``backend``: ``"auto"`` (the fused Triton kernel where the core has
+        one, the device is CUDA and the view is float32 without autograd; torch elsewhere), ``"torch"``
+        or ``"triton"`` (an error where the kernel cannot serve)."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        view = self._derive(self._keep)  # type: ignore[arg-type]
+        view.backend = backend
+        return view
 
     def with_tiles(self, tile_elements: int) -> AttentionView:
         """The same view computed with tiles of at most ``tile_elements`` temporary elements."""
@@ -334,7 +364,59 @@ class AttentionView:
             return max(1, min(n_chans, self.tile_elements // per_chan)), max(1, n_rows)
         return 1, max(1, self.tile_elements // per_row)
 
+    # --- the fused path -------------------------------------------------------------------------
+    def _fused(self, rows: Tensor, cols: Tensor) -> tuple[int, int, int, int] | None:
+        """``(r0, r1, c0, c1)`` when the fused kernel serves this read, else None (torch path)."""
+        if self.backend == "torch":
+            return None
+        from . import kernels
+
+        rspan, cspan = _span(rows), _span(cols)
+        why = None
+        if self.dtype != torch.float32:
+            why = f"it assembles float32 views, this one is {self.dtype}"
+        elif self.grad and torch.is_grad_enabled():
+            why = "it has no autograd (the view was recorded with grad=True)"
+        elif not kernels.available(self.device, interpreted=self.backend == "triton"):
+            why = f"Triton is not installed or the device is {self.device} (CUDA needed)"
+        elif rspan is None or cspan is None:
+            why = "it reads contiguous ranges of rows and columns (slices)"
+        elif type(self.factors.core).tiles is Core.tiles:
+            why = f"{type(self.factors.core).__name__} has no fused kernel"
+        if why is None and self.backend == "auto" and rspan[1] - rspan[0] < FUSED_MIN_ROWS:
+            return None  # a few rows: the kernel would compute whole 64-row tiles, the torch path only them
+        if why is None:
+            return (*rspan, *cspan)
+        if self.backend == "triton":
+            raise ValueError(f"backend='triton' cannot serve this read: {why}")
+        return None
+
+    def _fused_tiles(self, b: int, chans: Tensor) -> Any:
+        f, keep = self.factors, self.kept
+        return f.core.tiles(
+            b,
+            chans,
+            left=self._diagonal(f.left, b, chans),
+            right=self._diagonal(f.right, b, chans, extra=f.mid_mask),
+            taps=f.conv.index_select(0, chans) if f.conv is not None and "conv" in keep else None,
+            input_mask=None if f.input_mask is None else f.input_mask[b],
+            ssm="ssm" in keep,
+            skip="skip" in keep,
+        )
+
+    def _fused_chunks(self, n_chans: int) -> int:
+        """Channels whose kernel preparation (about ``40 · L`` elements each) fits the budget."""
+        return max(1, FUSED_PREP_ELEMENTS // (40 * self.shape[-1]))
+
     def _compute(self, bs: Tensor, cs: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+        span = self._fused(rows, cols)
+        if span is not None:
+            out = torch.empty(len(bs), len(cs), len(rows), len(cols), dtype=self.dtype, device=self.device)
+            step = self._fused_chunks(len(cs))
+            for i, b in enumerate(bs.tolist()):
+                for c0 in range(0, len(cs), step):
+                    self._fused_tiles(b, cs[c0 : c0 + step]).dense(*span, out=out[i, c0 : c0 + step])
+            return out
         out = torch.zeros(len(bs), len(cs), len(rows), len(cols), dtype=self.dtype, device=self.device)
         ct, rt = self._tiles(len(cs), len(rows), len(cols))
         for i, b in enumerate(bs.tolist()):
@@ -398,6 +480,20 @@ class AttentionView:
         group = self._group_index(by)
         n_groups = 1 if group is None else int(group.max()) + 1
         member = torch.zeros(len(cs), dtype=torch.long, device=self.device) if group is None else group[cs]
+        span = self._fused(rs, js) if group is None else None
+        if span is not None:
+            out = torch.zeros(len(bs), len(rs), len(js), dtype=self.dtype, device=self.device)
+            step = self._fused_chunks(len(cs))
+            for i, b in enumerate(bs.tolist()):
+                for c0 in range(0, len(cs), step):
+                    chans = cs[c0 : c0 + step]
+                    out[i] += self._fused_tiles(b, chans).reduce(
+                        *span,
+                        row_weight=None if row_weight is None else row_weight[b].index_select(0, chans),
+                        col_weight=None if col_weight is None else col_weight[b].index_select(0, chans),
+                        transform=transform,
+                    )
+            return out / len(cs) if op == "mean" else out
         with self._grad_mode():
             out = torch.zeros(len(bs), n_groups, len(rs), len(js), dtype=self.dtype, device=self.device)
             ct, rt = self._tiles(len(cs), len(rs), len(js))
@@ -538,6 +634,18 @@ class AttentionView:
     def output(self) -> Tensor:
         """``A @ values + bias``: the block's output before its output projection, ``(B, C, L)``."""
         return self.apply(self.values) + self.bias
+
+
+def _span(index: Tensor) -> tuple[int, int] | None:
+    """``(start, stop)`` when ``index`` is ``start, start + 1, …, stop − 1`` (non-empty), else None."""
+    if len(index) == 0:
+        return None
+    start, stop = int(index[0]), int(index[-1]) + 1
+    if stop - start != len(index):
+        return None
+    if len(index) > 1 and not bool((index[1:] - index[:-1] == 1).all()):
+        return None
+    return start, stop
 
 
 def _parse_index(index: Any, size: int, axis: str, device: torch.device) -> tuple[Tensor, bool]:

@@ -9,6 +9,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
+if not torch.cuda.is_available():
+    # Triton's interpreter runs the fused kernels on CPU tensors (tests/test_kernels.py, backend="triton"
+    # only). Triton reads this when a kernel is defined: before implicit_hooks.kernels is first imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(params=DEVICES)
 def device(request):

@@ -63,6 +63,12 @@ class SelectiveCore(Core):
             out = out + self.D.index_select(0, chans).to(dtype)[:, None, None] * eye
         return out
 
+    def tiles(self, b: int, chans: Tensor, **parts: Any) -> Any:
+        """The fused Triton assembler of whole tiles (:mod:`implicit_hooks.kernels`)."""
+        from ..kernels import SelectiveTiles
+
+        return SelectiveTiles(self, b, chans, **parts)
+
     def matvec(self, b: int, v: Tensor, *, ssm: bool, skip: bool) -> Tensor:
         """``(R + diag(D)) @ v`` for every channel, ``v (C, L)``: the recurrence run chunk by chunk.
 

@@ -1,0 +1,196 @@
+"""The fused Triton assembly of Mamba-1 implicit attention (implicit_hooks/kernels.py) against the torch
+path and against the independent float64 impulse response, at lengths around the 64-wide tiles.
+
+On CUDA the kernels are compiled; elsewhere they run under Triton's interpreter (tests/conftest.py sets
+``TRITON_INTERPRET=1``), slowly, so the CPU shapes are small.
+"""
+
+import pytest
+import torch
+from conftest import randomize, rel_err
+from mamba_reference import impulse_matrix, reference
+from transformers import MambaConfig, MambaForCausalLM
+
+import implicit_hooks as ih
+from implicit_hooks import kernels
+
+pytestmark = pytest.mark.skipif(kernels.triton is None, reason="Triton is not installed")
+
+TOL = 1e-5  # float32 against the float64 reference
+SAME = 2e-6  # the kernel against the torch path: both float32, different summation order
+SAME_CUDA = 1e-5  # compiled, exp is ex2.approx: ~ulp errors grow with the exponent (tiny, far entries)
+
+
+def model(device, *, state=16, conv=4, channels=8, seed=0):
+    torch.manual_seed(seed)
+    cfg = MambaConfig(
+        vocab_size=64,
+        hidden_size=8,
+        state_size=state,
+        num_hidden_layers=1,
+        intermediate_size=channels,
+        conv_kernel=conv,
+        time_step_rank=2,
+    )
+    return randomize(MambaForCausalLM(cfg), seed).to(device).eval()
+
+
+def record(m, L, device, *, batch=2, pad=True):
+    gen = torch.Generator().manual_seed(L)
+    ids = torch.randint(0, 64, (batch, L), generator=gen).to(device)
+    mask = torch.ones(batch, L, dtype=torch.long, device=device)
+    if pad and L > 3:
+        mask[0, :3] = 0  # left padding in row 0
+    calls = []
+    mixer = m.backbone.layers[0].mixer
+    hook = mixer.register_forward_pre_hook(
+        lambda mod, args, kwargs: calls.append((args[0].detach(), kwargs.get("attention_mask"))),
+        with_kwargs=True,
+    )
+    try:
+        with torch.no_grad(), ih.record(m) as rec:
+            m(ids, attention_mask=mask)
+    finally:
+        hook.remove()
+    return rec[0], calls[0], mixer
+
+
+def both(view):
+    return view.with_backend("triton"), view.with_backend("torch")
+
+
+LENGTHS_CPU = [1, 5, 64, 65, 150]
+
+
+@pytest.mark.parametrize("L", LENGTHS_CPU)
+def test_dense_matches_the_torch_path_and_the_impulse_response(L):
+    rec, (hidden, mask), mixer = record(model("cpu"), L, "cpu")
+    fused, plain = both(rec.attention)
+    A = fused.dense()
+    assert rel_err(A, plain.dense()) < SAME
+    fr = reference(mixer, hidden, None if mask is None else mask)
+    assert rel_err(A, impulse_matrix(fr)) < TOL
+    assert torch.all(A.triu(1) == 0)
+
+
+@pytest.mark.parametrize("state, conv", [(4, 4), (16, 2), (32, 1)])
+def test_state_sizes_and_conv_widths(state, conv):
+    """N below 16 is zero-padded for the tile product; K = 1 has no conv halo."""
+    rec, (hidden, mask), mixer = record(model("cpu", state=state, conv=conv, channels=4), 140, "cpu", batch=1)
+    A = rec.attention.with_backend("triton").dense()
+    assert rel_err(A, rec.attention.with_backend("torch").dense()) < SAME
+    assert rel_err(A, impulse_matrix(reference(mixer, hidden, mask))) < TOL
+
+
+@pytest.mark.parametrize(
+    "parts", [("ssm",), ("gate", "ssm"), ("skip",), ("ssm", "conv"), ("act", "conv", "skip"), ("gate",)]
+)
+def test_ablations(parts):
+    rec, _, _ = record(model("cpu", channels=4), 140, "cpu", batch=1)
+    fused, plain = both(rec.attention.only(*parts))
+    a, b = fused.dense(), plain.dense()
+    assert torch.allclose(a, b, rtol=0, atol=SAME * b.abs().max().clamp_min(1e-30))
+    if "ssm" not in parts and "skip" not in parts:
+        assert torch.all(a == 0)  # without the core nothing is left
+
+
+@pytest.mark.parametrize(
+    "rows, cols",
+    [
+        (slice(3, 139), slice(1, 138)),  # ranges that start and end inside tiles
+        (slice(-1, None), slice(None)),  # the last token's row
+        (slice(64, 130), slice(0, 70)),  # across tile boundaries
+        (slice(129, 140), slice(129, 140)),  # one diagonal tile, cut
+    ],
+)
+def test_blocks(rows, cols):
+    rec, _, _ = record(model("cpu", channels=4), 140, "cpu")
+    fused, plain = both(rec.attention)
+    key = (slice(None), slice(1, 3), rows, cols)
+    a, b = fused[key], plain[key]
+    assert a.shape == b.shape and rel_err(a, b) < SAME
+
+
+@pytest.mark.parametrize("transform", ["signed", "abs", "positive"])
+@pytest.mark.parametrize("weights", [False, True])
+def test_channel_reductions(transform, weights):
+    rec, _, _ = record(model("cpu", channels=6), 140, "cpu")
+    fused, plain = both(rec.attention)
+    shape = rec.attention.values.shape
+    gen = torch.Generator().manual_seed(1)
+    options = dict(transform=transform)
+    if weights:
+        options.update(row_weight=torch.randn(shape, generator=gen), col_weight=torch.randn(shape, generator=gen))
+    for op in ("mean", "sum"):
+        assert rel_err(fused.reduce(op, **options), plain.reduce(op, **options)) < SAME
+    sub = dict(options, channels=slice(1, None, 2), rows=slice(70, 140), cols=slice(5, 100), batch=1)
+    a, b = fused.reduce("mean", **sub), plain.reduce("mean", **sub)
+    assert a.shape == (1, 70, 95) and rel_err(a, b) < SAME
+
+
+@pytest.mark.parametrize("far_dot, near_dot", [(True, False), (False, True), (False, False)])
+def test_every_code_path_of_the_kernel(monkeypatch, far_dot, near_dot):
+    """The alternatives ``kernels.TUNING`` selects (benchmarks/bench_kernel.py times them) agree."""
+    rec, _, _ = record(model("cpu", channels=3), 140, "cpu", batch=1)
+    reference_ = rec.attention.with_backend("torch").dense()
+    monkeypatch.setitem(kernels.TUNING, "FAR_DOT", far_dot)
+    monkeypatch.setitem(kernels.TUNING, "NEAR_DOT", near_dot)
+    assert rel_err(rec.attention.with_backend("triton").dense(), reference_) < SAME
+
+
+def test_preparation_is_chunked_over_channels(monkeypatch):
+    """The fused path prepares at most ``FUSED_PREP_ELEMENTS`` worth of channels at a time (its only
+    temporary memory besides the output), and the result does not depend on the chunking."""
+    from implicit_hooks import view as view_module
+
+    rec, _, _ = record(model("cpu", channels=6), 70, "cpu", batch=1)
+    fused = rec.attention.with_backend("triton")
+    whole, whole_mean = fused.dense(), fused.mean(absolute=True)
+    sizes = []
+    original = kernels.SelectiveTiles.__init__
+
+    def spy(self, core, b, chans, **parts):
+        sizes.append(len(chans))
+        original(self, core, b, chans, **parts)
+
+    monkeypatch.setattr(kernels.SelectiveTiles, "__init__", spy)
+    monkeypatch.setattr(view_module, "FUSED_PREP_ELEMENTS", 2 * 40 * 70)  # two channels at a time
+    assert torch.equal(fused.dense(), whole)
+    assert rel_err(fused.mean(absolute=True), whole_mean) < SAME
+    assert sizes and max(sizes) == 2 and sum(sizes) == 2 * 6
+
+
+def test_reads_the_fused_path_cannot_serve_say_why():
+    rec, _, _ = record(model("cpu", channels=4), 20, "cpu", batch=1)
+    view = rec.attention.with_backend("triton")
+    with pytest.raises(ValueError, match="contiguous ranges"):
+        view[0, 0, [3, 1], :]
+    with pytest.raises(ValueError, match="float32"):
+        rec.view(torch.float64).with_backend("triton").dense()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        rec.attention.with_backend("cuda")
+    # auto: the torch path on CPU, the same numbers
+    assert rel_err(rec.attention[0, 0, [3, 1], :], rec.attention.with_backend("torch")[0, 0, [3, 1], :]) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+@pytest.mark.parametrize("L", [63, 128, 257, 1000])
+@pytest.mark.parametrize("state, conv, channels", [(16, 4, 96), (8, 3, 40), (32, 1, 24)])
+def test_cuda_kernel_against_the_torch_path(L, state, conv, channels):
+    """Compiled kernels at the shapes of real layers (tiles cut at every length), batch 2 with padding."""
+    rec, _, _ = record(model("cuda", state=state, conv=conv, channels=channels), L, "cuda")
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # the torch path in true float32
+    try:
+        view = rec.attention
+        assert view.with_backend("auto")._fused(torch.arange(L), torch.arange(L)) is not None
+        fused, plain = both(view)
+        assert rel_err(fused.dense(), plain.dense()) < SAME_CUDA
+        for key in [(slice(None), slice(None), slice(-1, None)), (0, slice(3, 9), slice(L // 3, L), slice(5, L - 2))]:
+            assert rel_err(fused[key], plain[key]) < SAME_CUDA
+        gen = torch.Generator().manual_seed(L)
+        w = torch.randn(view.values.shape, generator=gen).cuda()
+        for transform in ("abs",):  # each transform is one more compiled kernel; the rest is CPU-tested
+            assert rel_err(fused.mean(transform=transform, row_weight=w), plain.mean(transform=transform, row_weight=w)) < SAME_CUDA
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
