@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from .patcher import Patcher
 
 _REGISTRY: dict[str, type[Patcher] | str] = {}
+#: class path of a module's class → the registry key it matched ("" for none); cleared on registration.
+#: Strings only: nnsight pickles patcher classes by value, with what their functions reference.
+_MATCHES: dict[str, str] = {}
 
 
 def class_path(cls: type) -> str:
@@ -47,6 +50,7 @@ def register_patcher(block: str | type, patcher: type[Patcher] | str, *, replace
     if key in _REGISTRY and not replace and _REGISTRY[key] != patcher:
         raise ValueError(f"a patcher is already registered for {key}; pass replace=True to override it")
     _REGISTRY[key] = patcher
+    _MATCHES.clear()
 
 
 def supported_classes() -> list[str]:
@@ -63,8 +67,8 @@ def _resolve(entry: type[Patcher] | str) -> type[Patcher]:
 
 def patcher_class_for(module: nn.Module) -> type[Patcher] | None:
     """The patcher registered for this module's class or its nearest registered base, if any."""
-    for cls in type(module).__mro__:
-        entry = _REGISTRY.get(class_path(cls))
-        if entry is not None:
-            return _resolve(entry)
-    return None
+    own = class_path(type(module))
+    if own not in _MATCHES:
+        _MATCHES[own] = next((p for p in map(class_path, type(module).__mro__) if p in _REGISTRY), "")
+    key = _MATCHES[own]
+    return _resolve(_REGISTRY[key]) if key else None
