@@ -1,32 +1,40 @@
-"""The GPU figures of the performance issue in one run: recording overhead, dense assembly against the
-floor set by writing its output, last-token rows of every layer, and the channel mean's peak memory,
-for Mamba, Mamba-2, RG-LRU and RWKV-4 models of 24 layers at real widths, random weights.
+"""The GPU figures of the performance issue in one run, for Mamba, Mamba-2, RG-LRU and RWKV-4 at the widths
+of 130M-class layers (random weights):
 
-    python benchmarks/bench_gpu.py                # on the GPU machine: writes benchmarks/results/gpu.json
-    python benchmarks/bench_gpu.py --smoke        # tiny shapes on CPU: checks that the script runs
+1. recording overhead: forward time with ``record`` over without, whole models of 24 layers, batch 1 and 8;
+2. dense assembly of one layer against the floor set by writing its output (bytes / measured write
+   bandwidth), with the fused Triton kernel (``backend="triton"``, Mamba-1) and the torch path;
+3. the last-token row of every layer, and the channel mean ``L × L`` of one layer up to L = 16k: time and
+   peak device memory above what was allocated before the read.
 
-Not yet here (next steps of the issue): the side-by-side with TransformerLens and a Triton kernel.
+    python benchmarks/bench_gpu.py            # on the GPU machine: writes benchmarks/results/gpu.json
+    python benchmarks/bench_gpu.py --smoke    # tiny shapes on CPU: checks that the script runs
+
+The side-by-side with TransformerLens and the loop algorithm is ``bench_peers.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
 
 import implicit_hooks as ih
+from implicit_hooks import kernels
 
 HERE = Path(__file__).parent
 
 
-def configs(smoke: bool) -> dict[str, transformers.PretrainedConfig]:
-    """The issue's shapes (or tiny ones): 24 layers, batch-1 widths of the 130M-class models."""
-    layers = 2 if smoke else 24
+def configs(smoke: bool, layers: int) -> dict[str, transformers.PretrainedConfig]:
+    """The issue's shapes (or tiny ones): batch-1 widths of the 130M-class models."""
     w = 1 / 48 if smoke else 1.0
 
     def width(n: int, multiple: int = 16) -> int:
@@ -74,92 +82,185 @@ def configs(smoke: bool) -> dict[str, transformers.PretrainedConfig]:
     }
 
 
-def timer(device: torch.device):
-    def timed(fn, repeat: int = 3) -> float:
-        fn()  # warm-up
-        times = []
-        for _ in range(repeat):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        return sorted(times)[len(times) // 2]
+def timer(device: torch.device) -> Callable[..., float]:
+    """``timed(fn, repeat)``: the median of ``repeat`` synchronised runs after one warm-up run."""
+
+    def timed(fn: Callable[[], Any], repeat: int = 3) -> float:
+        fn()
+        times = sorted(once(fn, device) for _ in range(repeat))
+        return times[len(times) // 2]
 
     return timed
 
 
-def bandwidth(device: torch.device, timed) -> float:
-    """Bytes per second of a device-to-device copy (read + write counted)."""
-    n = (1 << 20) if device.type == "cpu" else (1 << 28)
+def once(fn: Callable[[], Any], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def write_bandwidth(device: torch.device, timed: Callable[..., float]) -> float:
+    """Bytes per second the device writes (a fill of 4 GiB; 4 MiB on CPU)."""
+    n = (1 << 20) if device.type == "cpu" else (1 << 30)
     a = torch.empty(n, device=device)
-    b = torch.empty_like(a)
-    return 2 * a.numel() * 4 / timed(lambda: b.copy_(a))
+    seconds = timed(lambda: a.fill_(1.0), 5)
+    del a
+    return n * 4 / seconds
+
+
+def peak(fn: Callable[[], Any], device: torch.device) -> tuple[Any, int | None]:
+    """``fn()`` and the device memory it allocated at its peak above what was allocated before."""
+    if device.type != "cuda":
+        return fn(), None
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, torch.cuda.max_memory_allocated() - base
+
+
+def build(cfg: transformers.PretrainedConfig, layers: int, device: torch.device) -> torch.nn.Module:
+    cfg = cfg.__class__(**{**cfg.to_dict(), "num_hidden_layers": layers})
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg).to(device).eval()
+
+
+def record(model: torch.nn.Module, ids: torch.Tensor, layers: list[int] | None = None) -> ih.Recording:
+    with torch.no_grad(), ih.record(model, layers=layers) as rec:
+        model(ids, use_cache=False)
+    return rec
+
+
+def overhead(family, cfg, args, device, timed) -> list[dict]:
+    """Forward with and without ``record`` (alternating, median of 5), whole 24-layer models."""
+    model = build(cfg, args.layers, device)
+    rows = []
+    for L in args.overhead_lengths:
+        for batch in (1, 8):
+            ids = torch.randint(0, 1024, (batch, L), device=device)
+
+            def plain(ids=ids):
+                with torch.no_grad():
+                    model(ids, use_cache=False)
+
+            def recorded(ids=ids):
+                with torch.no_grad(), ih.record(model):
+                    model(ids, use_cache=False)
+
+            plain_s, recorded_s = [], []
+            plain(), recorded()  # warm-up
+            for _ in range(2 if args.smoke else 3):  # alternate, so drifts hit both alike
+                plain_s.append(once(plain, device))
+                recorded_s.append(once(recorded, device))
+            row = {"family": family, "part": "overhead", "L": L, "batch": batch, "layers": args.layers}
+            row["forward_s"], row["recorded_s"] = sorted(plain_s)[len(plain_s) // 2], sorted(recorded_s)[len(recorded_s) // 2]
+            row["overhead"] = row["recorded_s"] / row["forward_s"]
+            if batch == 1:
+                rec = record(model, ids)
+                row["all_layers_last_row_s"] = timed(lambda rec=rec: [r.attention[0, :, -1] for r in rec])
+                row["max_output_error"] = max(r.output_error() for r in rec)
+                del rec
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    del model
+    return rows
+
+
+def assembly(family, cfg, args, device, timed, bandwidth) -> list[dict]:
+    """Dense and channel-mean reads of one layer (the first of a two-layer model of the same width)."""
+    model = build(cfg, 2, device)  # HF's RWKV initialisation divides by (layers − 1)
+    backends = ["torch"] + (["triton"] if kernels.available(device) and family == "mamba" else [])
+    rows = []
+    for L in sorted(set(args.dense_lengths) | set(args.mean_lengths)):
+        ids = torch.randint(0, 1024, (1, L), device=device)
+        rec = record(model, ids, layers=[0])
+        view = rec[0].attention
+        _ = view.factors
+        B, C = view.shape[:2]
+        row = {"family": family, "part": "assembly", "L": L, "channels": C}
+        row["output_error"] = rec[0].output_error()
+        if L in args.dense_lengths:
+            row["dense_floor_s"] = B * C * L * L * 4 / bandwidth
+            for backend in backends:
+                if backend == "torch" and L > args.torch_dense_max:
+                    continue
+                v = view.with_backend(backend)
+                seconds = timed(lambda v=v: v.dense(), 1 if backend == "torch" else 3)
+                row[f"dense_{backend}_s"] = seconds
+                row[f"dense_{backend}_over_floor"] = seconds / row["dense_floor_s"]
+                torch.cuda.empty_cache() if device.type == "cuda" else None
+            if "triton" in backends and L <= args.torch_dense_max:
+                a, b = view.with_backend("triton").dense(), view.with_backend("torch").dense()
+                row["triton_vs_torch_rel"] = float((a - b).norm() / b.norm())
+                del a, b
+        if L in args.mean_lengths:
+            for backend in backends:
+                v = view.with_backend(backend)
+                # past --torch-mean-max the torch path reads a slice of channels: the peak is that of the
+                # whole mean (tiles are bounded), the time scales with the channels (marked extrapolated)
+                part = slice(None) if backend != "torch" or L <= args.torch_mean_max else slice(0, args.slice)
+                n = len(range(*part.indices(C)))
+                start = time.perf_counter()
+                _, peak_bytes = peak(lambda v=v, part=part: v.mean(channels=part), device)
+                row[f"mean_{backend}_s"] = (time.perf_counter() - start) * C / n
+                row[f"mean_{backend}_peak_bytes"] = peak_bytes
+                if n < C:
+                    row[f"mean_{backend}_extrapolated_from_channels"] = n
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del rec, view
+    del model
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU")
-    parser.add_argument("--lengths", type=int, nargs="+", default=None)
     parser.add_argument("--families", nargs="+", default=None)
+    parser.add_argument("--parts", nargs="+", default=["overhead", "assembly"])
+    parser.add_argument("--layers", type=int, default=None, help="model depth for the overhead (24)")
+    parser.add_argument("--overhead-lengths", type=int, nargs="+", default=None)
+    parser.add_argument("--dense-lengths", type=int, nargs="+", default=None)
+    parser.add_argument("--mean-lengths", type=int, nargs="+", default=None)
+    parser.add_argument("--torch-dense-max", type=int, default=1024, help="longest torch-path dense")
+    parser.add_argument("--torch-mean-max", type=int, default=1024, help="longest full torch-path mean")
+    parser.add_argument("--slice", type=int, default=64, help="channels of longer torch-path means")
+    parser.add_argument("--out", default=str(HERE / "results" / "gpu.json"))
     args = parser.parse_args()
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
-    lengths = args.lengths or ([16, 32] if args.smoke else [512, 1024, 2048])
+    args.layers = args.layers or (2 if args.smoke else 24)
+    args.overhead_lengths = args.overhead_lengths or ([16] if args.smoke else [512, 1024])
+    args.dense_lengths = args.dense_lengths or ([16, 80] if args.smoke else [512, 1024, 2048])
+    args.mean_lengths = args.mean_lengths or ([80, 200] if args.smoke else [1024, 4096, 16384])
     timed = timer(device)
-    floor_bw = bandwidth(device, timed)
+    bandwidth = write_bandwidth(device, timed)
+    torch.backends.cuda.matmul.allow_tf32 = False  # every figure in true float32
     rows = []
-    for family, cfg in configs(args.smoke).items():
+    for family, cfg in configs(args.smoke, args.layers).items():
         if args.families and family not in args.families:
             continue
-        torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(cfg).to(device).eval()
-        for L in lengths:
-            for batch in (1, 8):
-                ids = torch.randint(0, 1024, (batch, L), device=device)
-
-                def plain(ids=ids, model=model):
-                    with torch.no_grad():
-                        model(ids, use_cache=False)
-
-                def recorded(ids=ids, model=model):
-                    with torch.no_grad(), ih.record(model):
-                        model(ids, use_cache=False)
-
-                row = {"family": family, "L": L, "batch": batch}
-                row["forward_s"], row["recorded_s"] = timed(plain), timed(recorded)
-                row["overhead"] = row["recorded_s"] / row["forward_s"]
-                if batch == 1:
-                    with torch.no_grad(), ih.record(model) as rec:
-                        model(ids, use_cache=False)
-                    view = rec[len(rec) // 2].attention
-                    _ = view.factors
-                    B, C, _, _ = view.shape
-                    row["channels"] = C
-                    row["layer_dense_s"] = timed(view.dense, 1)
-                    row["dense_floor_s"] = (
-                        B * C * L * L * 4 / (floor_bw / 2)
-                    )  # bytes written / write bandwidth
-                    row["dense_over_floor"] = row["layer_dense_s"] / row["dense_floor_s"]
-                    row["all_layers_last_row_s"] = timed(lambda rec=rec: [r.attention[0, :, -1] for r in rec])
-                    if device.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats()
-                    row["layer_channel_mean_s"] = timed(view.mean, 1)
-                    if device.type == "cuda":
-                        row["channel_mean_peak_bytes"] = torch.cuda.max_memory_allocated()
-                    row["max_output_error"] = max(r.output_error() for r in rec)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+        if "overhead" in args.parts:
+            rows += overhead(family, cfg, args, device, timed)
+        if "assembly" in args.parts:
+            rows += assembly(family, cfg, args, device, timed, bandwidth)
     meta = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        "copy_bandwidth_bytes_per_s": floor_bw,
+        "write_bandwidth_bytes_per_s": bandwidth,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "triton": getattr(kernels.triton, "__version__", None),
+        "python": platform.python_version(),
         "smoke": args.smoke,
     }
     if not args.smoke:
-        out = HERE / "results" / "gpu.json"
+        out = Path(args.out)
         out.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
         print(out)
 
