@@ -166,7 +166,8 @@ if triton is not None:
     def _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, acc, Q: tl.constexpr, keep):
         t = I * Q + tl.arange(0, Q)
         j = J * Q + tl.arange(0, Q)
-        inside = ((t >= r0) & (t < r1))[:, None] & ((j >= c0) & (j < c1))[None, :] & keep
+        inside = ((t >= r0) & (t < r1))[:, None] & ((j >= c0) & (j < c1))[None, :]
+        inside = tl.where(keep, inside, False)  # a scalar condition: where(), not &, for every Triton
         rows = (t - r0).to(tl.int64)  # offsets past 2^31 elements at long lengths
         ptr = out_ptr + slab.to(tl.int64) * stride_slab + rows[:, None] * stride_t + (j - c0)[None, :]
         tl.store(ptr, acc, mask=inside)
@@ -212,8 +213,8 @@ if triton is not None:
         elif far:
             total = _outer(slab, I, J, L, sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr, left_ptr, pmask_ptr,
                            N, NP, Q, FAR_DOT)  # fmt: skip
-        near = (I >= J) & (I < J + 2)
-        _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, near == 0)
+        not_near = (I < J) | (I >= J + 2)  # the near tiles are the other launch's
+        _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, not_near)
 
     @triton.jit(do_not_specialize=[name for name in _RUNTIME if name != "J0"])
     def _near_kernel(
