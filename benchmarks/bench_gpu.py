@@ -107,9 +107,7 @@ def write_bandwidth(device: torch.device, timed: Callable[..., float]) -> float:
     """Bytes per second the device writes (a fill of 4 GiB; 4 MiB on CPU)."""
     n = (1 << 20) if device.type == "cpu" else (1 << 30)
     a = torch.empty(n, device=device)
-    seconds = timed(lambda: a.fill_(1.0), 5)
-    del a
-    return n * 4 / seconds
+    return n * 4 / timed(lambda: a.fill_(1.0), 5)
 
 
 def peak(fn: Callable[[], Any], device: torch.device) -> tuple[Any, int | None]:
@@ -160,7 +158,10 @@ def overhead(family, cfg, args, device, timed) -> list[dict]:
                 plain_s.append(once(plain, device))
                 recorded_s.append(once(recorded, device))
             row = {"family": family, "part": "overhead", "L": L, "batch": batch, "layers": args.layers}
-            row["forward_s"], row["recorded_s"] = sorted(plain_s)[len(plain_s) // 2], sorted(recorded_s)[len(recorded_s) // 2]
+            row["forward_s"], row["recorded_s"] = (
+                sorted(plain_s)[len(plain_s) // 2],
+                sorted(recorded_s)[len(recorded_s) // 2],
+            )
             row["overhead"] = row["recorded_s"] / row["forward_s"]
             if batch == 1:
                 rec = record(model, ids)
@@ -169,14 +170,13 @@ def overhead(family, cfg, args, device, timed) -> list[dict]:
                 del rec
             rows.append(row)
             print(json.dumps(row), flush=True)
-    del model
     return rows
 
 
 def assembly(family, cfg, args, device, timed, bandwidth) -> list[dict]:
     """Dense and channel-mean reads of one layer (the first of a two-layer model of the same width)."""
     model = build(cfg, 2, device)  # HF's RWKV initialisation divides by (layers − 1)
-    backends = ["torch"] + (["triton"] if kernels.available(device) and family == "mamba" else [])
+    backends = ["torch"] + (["triton"] if kernels.available(device) and family in ("mamba", "rglru") else [])
     rows = []
     for L in sorted(set(args.dense_lengths) | set(args.mean_lengths)):
         ids = torch.randint(0, 1024, (1, L), device=device)
@@ -216,7 +216,6 @@ def assembly(family, cfg, args, device, timed, bandwidth) -> list[dict]:
         rows.append(row)
         print(json.dumps(row), flush=True)
         del rec, view
-    del model
     return rows
 
 

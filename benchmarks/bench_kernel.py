@@ -36,6 +36,12 @@ def cuda_time(fn, repeat: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def write_bandwidth(device: torch.device) -> float:
+    """Bytes per second the device writes (a fill of 4 GiB)."""
+    fill = torch.empty(1 << 30, device=device)
+    return fill.numel() * 4 / cuda_time(lambda: fill.fill_(1.0))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
@@ -43,9 +49,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(HERE / "results" / "kernel.json"))
     args = parser.parse_args()
     device = torch.device("cuda")
-    fill = torch.empty(1 << 30, device=device)
-    bandwidth = fill.numel() * 4 / cuda_time(lambda: fill.fill_(1.0))
-    del fill
+    bandwidth = write_bandwidth(device)
     torch.manual_seed(0)
     cfg = transformers.MambaConfig(
         vocab_size=1024, hidden_size=args.channels // 2, intermediate_size=args.channels, state_size=16,
@@ -65,17 +69,17 @@ def main() -> None:
         out = torch.empty(C, L, L, device=device)
         row = {"L": L, "channels": C, "floor_s": floor}
         for name, v in (("full", view), ("s6", view.only("ssm"))):
-            row[f"{name}_prep_s"] = cuda_time(lambda v=v: v._fused_tiles(0, chans))
+            row[f"{name}_prep_s"] = cuda_time(lambda v=v, chans=chans: v._fused_tiles(0, chans))
             tiles = v._fused_tiles(0, chans)
             for far, near, warps in VARIANTS:
                 if name == "s6" and not near:
                     continue  # no conv: both near paths are the same
                 kernels.TUNING.update(FAR_DOT=far, NEAR_DOT=near, far_warps=warps, near_warps=warps)
                 key = f"{name}_far{'dot' if far else 'outer'}_near{'dot' if near else 'shift'}_w{warps}"
-                seconds = cuda_time(lambda tiles=tiles: tiles.dense(0, L, 0, L, out=out))
+                seconds = cuda_time(lambda tiles=tiles, L=L, out=out: tiles.dense(0, L, 0, L, out=out))
                 row[key + "_s"], row[key + "_over_floor"] = seconds, seconds / floor
                 if name == "full" and L <= 1024:
-                    row[key + "_mean_s"] = cuda_time(lambda tiles=tiles: tiles.reduce(0, L, 0, L), 1)
+                    row[key + "_mean_s"] = cuda_time(lambda tiles=tiles, L=L: tiles.reduce(0, L, 0, L), 1)
             del tiles
         kernels.TUNING.update(default)
         print(json.dumps(row), flush=True)

@@ -1,21 +1,25 @@
-"""Fused Triton assembly of Mamba-1 (S6) implicit attention: dense blocks and channel reductions.
+"""Fused Triton assembly of diagonal-state implicit attention (Mamba-1, RG-LRU): dense blocks and
+channel reductions.
 
 The torch path (:meth:`AttentionView._block`) builds a tile in a dozen passes over memory (core, the
-column factors, ``K`` conv shifts, the gate); this kernel writes each ``64 × 64`` output tile once,
-from registers. Per channel ``c`` (``docs/maths.md``, :class:`~implicit_hooks.families.mamba.SelectiveCore`)::
+column factors, ``K`` conv shifts, the gate); these kernels write each ``64 × 64`` output tile once,
+from registers. Per channel ``c`` (``docs/maths.md``; :class:`DiagonalTiles` says how each family maps)::
 
     A[t, j] = g[t] · Σ_k w_k · core[t, j + k] · p[j]          (conv taps w_k = conv[c, K-1-k])
-    core[t, m] = Σ_n C[t, n] · exp(A_n (S_{t+1} − S_{m+1})) · Δ_m r_m B[m, n]  +  D r_m [t = m]
+    core[t, m] = [seg_t = seg_m] · Σ_n C[t, n] · exp(A_n (S_{t+1} − S_{m+1})) · u_m r_m B[m, n]
+                 + D r_m [t = m]
 
-with ``S`` the cumulative sum of ``Δ`` (float64), ``r`` the right factors (activation slope, mask),
-``g`` the left ones (gate) and ``p`` the input mask. Positions are cut into tiles of ``Q = 64``:
+with ``S`` a non-decreasing cumulative rate (float64; ``ΣΔ`` for Mamba-1, ``−Σ log a`` for RG-LRU),
+``A_n ≤ 0``, ``u`` the input weight (``Δ``; RG-LRU's input scale), ``r`` the right factors (activation
+slope, mask), ``g`` the left ones (gate), ``p`` the input mask and ``seg`` a reset count (RG-LRU).
+Positions are cut into tiles of ``Q = 64``:
 
 * **far tiles** (row tile ``I ≥ J + 2``): every decay factorises through two tile boundaries, each
   factor ``≤ 1`` (so nothing overflows)::
 
       A[t, j] = g[t] p[j] · Σ_n U[t, n] · exp(A_n (S_{IQ} − S_ref(J))) · V[j, n]
       U[t, n] = C[t, n] exp(A_n (S_{t+1} − S_{IQ})),
-      V[j, n] = Σ_k w_k exp(A_n (S_ref(J) − S_{j+k+1})) Δ_{j+k} r_{j+k} B[j+k, n],   S_ref(J) = S_{(J+1)Q+K−1}
+      V[j, n] = Σ_k w_k exp(A_n (S_ref(J) − S_{j+k+1})) u_{j+k} r_{j+k} B[j+k, n],   S_ref(J) = S_{(J+1)Q+K−1}
 
   (``U`` and ``V``, ``O(L·N)`` per channel, are prepared in torch; the tile is one ``Q×N×Q`` product);
 * **near tiles** (``I ∈ {J, J+1}``): the core over the tile's columns plus a halo of 16 (the conv's
@@ -25,8 +29,8 @@ with ``S`` the cumulative sum of ``Δ`` (float64), ``r`` the right factors (acti
 
 Matrix products run in IEEE float32 (no TF32); ``exp`` is the GPU's fast one: the result matches the torch
 path to ≤ 1e-5 relative. Two launches per read, so that each kernel keeps its own registers: one for the far
-tiles (and the zeros above the diagonal), one for the near tiles. :meth:`SelectiveTiles.dense` writes
-``(channels, rows, cols)``; :meth:`SelectiveTiles.reduce` sums channels inside each program (with optional
+tiles (and the zeros above the diagonal), one for the near tiles. :meth:`DiagonalTiles.dense` writes
+``(channels, rows, cols)``; :meth:`DiagonalTiles.reduce` sums channels inside each program (with optional
 row/column weights and the ``abs``/``positive`` transforms) and writes one ``(rows, cols)`` per channel
 group, so a channel mean never holds ``channels × L × L``. Measured on the H200
 (``benchmarks/results/gpu.md``): 18× / 11× / 7.2× the write floor at L = 512 / 1024 / 2048 for 1536
@@ -38,7 +42,6 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -77,13 +80,17 @@ if triton is not None:
 
     @triton.jit
     def _near_core(
-        c, I, t, m, L, n_tiles, ssm, sloc_ptr, tot_ptr, A_ptr, B_ptr, C_ptr, vr_ptr, dr_ptr,
+        c, I, t, m, L, n_tiles, ssm, sloc_ptr, tot_ptr, A_ptr, B_ptr, C_ptr, vr_ptr, dr_ptr, seg_ptr,
         N: tl.constexpr, Q: tl.constexpr,
     ):  # fmt: skip
         """``core[t, m]`` for rows ``t`` of tile ``I`` and columns ``m`` in tiles ``I − 1 … I + 1``."""
         t_ok = t < L
         m_ok = (m >= 0) & (m < L)
-        valid = (m[None, :] <= t[:, None]) & m_ok[None, :] & t_ok[:, None]
+        seg_t = tl.load(seg_ptr + t, mask=t_ok, other=0)
+        seg_m = tl.load(seg_ptr + m, mask=m_ok, other=-1)
+        valid = (
+            (m[None, :] <= t[:, None]) & m_ok[None, :] & t_ok[:, None] & (seg_t[:, None] == seg_m[None, :])
+        )
         tile_m = m // Q
         s_t = tl.load(sloc_ptr + c * L + t, mask=t_ok, other=0.0)
         s_m = tl.load(sloc_ptr + c * L + m, mask=m_ok, other=0.0)
@@ -100,7 +107,8 @@ if triton is not None:
             vr = tl.load(vr_ptr + c * L + m, mask=m_ok, other=0.0)
             acc = tl.where(valid, acc * vr[None, :], 0.0)
         dr = tl.load(dr_ptr + c * L + m, mask=m_ok, other=0.0)  # zeros without the skip
-        return acc + tl.where((t[:, None] == m[None, :]) & valid, dr[None, :], 0.0)
+        diagonal = (t[:, None] == m[None, :]) & m_ok[None, :] & t_ok[:, None]
+        return acc + tl.where(diagonal, dr[None, :], 0.0)
 
     @triton.jit
     def _band(c, m, j, taps_ptr, K: tl.constexpr):
@@ -110,7 +118,7 @@ if triton is not None:
         return tl.load(taps_ptr + c * K + (K - 1 - k), mask=inside, other=0.0)
 
     @triton.jit
-    def _outer(c, I, J, L, sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr, left_ptr, pmask_ptr,
+    def _outer(c, I, J, L, sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr, left_ptr, pmask_ptr, seg_ptr, segref_ptr,
                N: tl.constexpr, NP: tl.constexpr, Q: tl.constexpr, FAR_DOT: tl.constexpr):  # fmt: skip
         """A far tile (``I ≥ J + 2``) of channel ``c``: ``U · diag(mid) · Vᵀ`` with the left/right masks."""
         t = I * Q + tl.arange(0, Q)
@@ -133,12 +141,15 @@ if triton is not None:
                 u_n = tl.load(U_ptr + (c * L + t) * NP + n, mask=t_ok, other=0.0)
                 v_n = tl.load(V_ptr + (c * L + j) * NP + n, mask=j_ok, other=0.0)
                 acc += (u_n * mid_n)[:, None] * v_n[None, :]
+        # one segment from the column tile's reference to the row tile's start (U and V check the ends)
+        linked = tl.load(seg_ptr + I * Q - 1) == tl.load(segref_ptr + J)
         left = tl.load(left_ptr + c * L + t, mask=t_ok, other=0.0)
-        return acc * left[:, None] * tl.load(pmask_ptr + j, mask=j_ok, other=0.0)[None, :]
+        acc = acc * left[:, None] * tl.load(pmask_ptr + j, mask=j_ok, other=0.0)[None, :]
+        return tl.where(linked, acc, 0.0)
 
     @triton.jit
-    def _near(c, I, J, L, ssm, sloc_ptr, tot_ptr, A_ptr, B_ptr, C_ptr, vr_ptr, dr_ptr, taps_ptr, left_ptr,
-              pmask_ptr, N: tl.constexpr, K: tl.constexpr, Q: tl.constexpr, H: tl.constexpr,
+    def _near(c, I, J, L, ssm, sloc_ptr, tot_ptr, A_ptr, B_ptr, C_ptr, vr_ptr, dr_ptr, seg_ptr, taps_ptr,
+              left_ptr, pmask_ptr, N: tl.constexpr, K: tl.constexpr, Q: tl.constexpr, H: tl.constexpr,
               NEAR_DOT: tl.constexpr):  # fmt: skip
         """A near tile (``I ∈ {J, J + 1}``) of channel ``c``: the core with its conv halo, then the conv."""
         t = I * Q + tl.arange(0, Q)
@@ -146,18 +157,18 @@ if triton is not None:
         n_tiles = (L + Q - 1) // Q
         if NEAR_DOT:
             core = _near_core(c, I, t, j, L, n_tiles, ssm, sloc_ptr, tot_ptr, A_ptr, B_ptr, C_ptr, vr_ptr,
-                              dr_ptr, N, Q)  # fmt: skip
+                              dr_ptr, seg_ptr, N, Q)  # fmt: skip
             acc = tl.dot(core, _band(c, j, j, taps_ptr, K), input_precision="ieee")
             if K > 1:
                 h = (J + 1) * Q + tl.arange(0, H)
                 core_h = _near_core(c, I, t, h, L, n_tiles, ssm, sloc_ptr, tot_ptr, A_ptr, B_ptr, C_ptr,
-                                    vr_ptr, dr_ptr, N, Q)  # fmt: skip
+                                    vr_ptr, dr_ptr, seg_ptr, N, Q)  # fmt: skip
                 acc += tl.dot(core_h, _band(c, h, j, taps_ptr, K), input_precision="ieee")
         else:
             acc = tl.zeros((Q, Q), dtype=tl.float32)
             for k in tl.static_range(K):
                 core = _near_core(c, I, t, j + k, L, n_tiles, ssm, sloc_ptr, tot_ptr, A_ptr, B_ptr, C_ptr,
-                                  vr_ptr, dr_ptr, N, Q)  # fmt: skip
+                                  vr_ptr, dr_ptr, seg_ptr, N, Q)  # fmt: skip
                 acc += tl.load(taps_ptr + c * K + (K - 1 - k)) * core
         left = tl.load(left_ptr + c * L + t, mask=t < L, other=0.0)
         return acc * left[:, None] * tl.load(pmask_ptr + j, mask=(j >= 0) & (j < L), other=0.0)[None, :]
@@ -185,12 +196,25 @@ if triton is not None:
         return total + acc
 
     # lengths and offsets change with every read: one compiled kernel for all of them
-    _RUNTIME = ["stride_slab", "stride_t", "r0", "r1", "c0", "c1", "I0", "J0", "L", "ssm", "n_chan", "per_group"]
+    _RUNTIME = [
+        "stride_slab",
+        "stride_t",
+        "r0",
+        "r1",
+        "c0",
+        "c1",
+        "I0",
+        "J0",
+        "L",
+        "ssm",
+        "n_chan",
+        "per_group",
+    ]
 
     @triton.jit(do_not_specialize=_RUNTIME)
     def _far_kernel(
         out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, J0, L, ssm, n_chan, per_group,
-        sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr, left_ptr, pmask_ptr, rw_ptr, cw_ptr,
+        sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr, left_ptr, pmask_ptr, seg_ptr, segref_ptr, rw_ptr, cw_ptr,
         N: tl.constexpr, NP: tl.constexpr, Q: tl.constexpr, FAR_DOT: tl.constexpr,
         REDUCE: tl.constexpr, TRANSFORM: tl.constexpr,
     ):  # fmt: skip
@@ -206,20 +230,21 @@ if triton is not None:
                 c = slab * per_group
                 while c < (slab + 1) * per_group:  # while: Triton's interpreter cannot range() over arguments
                     acc = _outer(c, I, J, L, sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr, left_ptr, pmask_ptr,
-                                 N, NP, Q, FAR_DOT)  # fmt: skip
+                                 seg_ptr, segref_ptr, N, NP, Q, FAR_DOT)  # fmt: skip
                     total = _reduce_step(total, tl.where(c < n_chan, acc, 0.0), c, I, J, L, rw_ptr, cw_ptr,
                                          TRANSFORM, Q)  # fmt: skip
                     c += 1
         elif far:
             total = _outer(slab, I, J, L, sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr, left_ptr, pmask_ptr,
-                           N, NP, Q, FAR_DOT)  # fmt: skip
+                           seg_ptr, segref_ptr, N, NP, Q, FAR_DOT)  # fmt: skip
         not_near = (I < J) | (I >= J + 2)  # the near tiles are the other launch's
         _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, not_near)
 
     @triton.jit(do_not_specialize=[name for name in _RUNTIME if name != "J0"])
     def _near_kernel(
         out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, L, ssm, n_chan, per_group,
-        sloc_ptr, tot_ptr, A_ptr, B_ptr, C_ptr, vr_ptr, dr_ptr, taps_ptr, left_ptr, pmask_ptr, rw_ptr, cw_ptr,
+        sloc_ptr, tot_ptr, A_ptr, B_ptr, C_ptr, vr_ptr, dr_ptr, seg_ptr, taps_ptr, left_ptr, pmask_ptr,
+        rw_ptr, cw_ptr,
         N: tl.constexpr, K: tl.constexpr, Q: tl.constexpr, H: tl.constexpr, NEAR_DOT: tl.constexpr,
         REDUCE: tl.constexpr, TRANSFORM: tl.constexpr,
     ):  # fmt: skip
@@ -233,29 +258,44 @@ if triton is not None:
         elif REDUCE:
             c = slab * per_group
             while c < (slab + 1) * per_group:
-                acc = _near(c, I, J, L, ssm, sloc_ptr, tot_ptr, A_ptr, B_ptr, C_ptr, vr_ptr, dr_ptr, taps_ptr,
-                            left_ptr, pmask_ptr, N, K, Q, H, NEAR_DOT)  # fmt: skip
+                acc = _near(c, I, J, L, ssm, sloc_ptr, tot_ptr, A_ptr, B_ptr, C_ptr, vr_ptr, dr_ptr, seg_ptr,
+                            taps_ptr, left_ptr, pmask_ptr, N, K, Q, H, NEAR_DOT)  # fmt: skip
                 total = _reduce_step(total, tl.where(c < n_chan, acc, 0.0), c, I, J, L, rw_ptr, cw_ptr,
                                      TRANSFORM, Q)  # fmt: skip
                 c += 1
         else:
-            total = _near(slab, I, J, L, ssm, sloc_ptr, tot_ptr, A_ptr, B_ptr, C_ptr, vr_ptr, dr_ptr, taps_ptr,
-                          left_ptr, pmask_ptr, N, K, Q, H, NEAR_DOT)  # fmt: skip
+            total = _near(slab, I, J, L, ssm, sloc_ptr, tot_ptr, A_ptr, B_ptr, C_ptr, vr_ptr, dr_ptr, seg_ptr,
+                          taps_ptr, left_ptr, pmask_ptr, N, K, Q, H, NEAR_DOT)  # fmt: skip
         _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, J >= 0)
 
 
-class SelectiveTiles:
-    """The per-channel arrays the kernels read, for one batch row and a set of channels.
+class DiagonalTiles:
+    """The per-channel arrays the kernels read, for one batch row and a set of channels, of any core of the
+    form (per channel, ``N`` diagonal states, every ``A_n ≤ 0``, ``S`` non-decreasing)::
 
-    Built in torch (``O(channels · L · N)``); ``U`` and ``V`` are the far tiles' factors, the rest
-    serves the near tiles.
+        core[t, m] = [seg_t = seg_m] · Σ_n C[t, n] · exp(A_n (S_{t+1} − S_{m+1})) · w_m B[m, n]  +  D [t = m]
+
+    Mamba-1 (``w = Δ``, ``S = ΣΔ``) and RG-LRU (``N = 1``, ``A = −1``, ``S = −Σ log a``, ``w`` the input
+    scale, ``seg`` the reset count) are two instances. Built in torch (``O(channels · L · N)``); ``U`` and
+    ``V`` are the far tiles' factors, the rest serves the near tiles.
+
+    Args:
+        S: ``(nc, L + 1)`` float64 cumulative rates, ``S[p + 1] = Σ_{k ≤ p}``, ``S[0] = 0``.
+        A: ``(nc, N)`` non-positive rates; ``B``, ``C``: ``(L, N)``; ``weight``: ``(nc, L)``;
+            ``D``: ``(nc,)``.
+        segment: ``(L,)`` integer, non-decreasing: entries between different segments are zero.
+        left, right, taps, input_mask, ssm, skip: the view's factors (see :meth:`Core.tiles`).
     """
 
     def __init__(
         self,
-        core: Any,
-        b: int,
-        chans: Tensor,
+        S: Tensor,
+        A: Tensor,
+        B: Tensor,
+        C: Tensor,
+        weight: Tensor,
+        D: Tensor | None = None,
+        segment: Tensor | None = None,
         *,
         left: Tensor | None,
         right: Tensor | None,
@@ -265,14 +305,13 @@ class SelectiveTiles:
         skip: bool,
     ):
         f32, Q = torch.float32, TILE
-        device = core.delta.device
-        L = core.delta.shape[-1]
+        device = S.device
+        nc, L = weight.shape
         nT = (L + Q - 1) // Q
-        delta = core.delta[b].index_select(0, chans).to(f32)  # (nc, L)
-        S = core.cumdelta[b].index_select(0, chans)  # (nc, L + 1) float64, S[p + 1] = Σ_{k ≤ p} Δ_k
-        A = core.A.index_select(0, chans).to(f32)  # (nc, N)
         N = A.shape[1]
-        NP = max(16, 1 << (N - 1).bit_length())  # tl.dot wants a power of two ≥ 16: zero padding
+        self.far_dot = bool(TUNING["FAR_DOT"]) and N >= 16
+        # tl.dot wants a power of two ≥ 16 (zero padding); outer products take N as it is
+        NP = max(16, 1 << (N - 1).bit_length()) if self.far_dot else N
         K = 1 if taps is None else taps.shape[1]
         if K - 1 > HALO:
             raise ValueError(f"the fused kernel handles convolutions of up to {HALO + 1} taps, got {K}")
@@ -284,41 +323,48 @@ class SelectiveTiles:
         self.sb = S[:, bounds.clamp(max=L)].contiguous()  # (nc, nT + 1) float64: S at tile starts
         ref = ((torch.arange(nT, device=device) + 1) * Q + K - 1).clamp(max=L)
         self.sref = S[:, ref].contiguous()  # (nc, nT) float64: the far tiles' column reference
-        r = torch.ones_like(delta) if right is None else right.to(f32)
-        self.vr = (delta * r).contiguous()
-        self.dr = (
-            (core.D.index_select(0, chans).to(f32)[:, None] * r).contiguous()
-            if skip and core.D is not None
-            else torch.zeros_like(delta)
-        )
-        self.A = A.contiguous()
-        self.B = core.B[b].to(f32).contiguous()  # (L, N)
-        self.C = core.C[b].to(f32).contiguous()
-        w = torch.ones(len(chans), 1, device=device, dtype=f32) if taps is None else taps.to(f32)
+        seg = torch.zeros(L, dtype=torch.int32, device=device) if segment is None else segment.to(torch.int32)
+        self.seg = seg.contiguous()
+        self.seg_ref = seg[ref - 1].contiguous()  # (nT,): the segment of each tile's last conv column
+        r = torch.ones_like(weight, dtype=f32) if right is None else right.to(f32)
+        self.vr = (weight.to(f32) * r).contiguous()
+        self.dr = (D.to(f32)[:, None] * r).contiguous() if skip and D is not None else torch.zeros_like(r)
+        self.A = A.to(f32).contiguous()
+        self.B = B.to(f32).contiguous()
+        self.C = C.to(f32).contiguous()
+        w = torch.ones(nc, 1, device=device, dtype=f32) if taps is None else taps.to(f32)
         self.taps = w.contiguous()
-        self.ones = ones = torch.ones_like(delta)
+        self.ones = ones = torch.ones_like(r)
         self.left = ones if left is None else left.to(f32).contiguous()
         self.pmask = ones[0] if input_mask is None else input_mask.to(f32).contiguous()
         self.N, self.NP, self.K, self.L, self.ssm = N, NP, K, L, ssm
-        self.n_chan = len(chans)
+        self.n_chan = nc
         self.U = self.V = None
         if ssm:
-            self.U, self.V = self._far_factors(S, A, pos, ref)
+            self.U, self.V = self._far_factors(S, pos, start, ref)
 
-    def _far_factors(self, S: Tensor, A: Tensor, pos: Tensor, ref: Tensor):
-        """``U (nc, L, NP)`` and ``V (nc, L, NP)`` of the far tiles (see the module docstring)."""
-        L, K, NP = self.L, self.K, self.NP
-        pad = NP - A.shape[1]
+    def _far_factors(self, S: Tensor, pos: Tensor, start: Tensor, ref: Tensor):
+        """``U (nc, L, NP)`` and ``V (nc, L, NP)`` of the far tiles (see the module docstring).
+
+        The segment condition ``seg_t = seg_m`` splits the same way: ``U`` keeps rows still in the segment
+        of their tile's previous position, ``V`` columns in the segment of their tile's reference, and the
+        kernel checks the two boundaries in between.
+        """
+        L, K, NP, A, seg = self.L, self.K, self.NP, self.A, self.seg
+        before = seg[(start - 1).clamp(min=0)]  # the segment just before each row's tile
         U = self.C[None] * torch.exp(A[:, None, :] * self.sloc[..., None])  # exponent ≤ 0
+        U = U * (seg == before).to(U.dtype)[None, :, None]
         S_ref = S[:, ref][:, pos // TILE]  # (nc, L): S_ref of each column's tile, float64
+        seg_ref = self.seg_ref[pos // TILE]
         V = torch.zeros_like(U)
         for k in range(K):  # the conv width (about 4), not the sequence length
             m = pos + k
-            inside = m < L
             mc = m.clamp(max=L - 1)
+            inside = (m < L) & (seg[mc] == seg_ref)
             gap = (S_ref - S[:, mc + 1]).clamp_min(0).to(torch.float32)  # (nc, L)
             weight = self.taps[:, K - 1 - k, None] * self.vr[:, mc] * inside  # (nc, L)
             V += torch.exp(A[:, None, :] * gap[..., None]) * (weight[..., None] * self.B[mc][None])
+        pad = NP - A.shape[1]
         if pad:
             U, V = torch.nn.functional.pad(U, (0, pad)), torch.nn.functional.pad(V, (0, pad))
         return U.contiguous(), V.contiguous()
@@ -339,14 +385,14 @@ class SelectiveTiles:
         V = self.sloc if self.V is None else self.V
         _far_kernel[(nI, nJ, slabs)](
             *head, I0, J0, self.L, int(self.ssm), self.n_chan, per_group,
-            self.sb, self.sref, self.A, U, V, self.left, self.pmask, rw, cw,
-            N=self.N, NP=self.NP, Q=TILE, FAR_DOT=TUNING["FAR_DOT"], num_warps=TUNING["far_warps"], **reduce,
+            self.sb, self.sref, self.A, U, V, self.left, self.pmask, self.seg, self.seg_ref, rw, cw,
+            N=self.N, NP=self.NP, Q=TILE, FAR_DOT=self.far_dot, num_warps=TUNING["far_warps"], **reduce,
         )  # fmt: skip
         # near tiles: row tiles I0 … with column tiles I and I − 1 (those outside the read are masked)
         _near_kernel[(nI, 2, slabs)](
             *head, I0, self.L, int(self.ssm), self.n_chan, per_group,
-            self.sloc, self.tot, self.A, self.B, self.C, self.vr, self.dr, self.taps, self.left, self.pmask,
-            rw, cw, N=self.N, K=self.K, Q=TILE, H=HALO, NEAR_DOT=TUNING["NEAR_DOT"],
+            self.sloc, self.tot, self.A, self.B, self.C, self.vr, self.dr, self.seg, self.taps, self.left,
+            self.pmask, rw, cw, N=self.N, K=self.K, Q=TILE, H=HALO, NEAR_DOT=TUNING["NEAR_DOT"],
             num_warps=TUNING["near_warps"], **reduce,
         )  # fmt: skip
 
@@ -357,7 +403,9 @@ class SelectiveTiles:
         if out.numel() == 0:
             return out
         if out.stride(2) != 1 or tuple(out.shape) != (self.n_chan, r1 - r0, c1 - c0):
-            raise ValueError(f"out must be a ({self.n_chan}, {r1 - r0}, {c1 - c0}) tensor with unit column stride")
+            raise ValueError(
+                f"out must be a ({self.n_chan}, {r1 - r0}, {c1 - c0}) tensor with unit column stride"
+            )
         self._launch(out, (r0, r1, c0, c1), 0, 1)
         return out
 

@@ -52,6 +52,8 @@ class Core:
 
     work_per_entry: int = 1
     has_skip: bool = False
+    #: whether ``backend="auto"`` uses :meth:`tiles` on CUDA (False while a kernel awaits its GPU tests)
+    fused_by_default: bool = True
 
     def block(self, b: int, chans: Tensor, rows: Tensor, cols: Tensor, *, ssm: bool, skip: bool) -> Tensor:
         """Entries ``[chans, rows, cols]`` of batch row ``b``: shape ``(len(chans), len(rows), len(cols))``.
@@ -383,8 +385,13 @@ class AttentionView:
             why = "it reads contiguous ranges of rows and columns (slices)"
         elif type(self.factors.core).tiles is Core.tiles:
             why = f"{type(self.factors.core).__name__} has no fused kernel"
-        if why is None and self.backend == "auto" and rspan[1] - rspan[0] < FUSED_MIN_ROWS:
-            return None  # a few rows: the kernel would compute whole 64-row tiles, the torch path only them
+        if why is None and self.backend == "auto":
+            if rspan[1] - rspan[0] < FUSED_MIN_ROWS:
+                return (
+                    None  # a few rows: the kernel would compute whole 64-row tiles, the torch path only them
+                )
+            if not self.factors.core.fused_by_default:
+                return None
         if why is None:
             return (*rspan, *cspan)
         if self.backend == "triton":

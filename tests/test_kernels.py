@@ -32,7 +32,14 @@ def model(device, *, state=16, conv=4, channels=8, seed=0):
         conv_kernel=conv,
         time_step_rank=2,
     )
-    return randomize(MambaForCausalLM(cfg), seed).to(device).eval()
+    m = randomize(MambaForCausalLM(cfg), seed)
+    with torch.no_grad():  # small Δ (≈ 0.01–0.05), so that tiles 64 positions apart hold more than underflow
+        mixer = m.backbone.layers[0].mixer
+        mixer.dt_proj.weight.mul_(0.05)
+        mixer.dt_proj.bias.copy_(
+            -4.5 + torch.rand(mixer.dt_proj.bias.shape, generator=torch.Generator().manual_seed(seed)) * 1.5
+        )
+    return m.to(device).eval()
 
 
 def record(m, L, device, *, batch=2, pad=True):
@@ -71,6 +78,8 @@ def test_dense_matches_the_torch_path_and_the_impulse_response(L):
     fr = reference(mixer, hidden, None if mask is None else mask)
     assert rel_err(A, impulse_matrix(fr)) < TOL
     assert torch.all(A.triu(1) == 0)
+    if L > 128:  # far tiles (two tiles apart) matter at these decays
+        assert A[:, :, 128:, :64].abs().max() > 1e-3 * A.abs().max()
 
 
 @pytest.mark.parametrize("state, conv", [(4, 4), (16, 2), (32, 1)])
@@ -120,7 +129,9 @@ def test_channel_reductions(transform, weights):
     gen = torch.Generator().manual_seed(1)
     options = dict(transform=transform)
     if weights:
-        options.update(row_weight=torch.randn(shape, generator=gen), col_weight=torch.randn(shape, generator=gen))
+        options.update(
+            row_weight=torch.randn(shape, generator=gen), col_weight=torch.randn(shape, generator=gen)
+        )
     for op in ("mean", "sum"):
         assert rel_err(fused.reduce(op, **options), plain.reduce(op, **options)) < SAME
     sub = dict(options, channels=slice(1, None, 2), rows=slice(70, 140), cols=slice(5, 100), batch=1)
@@ -147,17 +158,52 @@ def test_preparation_is_chunked_over_channels(monkeypatch):
     fused = rec.attention.with_backend("triton")
     whole, whole_mean = fused.dense(), fused.mean(absolute=True)
     sizes = []
-    original = kernels.SelectiveTiles.__init__
+    original = kernels.DiagonalTiles.__init__
 
-    def spy(self, core, b, chans, **parts):
-        sizes.append(len(chans))
-        original(self, core, b, chans, **parts)
+    def spy(self, *arrays, **parts):
+        sizes.append(arrays[4].shape[0])  # weight: (channels, L)
+        original(self, *arrays, **parts)
 
-    monkeypatch.setattr(kernels.SelectiveTiles, "__init__", spy)
+    monkeypatch.setattr(kernels.DiagonalTiles, "__init__", spy)
     monkeypatch.setattr(view_module, "FUSED_PREP_ELEMENTS", 2 * 40 * 70)  # two channels at a time
     assert torch.equal(fused.dense(), whole)
     assert rel_err(fused.mean(absolute=True), whole_mean) < SAME
     assert sizes and max(sizes) == 2 and sum(sizes) == 2 * 6
+
+
+def rglru_record(L, device):
+    """An RG-LRU block (RecurrentGemma) on two rows: one sequence, and packed sequences whose resets
+    fall in the first, the second and the third 64-wide tile (near and far tiles cross them)."""
+    from test_griffin import griffin
+
+    model = griffin(device, layers=1)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # slow decays (a ≈ 1), so that far tiles hold more than underflow
+        lru = model.model.layers[0].temporal_block.rg_lru
+        lru.recurrent_param.copy_(-7 + 3 * torch.rand(lru.recurrent_param.shape, generator=gen))
+    ids = torch.randint(0, 64, (2, L), generator=gen).to(device)
+    pos = torch.arange(L).repeat(2, 1)
+    for start in (20, 100, 140):
+        if start < L:
+            pos[1, start:] = torch.arange(L - start)
+    with torch.no_grad(), ih.record(model) as rec:
+        model(ids, position_ids=pos.to(device), use_cache=False)  # one layer: no attention cache
+    return rec[0]
+
+
+def test_rglru_dense_and_reductions_across_resets():
+    rec = rglru_record(150, "cpu")
+    fused, plain = both(rec.attention)
+    A = fused.dense()
+    assert rel_err(A, plain.dense()) < SAME
+    R = fused.only("ssm").dense()
+    assert rel_err(R, plain.only("ssm").dense()) < SAME
+    assert torch.all(R[1, :, 100:, :100] == 0) and torch.all(R[1, :, 140:, :140] == 0)  # a reset cuts
+    assert R[0, :, 128:, :64].abs().max() > 1e-3 * R.abs().max()  # far tiles carry the recurrence
+    w = torch.randn(rec.attention.values.shape, generator=torch.Generator().manual_seed(0))
+    for transform in ("signed", "abs"):
+        a = fused.mean(transform=transform, row_weight=w, by=None)
+        assert rel_err(a, plain.mean(transform=transform, row_weight=w)) < SAME
 
 
 def test_reads_the_fused_path_cannot_serve_say_why():
@@ -174,6 +220,20 @@ def test_reads_the_fused_path_cannot_serve_say_why():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+@pytest.mark.parametrize("L", [150, 700])
+def test_cuda_rglru_kernel_against_the_torch_path(L):
+    rec = rglru_record(L, "cuda")
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        fused, plain = both(rec.attention)
+        assert rel_err(fused.dense(), plain.dense()) < SAME_CUDA
+        assert rel_err(fused.mean(absolute=True), plain.mean(absolute=True)) < SAME_CUDA
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
 @pytest.mark.parametrize("L", [63, 128, 257, 1000])
 @pytest.mark.parametrize("state, conv, channels", [(16, 4, 96), (8, 3, 40), (32, 1, 24)])
 def test_cuda_kernel_against_the_torch_path(L, state, conv, channels):
@@ -186,11 +246,20 @@ def test_cuda_kernel_against_the_torch_path(L, state, conv, channels):
         assert view.with_backend("auto")._fused(torch.arange(L), torch.arange(L)) is not None
         fused, plain = both(view)
         assert rel_err(fused.dense(), plain.dense()) < SAME_CUDA
-        for key in [(slice(None), slice(None), slice(-1, None)), (0, slice(3, 9), slice(L // 3, L), slice(5, L - 2))]:
+        for key in [
+            (slice(None), slice(None), slice(-1, None)),
+            (0, slice(3, 9), slice(L // 3, L), slice(5, L - 2)),
+        ]:
             assert rel_err(fused[key], plain[key]) < SAME_CUDA
         gen = torch.Generator().manual_seed(L)
         w = torch.randn(view.values.shape, generator=gen).cuda()
         for transform in ("abs",):  # each transform is one more compiled kernel; the rest is CPU-tested
-            assert rel_err(fused.mean(transform=transform, row_weight=w), plain.mean(transform=transform, row_weight=w)) < SAME_CUDA
+            assert (
+                rel_err(
+                    fused.mean(transform=transform, row_weight=w),
+                    plain.mean(transform=transform, row_weight=w),
+                )
+                < SAME_CUDA
+            )
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old

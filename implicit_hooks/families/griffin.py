@@ -40,6 +40,9 @@ class RGLRUCore(Core):
 
     work_per_entry = 6
     has_skip = False
+    #: the fused kernel (:meth:`tiles`) passed its tests under Triton's interpreter, not yet compiled on a
+    #: GPU: ``backend="triton"`` uses it, ``"auto"`` keeps the torch path until then
+    fused_by_default = False
 
     def __init__(self, log_decay: Tensor, segment: Tensor, input_scale: Tensor):
         self.segment = segment
@@ -62,6 +65,18 @@ class RGLRUCore(Core):
         decay = torch.exp(segsum.masked_fill(~linked, float("-inf"))).to(dtype)
         scale = self.input_scale[b].index_select(0, chans).index_select(1, cols)  # (nc, ncol)
         return decay * scale[:, None, :]
+
+    def tiles(self, b: int, chans: Tensor, **parts: Any) -> Any:
+        """The fused Triton assembler (:mod:`implicit_hooks.kernels`): one state per channel, rate
+        ``−log a`` (``A = −1``), input weight ``i · m``, entries across a reset zero."""
+        from ..kernels import DiagonalTiles
+
+        S = torch.nn.functional.pad(-self.cumlog[b].index_select(0, chans), (1, 0))  # (nc, L + 1)
+        L = S.shape[1] - 1
+        ones = torch.ones(L, 1, dtype=self.input_scale.dtype, device=S.device)
+        A = -torch.ones(len(chans), 1, dtype=self.input_scale.dtype, device=S.device)
+        weight = self.input_scale[b].index_select(0, chans)
+        return DiagonalTiles(S, A, ones, ones, weight, None, self.segment[b], **parts)
 
 
 class RGLRUPatcher(Patcher):

@@ -65,9 +65,17 @@ class SelectiveCore(Core):
 
     def tiles(self, b: int, chans: Tensor, **parts: Any) -> Any:
         """The fused Triton assembler of whole tiles (:mod:`implicit_hooks.kernels`)."""
-        from ..kernels import SelectiveTiles
+        from ..kernels import DiagonalTiles
 
-        return SelectiveTiles(self, b, chans, **parts)
+        return DiagonalTiles(
+            self.cumdelta[b].index_select(0, chans),
+            self.A.index_select(0, chans),
+            self.B[b],
+            self.C[b],
+            self.delta[b].index_select(0, chans),
+            None if self.D is None else self.D.index_select(0, chans),
+            **parts,
+        )
 
     def matvec(self, b: int, v: Tensor, *, ssm: bool, skip: bool) -> Tensor:
         """``(R + diag(D)) @ v`` for every channel, ``v (C, L)``: the recurrence run chunk by chunk.

@@ -20,13 +20,13 @@ once, every step rank one: ``T q = w ⊙ q − κ (α · q)``); between chunks, 
 ``M_K = T_{s_K} ⋯ T_{e_K}``, so a pair ``(t, j)`` in chunks ``I > J`` is ``κ'_jᵀ M_{J+1} ⋯ M_{I−1} ρ'_t``
 with the key carried to its chunk's end and the readout pulled back to its chunk's start.
 
-The compiled time mix is inlined into the compiled ``forward_seq``/``forward_one``, out of reach of any hook.
-The patcher wraps those two methods of the instance: the wrapper keeps the call's tokens and a copy of its
-state, then calls the compiled method unchanged (so the output is bit-identical, also on CUDA where TorchScript
-fuses the whole compiled graph). When a view first needs a layer's inputs, a Python mirror of the method
-replays the call, calling the compiled ``RWKV_x070_TMix_*``/``CMix_*`` layer by layer, and keeps each time mix's
-arguments. The real output before the projection is obtained on demand by replaying the compiled time mix with
-``O = I``.
+The compiled time mix is inlined into the compiled ``forward_seq``/``forward_one``, out of reach of any
+hook. The patcher wraps those two methods of the instance: the wrapper keeps the call's tokens and a copy
+of its state, then calls the compiled method unchanged (so the output is bit-identical, also on CUDA where
+TorchScript fuses the whole compiled graph). When a view first needs a layer's inputs, a Python mirror of
+the method replays the call, calling the compiled ``RWKV_x070_TMix_*``/``CMix_*`` layer by layer, and keeps
+each time mix's arguments. The real output before the projection is obtained on demand by replaying the
+compiled time mix with ``O = I``.
 """
 
 from __future__ import annotations
