@@ -1,5 +1,5 @@
-"""Fused Triton assembly of diagonal-state implicit attention (Mamba-1, RG-LRU): dense blocks and
-channel reductions.
+"""Fused Triton assembly of diagonal-state implicit attention (Mamba-1, RG-LRU, Mamba-2): dense blocks
+and channel reductions.
 
 The torch path (:meth:`AttentionView._block`) builds a tile in a dozen passes over memory (core, the
 column factors, ``K`` conv shifts, the gate); these kernels write each ``64 × 64`` output tile once,
@@ -81,7 +81,7 @@ if triton is not None:
     @triton.jit
     def _near_core(
         c, I, t, m, L, n_tiles, ssm, sloc_ptr, tot_ptr, A_ptr, B_ptr, C_ptr, vr_ptr, dr_ptr, seg_ptr,
-        N: tl.constexpr, Q: tl.constexpr,
+        N: tl.constexpr, Q: tl.constexpr, SCALAR: tl.constexpr,
     ):  # fmt: skip
         """``core[t, m]`` for rows ``t`` of tile ``I`` and columns ``m`` in tiles ``I − 1 … I + 1``."""
         t_ok = t < L
@@ -99,11 +99,18 @@ if triton is not None:
         gap = tl.where(valid, tl.maximum(gap, 0.0), 0.0)
         acc = tl.zeros_like(gap)
         if ssm != 0:
-            for n in tl.static_range(N):
-                a_n = tl.load(A_ptr + c * N + n)
-                c_n = tl.load(C_ptr + t * N + n, mask=t_ok, other=0.0)
-                b_n = tl.load(B_ptr + m * N + n, mask=m_ok, other=0.0)
-                acc += c_n[:, None] * tl.exp(a_n * gap) * b_n[None, :]
+            if SCALAR:  # one decay for every state (Mamba-2): exp once per entry, C_t · B_m as a product
+                n = tl.arange(0, N)
+                c_rows = tl.load(C_ptr + t[:, None] * N + n[None, :], mask=t_ok[:, None], other=0.0)
+                b_rows = tl.load(B_ptr + m[:, None] * N + n[None, :], mask=m_ok[:, None], other=0.0)
+                scores = tl.dot(c_rows, tl.trans(b_rows), input_precision="ieee")
+                acc = scores * tl.exp(tl.load(A_ptr + c * N) * gap)
+            else:
+                for n in tl.static_range(N):
+                    a_n = tl.load(A_ptr + c * N + n)
+                    c_n = tl.load(C_ptr + t * N + n, mask=t_ok, other=0.0)
+                    b_n = tl.load(B_ptr + m * N + n, mask=m_ok, other=0.0)
+                    acc += c_n[:, None] * tl.exp(a_n * gap) * b_n[None, :]
             vr = tl.load(vr_ptr + c * L + m, mask=m_ok, other=0.0)
             acc = tl.where(valid, acc * vr[None, :], 0.0)
         dr = tl.load(dr_ptr + c * L + m, mask=m_ok, other=0.0)  # zeros without the skip
@@ -150,25 +157,25 @@ if triton is not None:
     @triton.jit
     def _near(c, I, J, L, ssm, sloc_ptr, tot_ptr, A_ptr, B_ptr, C_ptr, vr_ptr, dr_ptr, seg_ptr, taps_ptr,
               left_ptr, pmask_ptr, N: tl.constexpr, K: tl.constexpr, Q: tl.constexpr, H: tl.constexpr,
-              NEAR_DOT: tl.constexpr):  # fmt: skip
+              NEAR_DOT: tl.constexpr, SCALAR: tl.constexpr):  # fmt: skip
         """A near tile (``I ∈ {J, J + 1}``) of channel ``c``: the core with its conv halo, then the conv."""
         t = I * Q + tl.arange(0, Q)
         j = J * Q + tl.arange(0, Q)
         n_tiles = (L + Q - 1) // Q
         if NEAR_DOT:
             core = _near_core(c, I, t, j, L, n_tiles, ssm, sloc_ptr, tot_ptr, A_ptr, B_ptr, C_ptr, vr_ptr,
-                              dr_ptr, seg_ptr, N, Q)  # fmt: skip
+                              dr_ptr, seg_ptr, N, Q, SCALAR)  # fmt: skip
             acc = tl.dot(core, _band(c, j, j, taps_ptr, K), input_precision="ieee")
             if K > 1:
                 h = (J + 1) * Q + tl.arange(0, H)
                 core_h = _near_core(c, I, t, h, L, n_tiles, ssm, sloc_ptr, tot_ptr, A_ptr, B_ptr, C_ptr,
-                                    vr_ptr, dr_ptr, seg_ptr, N, Q)  # fmt: skip
+                                    vr_ptr, dr_ptr, seg_ptr, N, Q, SCALAR)  # fmt: skip
                 acc += tl.dot(core_h, _band(c, h, j, taps_ptr, K), input_precision="ieee")
         else:
             acc = tl.zeros((Q, Q), dtype=tl.float32)
             for k in tl.static_range(K):
                 core = _near_core(c, I, t, j + k, L, n_tiles, ssm, sloc_ptr, tot_ptr, A_ptr, B_ptr, C_ptr,
-                                  vr_ptr, dr_ptr, seg_ptr, N, Q)  # fmt: skip
+                                  vr_ptr, dr_ptr, seg_ptr, N, Q, SCALAR)  # fmt: skip
                 acc += tl.load(taps_ptr + c * K + (K - 1 - k)) * core
         left = tl.load(left_ptr + c * L + t, mask=t < L, other=0.0)
         return acc * left[:, None] * tl.load(pmask_ptr + j, mask=(j >= 0) & (j < L), other=0.0)[None, :]
@@ -246,7 +253,7 @@ if triton is not None:
         sloc_ptr, tot_ptr, A_ptr, B_ptr, C_ptr, vr_ptr, dr_ptr, seg_ptr, taps_ptr, left_ptr, pmask_ptr,
         rw_ptr, cw_ptr,
         N: tl.constexpr, K: tl.constexpr, Q: tl.constexpr, H: tl.constexpr, NEAR_DOT: tl.constexpr,
-        REDUCE: tl.constexpr, TRANSFORM: tl.constexpr,
+        SCALAR: tl.constexpr, REDUCE: tl.constexpr, TRANSFORM: tl.constexpr,
     ):  # fmt: skip
         """The near tiles: row tile ``I`` against column tiles ``I`` and ``I − 1``."""
         I = I0 + tl.program_id(0)
@@ -259,13 +266,13 @@ if triton is not None:
             c = slab * per_group
             while c < (slab + 1) * per_group:
                 acc = _near(c, I, J, L, ssm, sloc_ptr, tot_ptr, A_ptr, B_ptr, C_ptr, vr_ptr, dr_ptr, seg_ptr,
-                            taps_ptr, left_ptr, pmask_ptr, N, K, Q, H, NEAR_DOT)  # fmt: skip
+                            taps_ptr, left_ptr, pmask_ptr, N, K, Q, H, NEAR_DOT, SCALAR)  # fmt: skip
                 total = _reduce_step(total, tl.where(c < n_chan, acc, 0.0), c, I, J, L, rw_ptr, cw_ptr,
                                      TRANSFORM, Q)  # fmt: skip
                 c += 1
         else:
             total = _near(slab, I, J, L, ssm, sloc_ptr, tot_ptr, A_ptr, B_ptr, C_ptr, vr_ptr, dr_ptr, seg_ptr,
-                          taps_ptr, left_ptr, pmask_ptr, N, K, Q, H, NEAR_DOT)  # fmt: skip
+                          taps_ptr, left_ptr, pmask_ptr, N, K, Q, H, NEAR_DOT, SCALAR)  # fmt: skip
         _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, J >= 0)
 
 
@@ -284,6 +291,8 @@ class DiagonalTiles:
         A: ``(nc, N)`` non-positive rates; ``B``, ``C``: ``(L, N)``; ``weight``: ``(nc, L)``;
             ``D``: ``(nc,)``.
         segment: ``(L,)`` integer, non-decreasing: entries between different segments are zero.
+        scalar: every state of a channel has the same rate (``A[:, n] = A[:, 0]``, Mamba-2): the near tiles
+            take one exponential per entry and ``C_t · B_m`` as a product (``N`` a power of two ≥ 16).
         left, right, taps, input_mask, ssm, skip: the view's factors (see :meth:`Core.tiles`).
     """
 
@@ -297,6 +306,7 @@ class DiagonalTiles:
         D: Tensor | None = None,
         segment: Tensor | None = None,
         *,
+        scalar: bool = False,
         left: Tensor | None,
         right: Tensor | None,
         taps: Tensor | None,
@@ -309,6 +319,9 @@ class DiagonalTiles:
         nc, L = weight.shape
         nT = (L + Q - 1) // Q
         N = A.shape[1]
+        if scalar and (N < 16 or N & (N - 1)):
+            raise ValueError(f"the scalar-decay kernel wants a power of two ≥ 16 states, got {N}")
+        self.scalar = scalar
         self.far_dot = bool(TUNING["FAR_DOT"]) and N >= 16
         # tl.dot wants a power of two ≥ 16 (zero padding); outer products take N as it is
         NP = max(16, 1 << (N - 1).bit_length()) if self.far_dot else N
@@ -393,7 +406,7 @@ class DiagonalTiles:
             *head, I0, self.L, int(self.ssm), self.n_chan, per_group,
             self.sloc, self.tot, self.A, self.B, self.C, self.vr, self.dr, self.seg, self.taps, self.left,
             self.pmask, rw, cw, N=self.N, K=self.K, Q=TILE, H=HALO, NEAR_DOT=TUNING["NEAR_DOT"],
-            num_warps=TUNING["near_warps"], **reduce,
+            SCALAR=self.scalar, num_warps=TUNING["near_warps"], **reduce,
         )  # fmt: skip
 
     def dense(self, r0: int, r1: int, c0: int, c1: int, out: Tensor | None = None) -> Tensor:

@@ -54,6 +54,8 @@ class Core:
     has_skip: bool = False
     #: whether ``backend="auto"`` uses :meth:`tiles` on CUDA (False while a kernel awaits its GPU tests)
     fused_by_default: bool = True
+    #: elements per channel and position that :meth:`tiles` prepares (guides the channel chunks)
+    fused_work: int = 40
 
     def block(self, b: int, chans: Tensor, rows: Tensor, cols: Tensor, *, ssm: bool, skip: bool) -> Tensor:
         """Entries ``[chans, rows, cols]`` of batch row ``b``: shape ``(len(chans), len(rows), len(cols))``.
@@ -412,8 +414,16 @@ class AttentionView:
         )
 
     def _fused_chunks(self, n_chans: int) -> int:
-        """Channels whose kernel preparation (about ``40 · L`` elements each) fits the budget."""
-        return max(1, FUSED_PREP_ELEMENTS // (40 * self.shape[-1]))
+        """Channels whose kernel preparation (``fused_work · L`` elements each) fits the budget."""
+        return max(1, FUSED_PREP_ELEMENTS // (self.factors.core.fused_work * self.shape[-1]))
+
+    def _no_kernel(self, b: int, chans: Tensor) -> None:
+        """The core declined these channels: the torch path serves them, unless Triton was asked for."""
+        if self.backend == "triton":
+            raise ValueError(
+                f"backend='triton' cannot serve this read: {type(self.factors.core).__name__} has no kernel "
+                f"for channels {chans.tolist()[:4]}… of batch row {b} (see its tiles())"
+            )
 
     def _compute(self, bs: Tensor, cs: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
         span = self._fused(rows, cols)
@@ -422,8 +432,17 @@ class AttentionView:
             step = self._fused_chunks(len(cs))
             for i, b in enumerate(bs.tolist()):
                 for c0 in range(0, len(cs), step):
-                    self._fused_tiles(b, cs[c0 : c0 + step]).dense(*span, out=out[i, c0 : c0 + step])
+                    chans = cs[c0 : c0 + step]
+                    tiles = self._fused_tiles(b, chans)
+                    if tiles is None:
+                        self._no_kernel(b, chans)
+                        out[i, c0 : c0 + step] = self._compute_torch(bs[i : i + 1], chans, rows, cols)[0]
+                    else:
+                        tiles.dense(*span, out=out[i, c0 : c0 + step])
             return out
+        return self._compute_torch(bs, cs, rows, cols)
+
+    def _compute_torch(self, bs: Tensor, cs: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
         out = torch.zeros(len(bs), len(cs), len(rows), len(cols), dtype=self.dtype, device=self.device)
         ct, rt = self._tiles(len(cs), len(rows), len(cols))
         for i, b in enumerate(bs.tolist()):
@@ -494,7 +513,15 @@ class AttentionView:
             for i, b in enumerate(bs.tolist()):
                 for c0 in range(0, len(cs), step):
                     chans = cs[c0 : c0 + step]
-                    out[i] += self._fused_tiles(b, chans).reduce(
+                    tiles = self._fused_tiles(b, chans)
+                    if tiles is None:
+                        self._no_kernel(b, chans)
+                        out[i] += self.with_backend("torch").reduce(
+                            "sum", transform=transform, row_weight=row_weight, col_weight=col_weight,
+                            batch=[b], rows=rs, cols=js, channels=chans,
+                        )[0]  # fmt: skip
+                        continue
+                    out[i] += tiles.reduce(
                         *span,
                         row_weight=None if row_weight is None else row_weight[b].index_select(0, chans),
                         col_weight=None if col_weight is None else col_weight[b].index_select(0, chans),

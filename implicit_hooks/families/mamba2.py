@@ -96,6 +96,39 @@ class SSDCore(Core):
             out = out + self.D.index_select(0, head).to(dtype)[:, None, None] * eye
         return out
 
+    #: the fused kernel (:meth:`tiles`) passed its tests under Triton's interpreter, not yet compiled on a
+    #: GPU: ``backend="triton"`` uses it, ``"auto"`` keeps the torch path until then
+    fused_by_default = False
+
+    @property
+    def fused_work(self) -> int:
+        return 2 * self.B.shape[-1] + 8  # U and V of N states, and a few per-position arrays
+
+    def tiles(self, b: int, chans: Tensor, **parts: Any) -> Any:
+        """The fused Triton assembler (:mod:`implicit_hooks.kernels`, its scalar-decay variant) for
+        channels of one group of ``B``/``C``; None (the torch path) when ``chans`` spans several groups
+        or the state size is not a power of two ≥ 16."""
+        from ..kernels import DiagonalTiles
+
+        head = self.head_of.index_select(0, chans)
+        group = head // self.heads_per_group
+        N = self.B.shape[-1]
+        if bool((group != group[0]).any()) or N < 16 or N & (N - 1):
+            return None
+        g = int(group[0])
+        S = F.pad(self.cumdelta[b].index_select(0, head), (1, 0))  # (nc, L + 1), S[p + 1] = Σ_{k ≤ p} Δ_k
+        A = self.A.index_select(0, head)[:, None].expand(-1, N)
+        return DiagonalTiles(
+            S,
+            A,
+            self.B[b, :, g],
+            self.C[b, :, g],
+            self.delta[b].index_select(0, head),
+            None if self.D is None else self.D.index_select(0, head),
+            scalar=True,
+            **parts,
+        )
+
     def matvec(self, b: int, v: Tensor, *, ssm: bool, skip: bool) -> Tensor:
         """``(R + diag(D)) @ v`` for all channels, ``v (C, L)``, through :func:`ssd_scan` (``O(L)``)."""
         dtype = self.delta.dtype
