@@ -3,7 +3,8 @@ of 130M-class layers (random weights):
 
 1. recording overhead: forward time with ``record`` over without, whole models of 24 layers, batch 1 and 8;
 2. dense assembly of one layer against the floor set by writing its output (bytes / measured write
-   bandwidth), with the fused Triton kernel (``backend="triton"``, Mamba-1) and the torch path;
+   bandwidth), with the fused Triton kernel (``backend="triton"``: Mamba-1, Mamba-2, RG-LRU) and the torch
+   path;
 3. the last-token row of every layer, and the channel mean ``L × L`` of one layer up to L = 16k: time and
    peak device memory above what was allocated before the read.
 
@@ -176,7 +177,7 @@ def overhead(family, cfg, args, device, timed) -> list[dict]:
 def assembly(family, cfg, args, device, timed, bandwidth) -> list[dict]:
     """Dense and channel-mean reads of one layer (the first of a two-layer model of the same width)."""
     model = build(cfg, 2, device)  # HF's RWKV initialisation divides by (layers − 1)
-    backends = ["torch"] + (["triton"] if kernels.available(device) and family in ("mamba", "rglru") else [])
+    backends = ["torch"] + (["triton"] if kernels.available(device) and family in ("mamba", "mamba2", "rglru") else [])
     rows = []
     for L in sorted(set(args.dense_lengths) | set(args.mean_lengths)):
         ids = torch.randint(0, 1024, (1, L), device=device)
