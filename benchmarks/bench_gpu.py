@@ -177,7 +177,8 @@ def overhead(family, cfg, args, device, timed) -> list[dict]:
 def assembly(family, cfg, args, device, timed, bandwidth) -> list[dict]:
     """Dense and channel-mean reads of one layer (the first of a two-layer model of the same width)."""
     model = build(cfg, 2, device)  # HF's RWKV initialisation divides by (layers − 1)
-    backends = ["torch"] + (["triton"] if kernels.available(device) and family in ("mamba", "mamba2", "rglru") else [])
+    fused = kernels.available(device) and family in ("mamba", "mamba2", "rglru")
+    backends = ["torch"] + (["triton"] if fused else [])
     rows = []
     for L in sorted(set(args.dense_lengths) | set(args.mean_lengths)):
         ids = torch.randint(0, 1024, (1, L), device=device)
