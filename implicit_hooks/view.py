@@ -73,6 +73,10 @@ class Core:
         """
         return None
 
+    def tile_parts(self, chans: Tensor) -> list[Tensor]:
+        """Positions into ``chans`` that one :meth:`tiles` call can take together (default: all)."""
+        return [torch.arange(len(chans), device=chans.device)]
+
 
 class DenseCore(Core):
     """A core given as an explicit matrix ``(B, C, L, L)``, plus an optional skip ``D`` of shape ``(C,)``.
@@ -417,6 +421,14 @@ class AttentionView:
         """Channels whose kernel preparation (``fused_work · L`` elements each) fits the budget."""
         return max(1, FUSED_PREP_ELEMENTS // (self.factors.core.fused_work * self.shape[-1]))
 
+    def _fused_parts(self, cs: Tensor):
+        """Positions into ``cs``, chunk by chunk (the preparation budget) and part by part (the core's)."""
+        step = self._fused_chunks(len(cs))
+        for c0 in range(0, len(cs), step):
+            chunk = torch.arange(c0, min(c0 + step, len(cs)), device=cs.device)
+            for part in self.factors.core.tile_parts(cs[chunk]):
+                yield chunk[part]
+
     def _no_kernel(self, b: int, chans: Tensor) -> None:
         """The core declined these channels: the torch path serves them, unless Triton was asked for."""
         if self.backend == "triton":
@@ -429,16 +441,19 @@ class AttentionView:
         span = self._fused(rows, cols)
         if span is not None:
             out = torch.empty(len(bs), len(cs), len(rows), len(cols), dtype=self.dtype, device=self.device)
-            step = self._fused_chunks(len(cs))
             for i, b in enumerate(bs.tolist()):
-                for c0 in range(0, len(cs), step):
-                    chans = cs[c0 : c0 + step]
+                for pos in self._fused_parts(cs):
+                    chans, run = cs[pos], _span(pos)
                     tiles = self._fused_tiles(b, chans)
                     if tiles is None:
                         self._no_kernel(b, chans)
-                        out[i, c0 : c0 + step] = self._compute_torch(bs[i : i + 1], chans, rows, cols)[0]
+                        part = self._compute_torch(bs[i : i + 1], chans, rows, cols)[0]
+                    elif run is not None:  # contiguous channels: written in place
+                        tiles.dense(*span, out=out[i, run[0] : run[1]])
+                        continue
                     else:
-                        tiles.dense(*span, out=out[i, c0 : c0 + step])
+                        part = tiles.dense(*span)
+                    out[i].index_copy_(0, pos, part)
             return out
         return self._compute_torch(bs, cs, rows, cols)
 
@@ -509,10 +524,9 @@ class AttentionView:
         span = self._fused(rs, js) if group is None else None
         if span is not None:
             out = torch.zeros(len(bs), len(rs), len(js), dtype=self.dtype, device=self.device)
-            step = self._fused_chunks(len(cs))
             for i, b in enumerate(bs.tolist()):
-                for c0 in range(0, len(cs), step):
-                    chans = cs[c0 : c0 + step]
+                for pos in self._fused_parts(cs):
+                    chans = cs[pos]
                     tiles = self._fused_tiles(b, chans)
                     if tiles is None:
                         self._no_kernel(b, chans)

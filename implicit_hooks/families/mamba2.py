@@ -104,6 +104,11 @@ class SSDCore(Core):
     def fused_work(self) -> int:
         return 2 * self.B.shape[-1] + 8  # U and V of N states, and a few per-position arrays
 
+    def tile_parts(self, chans: Tensor) -> list[Tensor]:
+        """Channels of one group of ``B``/``C`` at a time."""
+        group = self.head_of.index_select(0, chans) // self.heads_per_group
+        return [(group == g).nonzero().flatten() for g in torch.unique(group)]
+
     def tiles(self, b: int, chans: Tensor, **parts: Any) -> Any:
         """The fused Triton assembler (:mod:`implicit_hooks.kernels`, its scalar-decay variant) for
         channels of one group of ``B``/``C``; None (the torch path) when ``chans`` spans several groups
