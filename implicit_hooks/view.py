@@ -392,11 +392,8 @@ class AttentionView:
         elif type(self.factors.core).tiles is Core.tiles:
             why = f"{type(self.factors.core).__name__} has no fused kernel"
         if why is None and self.backend == "auto":
-            if rspan[1] - rspan[0] < FUSED_MIN_ROWS:
-                return (
-                    None  # a few rows: the kernel would compute whole 64-row tiles, the torch path only them
-                )
-            if not self.factors.core.fused_by_default:
+            # a few rows: the kernel would compute whole 64-row tiles, the torch path only those rows
+            if rspan[1] - rspan[0] < FUSED_MIN_ROWS or not self.factors.core.fused_by_default:
                 return None
         if why is None:
             return (*rspan, *cspan)
