@@ -62,6 +62,15 @@ def record(m, L, device, *, batch=2, pad=True):
     return rec[0], calls[0], mixer
 
 
+def block_inputs(block):
+    """Our own pre-hook, independent of implicit_hooks: the block's positional and keyword inputs."""
+    calls = []
+    handle = block.register_forward_pre_hook(
+        lambda mod, args, kwargs: calls.append((args, kwargs)), with_kwargs=True
+    )
+    return calls, handle
+
+
 def both(view):
     return view.with_backend("triton"), view.with_backend("torch")
 
@@ -180,22 +189,37 @@ def rglru_record(L, device):
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():  # slow decays (a ≈ 1), so that far tiles hold more than underflow
         lru = model.model.layers[0].temporal_block.rg_lru
-        lru.recurrent_param.copy_(-7 + 3 * torch.rand(lru.recurrent_param.shape, generator=gen))
+        lru.recurrent_param.copy_(-5 + 2 * torch.rand(lru.recurrent_param.shape, generator=gen))
     ids = torch.randint(0, 64, (2, L), generator=gen).to(device)
     pos = torch.arange(L).repeat(2, 1)
     for start in (20, 100, 140):
         if start < L:
             pos[1, start:] = torch.arange(L - start)
-    with torch.no_grad(), ih.record(model) as rec:
-        model(ids, position_ids=pos.to(device), use_cache=False)  # one layer: no attention cache
-    return rec[0]
+    block = model.model.layers[0].temporal_block
+    calls, handle = block_inputs(block)
+    try:
+        with torch.no_grad(), ih.record(model) as rec:
+            model(ids, position_ids=pos.to(device), use_cache=False)  # one layer: no attention cache
+    finally:
+        handle.remove()
+    args, kwargs = calls[0]
+    position_ids = kwargs["position_ids"] if "position_ids" in kwargs else args[1]
+    return rec[0], lambda: griffin_impulses(block, args[0].cpu(), position_ids.cpu())
+
+
+def griffin_impulses(block, hidden, position_ids):
+    from griffin_reference import impulse_matrix as griffin_impulse_matrix
+    from griffin_reference import reference as griffin_reference
+
+    return griffin_impulse_matrix(griffin_reference(block, hidden, position_ids))
 
 
 def test_rglru_dense_and_reductions_across_resets():
-    rec = rglru_record(150, "cpu")
+    rec, impulses = rglru_record(150, "cpu")
     fused, plain = both(rec.attention)
     A = fused.dense()
     assert rel_err(A, plain.dense()) < SAME
+    assert rel_err(A, impulses()) < TOL  # the independent float64 recurrence fed unit impulses
     R = fused.only("ssm").dense()
     assert rel_err(R, plain.only("ssm").dense()) < SAME
     assert torch.all(R[1, :, 100:, :100] == 0) and torch.all(R[1, :, 140:, :140] == 0)  # a reset cuts
@@ -225,16 +249,31 @@ def mamba2_record(L, device, *, groups=1, batch=2):
     ids = torch.randint(0, 64, (batch, L), generator=gen).to(device)
     mask = torch.ones(batch, L, dtype=torch.long, device=device)
     mask[0, :3] = 0
-    with torch.no_grad(), ih.record(model) as rec:
-        model(ids, attention_mask=mask, use_cache=False)
-    return rec[0]
+    calls, handle = block_inputs(mixer)
+    try:
+        with torch.no_grad(), ih.record(model) as rec:
+            model(ids, attention_mask=mask, use_cache=False)
+    finally:
+        handle.remove()
+    args, kwargs = calls[0]
+    hidden, block_mask = args[0].cpu(), kwargs.get("attention_mask")
+    block_mask = None if block_mask is None else block_mask.cpu()
+    return rec[0], lambda: mamba2_impulses(mixer, hidden, block_mask)
+
+
+def mamba2_impulses(mixer, hidden, mask):
+    from mamba2_reference import impulse_matrix as mamba2_impulse_matrix
+    from mamba2_reference import reference as mamba2_reference
+
+    return mamba2_impulse_matrix(mamba2_reference(mixer, hidden, mask))
 
 
 def test_mamba2_scalar_decay_kernel():
-    rec = mamba2_record(140, "cpu")
+    rec, impulses = mamba2_record(140, "cpu")
     fused, plain = both(rec.attention)
     A = fused.dense()
     assert rel_err(A, plain.dense()) < SAME
+    assert rel_err(A, impulses()) < TOL  # the independent float64 recurrence fed unit impulses
     assert A[:, :, 128:, :64].abs().max() > 1e-3 * A.abs().max()  # far tiles matter
     assert rel_err(fused.only("ssm").dense(), plain.only("ssm").dense()) < SAME
     assert rel_err(fused.mean(absolute=True), plain.mean(absolute=True)) < SAME
@@ -244,9 +283,10 @@ def test_mamba2_scalar_decay_kernel():
 
 def test_mamba2_channels_of_several_groups():
     """Each group of B/C is one kernel call: contiguous channels in place, others through index_copy."""
-    rec = mamba2_record(70, "cpu", groups=2, batch=1)
+    rec, impulses = mamba2_record(70, "cpu", groups=2, batch=1)
     fused, plain = both(rec.attention)
     assert rel_err(fused.dense(), plain.dense()) < SAME
+    assert rel_err(fused.dense(), impulses()) < TOL
     mixed = [40, 3, 60, 17, 33]  # channels of both groups (0–31, 32–63), out of order
     assert rel_err(fused[0, mixed, 60:, :], plain[0, mixed, 60:, :]) < SAME
     assert rel_err(fused.mean(channels=mixed), plain.mean(channels=mixed)) < SAME
@@ -274,7 +314,7 @@ def test_reads_the_fused_path_cannot_serve_say_why():
 @pytest.mark.parametrize("family", ["rglru", "mamba2"])
 @pytest.mark.parametrize("L", [150, 700])
 def test_cuda_rglru_and_mamba2_kernels_against_the_torch_path(family, L):
-    rec = rglru_record(L, "cuda") if family == "rglru" else mamba2_record(L, "cuda")
+    rec, _ = rglru_record(L, "cuda") if family == "rglru" else mamba2_record(L, "cuda")
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
