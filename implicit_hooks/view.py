@@ -375,8 +375,8 @@ class AttentionView:
     # --- the fused path -------------------------------------------------------------------------
     def _fused(self, rows: Tensor, cols: Tensor) -> tuple[int, int, int, int] | None:
         """``(r0, r1, c0, c1)`` when the fused kernel serves this read, else None (torch path)."""
-        if self.backend == "torch":
-            return None
+        if self.backend == "torch" or (self.backend == "auto" and self.device.type != "cuda"):
+            return None  # and on CPU, not even an import of Triton on every read
         from . import kernels
 
         rspan, cspan = _span(rows), _span(cols)
