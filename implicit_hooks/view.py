@@ -52,7 +52,8 @@ class Core:
 
     work_per_entry: int = 1
     has_skip: bool = False
-    #: whether ``backend="auto"`` uses :meth:`tiles` on CUDA (False while a kernel awaits its GPU tests)
+    #: whether ``backend="auto"`` uses :meth:`tiles` on CUDA (a kernel that has not run on a GPU yet says
+    #: False; ``backend="triton"`` still uses it)
     fused_by_default: bool = True
     #: elements per channel and position that :meth:`tiles` prepares (guides the channel chunks)
     fused_work: int = 40

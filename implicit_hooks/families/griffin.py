@@ -40,9 +40,6 @@ class RGLRUCore(Core):
 
     work_per_entry = 6
     has_skip = False
-    #: the fused kernel (:meth:`tiles`) passed its tests under Triton's interpreter, not yet compiled on a
-    #: GPU: ``backend="triton"`` uses it, ``"auto"`` keeps the torch path until then
-    fused_by_default = False
     fused_work = 10  # one state
 
     def __init__(self, log_decay: Tensor, segment: Tensor, input_scale: Tensor):

@@ -96,10 +96,6 @@ class SSDCore(Core):
             out = out + self.D.index_select(0, head).to(dtype)[:, None, None] * eye
         return out
 
-    #: the fused kernel (:meth:`tiles`) passed its tests under Triton's interpreter, not yet compiled on a
-    #: GPU: ``backend="triton"`` uses it, ``"auto"`` keeps the torch path until then
-    fused_by_default = False
-
     @property
     def fused_work(self) -> int:
         return 2 * self.B.shape[-1] + 8  # U and V of N states, and a few per-position arrays
