@@ -22,20 +22,28 @@ Positions are cut into tiles of ``Q = 64``:
       V[j, n] = Σ_k w_k exp(A_n (S_ref(J) − S_{j+k+1})) u_{j+k} r_{j+k} B[j+k, n],   S_ref(J) = S_{(J+1)Q+K−1}
 
   (``U`` and ``V``, ``O(L·N)`` per channel, are prepared in torch; the tile is one ``Q×N×Q`` product);
-* **near tiles** (``I ∈ {J, J+1}``): the core over the tile's columns plus a halo of 16 (the conv's
-  reach) from one exponential per entry and state, gaps from per-tile local sums (float32 of small
-  numbers), then the conv as a product with the banded Toeplitz of the taps;
+* **near tiles** (``I ∈ {J, J+1}``): each column is seen from its last conv tap ``m = j + K − 1``, so the
+  conv folds into the input side as it does for ``V`` and costs nothing in the tile::
+
+      A[t, j] = g[t] p[j] · Σ_n C[t, n] · exp(A_n (S_{t+1} − S_{m+1})) · W[j, n]      (t ≥ m)
+      W[j, n] = Σ_k w_k exp(A_n (S_{m+1} − S_{j+k+1})) u_{j+k} r_{j+k} B[j+k, n]
+
+  one exponential per entry and state (one per entry with a scalar rate, ``C·Wᵀ`` then a product), the
+  gaps from per-tile local sums (float32 of small numbers). The ``K`` diagonals ``0 ≤ t − j < K`` add what
+  that form misses, prepared in torch (``fix``: the taps at or before ``t`` when ``t < m``, and the skip);
 * tiles above the diagonal are zeros.
 
-Matrix products run in IEEE float32 (no TF32); ``exp`` is the GPU's fast one: the result matches the torch
-path to ≤ 1e-5 relative. Two launches per read, so that each kernel keeps its own registers: one for the far
-tiles (and the zeros above the diagonal), one for the near tiles. :meth:`DiagonalTiles.dense` writes
-``(channels, rows, cols)``; :meth:`DiagonalTiles.reduce` sums channels inside each program (with optional
-row/column weights and the ``abs``/``positive`` transforms) and writes one ``(rows, cols)`` per channel
-group, so a channel mean never holds ``channels × L × L``. Measured on the H200
-(``benchmarks/results/gpu.md``): 18× / 11× / 7.2× the write floor at L = 512 / 1024 / 2048 for 1536
-channels, against 1183× / 1423× for the torch path; the near tiles' exponentials and the fp32 (non-tensor-
-core) products keep it from the floor.
+Matrix products run in IEEE float32 on the FMA units (TF32 is too coarse; Triton 3.6's ``"tf32x3"`` faulted
+in these kernels on the H200); ``exp`` is the GPU's fast one: the result matches the torch path to ≤ 1e-5
+relative. Two launches per read, so that each kernel keeps its own registers: one for the far tiles (one
+program per row tile, the row factors loaded once, the zeros above the diagonal too), one for the near tiles.
+For any block of rows and columns, :meth:`DiagonalTiles.dense` writes ``(channels, rows, cols)`` and
+:meth:`DiagonalTiles.reduce` sums channels inside each program (with optional row/column weights and the
+``abs``/``positive`` transforms), writing one ``(rows, cols)`` per channel group, so a channel mean never
+holds ``channels × L × L``. Measured on the H200 (``benchmarks/results/gpu.md``), Mamba-1, 1536 channels:
+7.3× / 4.7× / 3.5× the write floor at L = 512 / 1024 / 2048 (kernel; the torch path 1290× / 1950×). What
+keeps it from the floor: the far tiles' FMA products (2.2× the floor alone at L = 2048) and the near tiles'
+exponentials (about 5× the special-function units' bound; 250 registers a thread limit occupancy).
 """
 
 from __future__ import annotations
@@ -52,14 +60,13 @@ try:  # optional: the torch path serves wherever Triton is missing
 except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
 
-#: tile size (rows and columns) and the halo of conv columns a near tile computes (conv width ≤ 17).
+#: tile size (rows and columns; conv widths up to ``TILE + 1``)
 TILE = 64
-HALO = 16
 TRANSFORMS = {"signed": 0, "abs": 1, "positive": 2}
 #: code paths and launch settings (benchmarks/bench_kernel.py compares them): the far tiles as one tile
-#: product (``FAR_DOT``) or ``N`` outer products, the near tiles' conv as a banded product (``NEAR_DOT``) or
-#: ``K`` shifted cores.
-TUNING: dict = {"FAR_DOT": True, "NEAR_DOT": True, "far_warps": 8, "near_warps": 8}
+#: product (``FAR_DOT``; ``N < 16`` always takes ``N`` outer products), warps. Products run on the float32
+#: FMA units (``"ieee"``): TF32 is too coarse, and Triton 3.6's ``"tf32x3"`` faults in these kernels (H200).
+TUNING: dict = {"FAR_DOT": True, "far_warps": 4, "near_warps": 4}
 
 
 def available(device: torch.device, *, interpreted: bool = False) -> bool:
@@ -79,53 +86,20 @@ def available(device: torch.device, *, interpreted: bool = False) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _near_core(
-        c, I, t, m, L, n_tiles, ssm, sloc_ptr, tot_ptr, A_ptr, B_ptr, C_ptr, vr_ptr, dr_ptr, seg_ptr,
-        N: tl.constexpr, Q: tl.constexpr, SCALAR: tl.constexpr,
-    ):  # fmt: skip
-        """``core[t, m]`` for rows ``t`` of tile ``I`` and columns ``m`` in tiles ``I − 1 … I + 1``."""
+    def _far_rows(c, I, L, U_ptr, left_ptr, NP: tl.constexpr, Q: tl.constexpr, FAR_DOT: tl.constexpr):
+        """The row factors of row tile ``I``: ``U`` (``Q × NP``, for the product) and the left factors."""
+        t = I * Q + tl.arange(0, Q)
         t_ok = t < L
-        m_ok = (m >= 0) & (m < L)
-        seg_t = tl.load(seg_ptr + t, mask=t_ok, other=0)
-        seg_m = tl.load(seg_ptr + m, mask=m_ok, other=-1)
-        valid = (
-            (m[None, :] <= t[:, None]) & m_ok[None, :] & t_ok[:, None] & (seg_t[:, None] == seg_m[None, :])
-        )
-        tile_m = m // Q
-        s_t = tl.load(sloc_ptr + c * L + t, mask=t_ok, other=0.0)
-        s_m = tl.load(sloc_ptr + c * L + m, mask=m_ok, other=0.0)
-        carry = tl.load(tot_ptr + c * n_tiles + tile_m, mask=m_ok & (tile_m < I), other=0.0)
-        gap = s_t[:, None] - (s_m - carry)[None, :]
-        gap = tl.where(valid, tl.maximum(gap, 0.0), 0.0)
-        acc = tl.zeros_like(gap)
-        if ssm != 0:
-            if SCALAR:  # one decay for every state (Mamba-2): exp once per entry, C_t · B_m as a product
-                n = tl.arange(0, N)
-                c_rows = tl.load(C_ptr + t[:, None] * N + n[None, :], mask=t_ok[:, None], other=0.0)
-                b_rows = tl.load(B_ptr + m[:, None] * N + n[None, :], mask=m_ok[:, None], other=0.0)
-                scores = tl.dot(c_rows, tl.trans(b_rows), input_precision="ieee")
-                acc = scores * tl.exp(tl.load(A_ptr + c * N) * gap)
-            else:
-                for n in tl.static_range(N):
-                    a_n = tl.load(A_ptr + c * N + n)
-                    c_n = tl.load(C_ptr + t * N + n, mask=t_ok, other=0.0)
-                    b_n = tl.load(B_ptr + m * N + n, mask=m_ok, other=0.0)
-                    acc += c_n[:, None] * tl.exp(a_n * gap) * b_n[None, :]
-            vr = tl.load(vr_ptr + c * L + m, mask=m_ok, other=0.0)
-            acc = tl.where(valid, acc * vr[None, :], 0.0)
-        dr = tl.load(dr_ptr + c * L + m, mask=m_ok, other=0.0)  # zeros without the skip
-        diagonal = (t[:, None] == m[None, :]) & m_ok[None, :] & t_ok[:, None]
-        return acc + tl.where(diagonal, dr[None, :], 0.0)
+        left = tl.load(left_ptr + c * L + t, mask=t_ok, other=0.0)
+        if FAR_DOT:
+            n = tl.arange(0, NP)
+            u = tl.load(U_ptr + (c * L + t[:, None]) * NP + n[None, :], mask=t_ok[:, None], other=0.0)
+        else:
+            u = left  # unused: the outer products load U per state
+        return u, left
 
     @triton.jit
-    def _band(c, m, j, taps_ptr, K: tl.constexpr):
-        """The conv as a matrix: ``W[m, j] = w_{m−j}`` for ``0 ≤ m − j < K`` (``w_k = taps[c, K−1−k]``)."""
-        k = m[:, None] - j[None, :]
-        inside = (k >= 0) & (k < K)
-        return tl.load(taps_ptr + c * K + (K - 1 - k), mask=inside, other=0.0)
-
-    @triton.jit
-    def _outer(c, I, J, L, sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr, left_ptr, pmask_ptr, seg_ptr, segref_ptr,
+    def _outer(c, I, J, L, u, left, sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr, pmask_ptr, seg_ptr, segref_ptr,
                N: tl.constexpr, NP: tl.constexpr, Q: tl.constexpr, FAR_DOT: tl.constexpr):  # fmt: skip
         """A far tile (``I ≥ J + 2``) of channel ``c``: ``U · diag(mid) · Vᵀ`` with the left/right masks."""
         t = I * Q + tl.arange(0, Q)
@@ -136,7 +110,6 @@ if triton is not None:
         gap = (tl.load(sb_ptr + c * (n_tiles + 1) + I) - tl.load(sref_ptr + c * n_tiles + J)).to(tl.float32)
         if FAR_DOT:
             n = tl.arange(0, NP)
-            u = tl.load(U_ptr + (c * L + t[:, None]) * NP + n[None, :], mask=t_ok[:, None], other=0.0)
             v = tl.load(V_ptr + (c * L + j[:, None]) * NP + n[None, :], mask=j_ok[:, None], other=0.0)
             a = tl.load(A_ptr + c * N + n, mask=n < N, other=0.0)
             mid = tl.exp(a * gap)  # (NP,), every exponent ≤ 0
@@ -150,35 +123,56 @@ if triton is not None:
                 acc += (u_n * mid_n)[:, None] * v_n[None, :]
         # one segment from the column tile's reference to the row tile's start (U and V check the ends)
         linked = tl.load(seg_ptr + I * Q - 1) == tl.load(segref_ptr + J)
-        left = tl.load(left_ptr + c * L + t, mask=t_ok, other=0.0)
         acc = acc * left[:, None] * tl.load(pmask_ptr + j, mask=j_ok, other=0.0)[None, :]
         return tl.where(linked, acc, 0.0)
 
     @triton.jit
-    def _near(c, I, J, L, ssm, sloc_ptr, tot_ptr, A_ptr, B_ptr, C_ptr, vr_ptr, dr_ptr, seg_ptr, taps_ptr,
-              left_ptr, pmask_ptr, N: tl.constexpr, K: tl.constexpr, Q: tl.constexpr, H: tl.constexpr,
-              NEAR_DOT: tl.constexpr, SCALAR: tl.constexpr):  # fmt: skip
-        """A near tile (``I ∈ {J, J + 1}``) of channel ``c``: the core with its conv halo, then the conv."""
+    def _near(
+        c, I, J, L, ssm, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, fix_ptr, seg_ptr, left_ptr, pmask_ptr,
+        N: tl.constexpr, K: tl.constexpr, Q: tl.constexpr, SCALAR: tl.constexpr,
+    ):  # fmt: skip
+        """A near tile (``I ∈ {J, J + 1}``) of channel ``c``.
+
+        Column ``j`` is taken from its last conv tap ``m = j + K − 1``: where ``t ≥ m`` every tap is
+        causal and ``A[t, j] = Σ_n C[t, n] · exp(A_n (S_{t+1} − S_{m+1})) · W[j, n]`` with ``W`` the conv
+        folded into the input side (``DiagonalTiles``), one exponential per entry and state and no halo;
+        the ``K`` diagonals from ``t = j`` hold what that misses (``fix``: partial taps and the skip)."""
         t = I * Q + tl.arange(0, Q)
         j = J * Q + tl.arange(0, Q)
-        n_tiles = (L + Q - 1) // Q
-        if NEAR_DOT:
-            core = _near_core(c, I, t, j, L, n_tiles, ssm, sloc_ptr, tot_ptr, A_ptr, B_ptr, C_ptr, vr_ptr,
-                              dr_ptr, seg_ptr, N, Q, SCALAR)  # fmt: skip
-            acc = tl.dot(core, _band(c, j, j, taps_ptr, K), input_precision="ieee")
-            if K > 1:
-                h = (J + 1) * Q + tl.arange(0, H)
-                core_h = _near_core(c, I, t, h, L, n_tiles, ssm, sloc_ptr, tot_ptr, A_ptr, B_ptr, C_ptr,
-                                    vr_ptr, dr_ptr, seg_ptr, N, Q, SCALAR)  # fmt: skip
-                acc += tl.dot(core_h, _band(c, h, j, taps_ptr, K), input_precision="ieee")
-        else:
-            acc = tl.zeros((Q, Q), dtype=tl.float32)
-            for k in tl.static_range(K):
-                core = _near_core(c, I, t, j + k, L, n_tiles, ssm, sloc_ptr, tot_ptr, A_ptr, B_ptr, C_ptr,
-                                  vr_ptr, dr_ptr, seg_ptr, N, Q, SCALAR)  # fmt: skip
-                acc += tl.load(taps_ptr + c * K + (K - 1 - k)) * core
-        left = tl.load(left_ptr + c * L + t, mask=t < L, other=0.0)
-        return acc * left[:, None] * tl.load(pmask_ptr + j, mask=(j >= 0) & (j < L), other=0.0)[None, :]
+        m = j + (K - 1)
+        t_ok = t < L
+        j_ok = (j >= 0) & (j < L)
+        acc = tl.zeros((Q, Q), dtype=tl.float32)
+        if ssm != 0:
+            m_ok = m < L
+            seg_t = tl.load(seg_ptr + t, mask=t_ok, other=0)
+            seg_m = tl.load(seg_ptr + m, mask=m_ok, other=-1)
+            valid = (m[None, :] <= t[:, None]) & m_ok[None, :] & t_ok[:, None]
+            valid = valid & (seg_t[:, None] == seg_m[None, :])
+            # S_{t+1} − S_{m+1}: sums local to each tile (float32 of small numbers), the carry of m's tile
+            n_tiles = (L + Q - 1) // Q
+            tile_m = m // Q
+            s_t = tl.load(sloc_ptr + c * L + t, mask=t_ok, other=0.0)
+            s_m = tl.load(sloc_ptr + c * L + m, mask=m_ok, other=0.0)
+            carry = tl.load(tot_ptr + c * n_tiles + tile_m, mask=m_ok & (tile_m < I), other=0.0)
+            gap = tl.where(valid, tl.maximum(s_t[:, None] - (s_m - carry)[None, :], 0.0), 0.0)
+            if SCALAR:  # one rate for every state (Mamba-2): one exponential per entry, C_t · W_j a product
+                n = tl.arange(0, N)
+                c_rows = tl.load(C_ptr + t[:, None] * N + n[None, :], mask=t_ok[:, None], other=0.0)
+                w_rows = tl.load(W_ptr + (c * L + j[:, None]) * N + n[None, :], mask=j_ok[:, None], other=0.0)
+                acc = tl.dot(c_rows, tl.trans(w_rows), input_precision="ieee")
+                acc = acc * tl.exp(tl.load(A_ptr + c * N) * gap)
+            else:  # a loop, not unrolled: unrolling hoists every state's loads and spills registers
+                for n in range(N):
+                    c_n = tl.load(C_ptr + t * N + n, mask=t_ok, other=0.0)
+                    w_n = tl.load(W_ptr + (c * L + j) * N + n, mask=j_ok, other=0.0)
+                    acc += c_n[:, None] * tl.exp(tl.load(A_ptr + c * N + n) * gap) * w_n[None, :]
+            acc = tl.where(valid, acc, 0.0)
+        d = t[:, None] - j[None, :]
+        band = (d >= 0) & (d < K) & t_ok[:, None] & j_ok[None, :]
+        acc += tl.load(fix_ptr + (c * L + t[:, None]) * K + d, mask=band, other=0.0)
+        left = tl.load(left_ptr + c * L + t, mask=t_ok, other=0.0)
+        return acc * left[:, None] * tl.load(pmask_ptr + j, mask=j_ok, other=0.0)[None, :]
 
     @triton.jit
     def _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, acc, Q: tl.constexpr, keep):
@@ -212,6 +206,8 @@ if triton is not None:
         "c1",
         "I0",
         "J0",
+        "nJ",
+        "span",
         "L",
         "ssm",
         "n_chan",
@@ -220,40 +216,44 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=_RUNTIME)
     def _far_kernel(
-        out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, J0, L, ssm, n_chan, per_group,
+        out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, J0, nJ, span, L, ssm, n_chan, per_group,
         sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr, left_ptr, pmask_ptr, seg_ptr, segref_ptr, rw_ptr, cw_ptr,
-        N: tl.constexpr, NP: tl.constexpr, Q: tl.constexpr, FAR_DOT: tl.constexpr,
-        REDUCE: tl.constexpr, TRANSFORM: tl.constexpr,
+        N: tl.constexpr, NP: tl.constexpr, Q: tl.constexpr, FAR_DOT: tl.constexpr, REDUCE: tl.constexpr,
+        TRANSFORM: tl.constexpr,
     ):  # fmt: skip
-        """Every tile but the near ones: far tiles computed, tiles above the diagonal zeros. Dense: one
-        program per tile and channel; reduce: one per tile and group of ``per_group`` channels."""
+        """Every tile but the near ones: far tiles computed, tiles above the diagonal zeros. One program per
+        row tile, run of ``span`` column tiles and channel (dense: the row factors loaded once per run) or
+        group of ``per_group`` channels (reduce: summed in the program)."""
         I = I0 + tl.program_id(0)
-        J = J0 + tl.program_id(1)
+        J = J0 + tl.program_id(1) * span
+        J_end = tl.minimum(J + span, J0 + nJ)
         slab = tl.program_id(2)
-        far = (I >= J + 2) & (ssm != 0)
-        total = tl.zeros((Q, Q), dtype=tl.float32)
-        if REDUCE:
-            if far:
-                c = slab * per_group
-                while c < (slab + 1) * per_group:  # while: Triton's interpreter cannot range() over arguments
-                    acc = _outer(c, I, J, L, sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr, left_ptr, pmask_ptr,
-                                 seg_ptr, segref_ptr, N, NP, Q, FAR_DOT)  # fmt: skip
-                    total = _reduce_step(total, tl.where(c < n_chan, acc, 0.0), c, I, J, L, rw_ptr, cw_ptr,
-                                         TRANSFORM, Q)  # fmt: skip
-                    c += 1
-        elif far:
-            total = _outer(slab, I, J, L, sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr, left_ptr, pmask_ptr,
-                           seg_ptr, segref_ptr, N, NP, Q, FAR_DOT)  # fmt: skip
-        not_near = (I < J) | (I >= J + 2)  # the near tiles are the other launch's
-        _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, not_near)
+        u, left = _far_rows(slab, I, L, U_ptr, left_ptr, NP, Q, FAR_DOT)  # dense: this channel's
+        while J < J_end:  # while: Triton's interpreter cannot range() over arguments
+            far = (I >= J + 2) & (ssm != 0)
+            total = tl.zeros((Q, Q), dtype=tl.float32)
+            if REDUCE:
+                if far:
+                    c = slab * per_group
+                    while c < tl.minimum((slab + 1) * per_group, n_chan):
+                        u_c, left_c = _far_rows(c, I, L, U_ptr, left_ptr, NP, Q, FAR_DOT)
+                        acc = _outer(c, I, J, L, u_c, left_c, sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr,
+                                     pmask_ptr, seg_ptr, segref_ptr, N, NP, Q, FAR_DOT)  # fmt: skip
+                        total = _reduce_step(total, acc, c, I, J, L, rw_ptr, cw_ptr, TRANSFORM, Q)
+                        c += 1
+            elif far:
+                total = _outer(slab, I, J, L, u, left, sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr, pmask_ptr,
+                               seg_ptr, segref_ptr, N, NP, Q, FAR_DOT)  # fmt: skip
+            not_near = (I < J) | (I >= J + 2)  # the near tiles are the other launch's
+            _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, not_near)
+            J += 1
 
     @triton.jit(do_not_specialize=[name for name in _RUNTIME if name != "J0"])
     def _near_kernel(
         out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, L, ssm, n_chan, per_group,
-        sloc_ptr, tot_ptr, A_ptr, B_ptr, C_ptr, vr_ptr, dr_ptr, seg_ptr, taps_ptr, left_ptr, pmask_ptr,
-        rw_ptr, cw_ptr,
-        N: tl.constexpr, K: tl.constexpr, Q: tl.constexpr, H: tl.constexpr, NEAR_DOT: tl.constexpr,
-        SCALAR: tl.constexpr, REDUCE: tl.constexpr, TRANSFORM: tl.constexpr,
+        sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, fix_ptr, seg_ptr, left_ptr, pmask_ptr, rw_ptr, cw_ptr,
+        N: tl.constexpr, K: tl.constexpr, Q: tl.constexpr, SCALAR: tl.constexpr, REDUCE: tl.constexpr,
+        TRANSFORM: tl.constexpr,
     ):  # fmt: skip
         """The near tiles: row tile ``I`` against column tiles ``I`` and ``I − 1``."""
         I = I0 + tl.program_id(0)
@@ -264,15 +264,14 @@ if triton is not None:
             pass
         elif REDUCE:
             c = slab * per_group
-            while c < (slab + 1) * per_group:
-                acc = _near(c, I, J, L, ssm, sloc_ptr, tot_ptr, A_ptr, B_ptr, C_ptr, vr_ptr, dr_ptr, seg_ptr,
-                            taps_ptr, left_ptr, pmask_ptr, N, K, Q, H, NEAR_DOT, SCALAR)  # fmt: skip
-                total = _reduce_step(total, tl.where(c < n_chan, acc, 0.0), c, I, J, L, rw_ptr, cw_ptr,
-                                     TRANSFORM, Q)  # fmt: skip
+            while c < tl.minimum((slab + 1) * per_group, n_chan):
+                acc = _near(c, I, J, L, ssm, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, fix_ptr, seg_ptr,
+                            left_ptr, pmask_ptr, N, K, Q, SCALAR)  # fmt: skip
+                total = _reduce_step(total, acc, c, I, J, L, rw_ptr, cw_ptr, TRANSFORM, Q)
                 c += 1
         else:
-            total = _near(slab, I, J, L, ssm, sloc_ptr, tot_ptr, A_ptr, B_ptr, C_ptr, vr_ptr, dr_ptr, seg_ptr,
-                          taps_ptr, left_ptr, pmask_ptr, N, K, Q, H, NEAR_DOT, SCALAR)  # fmt: skip
+            total = _near(slab, I, J, L, ssm, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, fix_ptr, seg_ptr,
+                          left_ptr, pmask_ptr, N, K, Q, SCALAR)  # fmt: skip
         _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, J >= 0)
 
 
@@ -326,8 +325,8 @@ class DiagonalTiles:
         # tl.dot wants a power of two ≥ 16 (zero padding); outer products take N as it is
         NP = max(16, 1 << (N - 1).bit_length()) if self.far_dot else N
         K = 1 if taps is None else taps.shape[1]
-        if K - 1 > HALO:
-            raise ValueError(f"the fused kernel handles convolutions of up to {HALO + 1} taps, got {K}")
+        if K - 1 > Q:
+            raise ValueError(f"the fused kernel handles convolutions of up to {Q + 1} taps, got {K}")
         pos = torch.arange(L, device=device)
         start = pos // Q * Q
         bounds = torch.arange(nT + 1, device=device) * Q
@@ -352,9 +351,51 @@ class DiagonalTiles:
         self.pmask = ones[0] if input_mask is None else input_mask.to(f32).contiguous()
         self.N, self.NP, self.K, self.L, self.ssm = N, NP, K, L, ssm
         self.n_chan = nc
-        self.U = self.V = None
+        self.U = self.V = self.W = None
         if ssm:
             self.U, self.V = self._far_factors(S, pos, start, ref)
+            last = (pos + K - 1).clamp(max=L - 1)  # each column's last conv tap
+            self.W = self._fold(S, S[:, last + 1], seg[last], pos).contiguous()
+        self.fix = self._diagonals(S, pos, skip and D is not None)
+
+    def _decay(self, gap: Tensor) -> Tensor:
+        """``exp(A_n · gap)`` for ``gap (nc, L)``: ``(nc, L, N)``; ``(nc, L, 1)`` for one rate per channel."""
+        A = self.A[:, :1] if self.scalar else self.A
+        return torch.exp(A[:, None, :] * gap[..., None])
+
+    def _fold(self, S: Tensor, S_ref: Tensor, seg_ref: Tensor, pos: Tensor) -> Tensor:
+        """The conv folded into the input side, seen from a reference ``S_ref`` (``(nc, L)``, at or past
+        each column's last tap): ``Σ_k w_k exp(A_n (S_ref − S_{j+k+1})) u_{j+k} r_{j+k} B[j+k, n]`` over
+        the taps inside the sequence and in the reference's segment, ``(nc, L, N)``; every exponent ≤ 0."""
+        L, K, A, seg = self.L, self.K, self.A, self.seg
+        out = torch.zeros(self.n_chan, L, A.shape[1], device=S.device, dtype=torch.float32)
+        for k in range(K):  # the conv width (about 4), not the sequence length
+            m = pos + k
+            mc = m.clamp(max=L - 1)
+            inside = (m < L) & (seg[mc] == seg_ref)
+            gap = (S_ref - S[:, mc + 1]).clamp_min(0).to(torch.float32)  # (nc, L)
+            weight = self.taps[:, K - 1 - k, None] * self.vr[:, mc] * inside  # (nc, L)
+            out += self._decay(gap) * weight[..., None] * self.B[mc][None]
+        return out
+
+    def _diagonals(self, S: Tensor, pos: Tensor, skip: bool) -> Tensor:
+        """``fix (nc, L, K)``: what the near tiles' folded form misses on diagonal ``d = t − j < K``: the
+        taps of column ``j`` at or before row ``t`` when ``d < K − 1`` (``Σ_{k ≤ d} w_k core[t, j + k]``),
+        and the skip ``w_d D r_t``."""
+        K, seg = self.K, self.seg
+        fix = torch.zeros(self.n_chan, self.L, K, device=S.device, dtype=torch.float32)
+        w = self.taps.flip(1)  # w[:, k] = w_k
+        if self.ssm:
+            for e in range(K - 1):  # the recurrence's entries core[t, t − e]
+                m = (pos - e).clamp(min=0)
+                linked = (pos >= e) & (seg[m] == seg)
+                gap = (S[:, pos + 1] - S[:, m + 1]).clamp_min(0).to(torch.float32)  # (nc, L)
+                entry = (self._decay(gap) * self.C[None] * self.B[m][None]).sum(-1) * self.vr[:, m] * linked
+                for d in range(e, K - 1):  # column j = t − d takes it through tap k = d − e
+                    fix[:, :, d] += w[:, d - e, None] * entry
+        if skip:
+            fix += w[:, None, :] * self.dr[:, :, None]
+        return fix.contiguous()
 
     def _far_factors(self, S: Tensor, pos: Tensor, start: Tensor, ref: Tensor):
         """``U (nc, L, NP)`` and ``V (nc, L, NP)`` of the far tiles (see the module docstring).
@@ -363,20 +404,13 @@ class DiagonalTiles:
         of their tile's previous position, ``V`` columns in the segment of their tile's reference, and the
         kernel checks the two boundaries in between.
         """
-        L, K, NP, A, seg = self.L, self.K, self.NP, self.A, self.seg
+        NP, A, seg = self.NP, self.A, self.seg
         before = seg[(start - 1).clamp(min=0)]  # the segment just before each row's tile
-        U = self.C[None] * torch.exp(A[:, None, :] * self.sloc[..., None])  # exponent ≤ 0
+        U = self.C[None] * self._decay(self.sloc)  # exponent ≤ 0
         U = U * (seg == before).to(U.dtype)[None, :, None]
         S_ref = S[:, ref][:, pos // TILE]  # (nc, L): S_ref of each column's tile, float64
         seg_ref = self.seg_ref[pos // TILE]
-        V = torch.zeros_like(U)
-        for k in range(K):  # the conv width (about 4), not the sequence length
-            m = pos + k
-            mc = m.clamp(max=L - 1)
-            inside = (m < L) & (seg[mc] == seg_ref)
-            gap = (S_ref - S[:, mc + 1]).clamp_min(0).to(torch.float32)  # (nc, L)
-            weight = self.taps[:, K - 1 - k, None] * self.vr[:, mc] * inside  # (nc, L)
-            V += torch.exp(A[:, None, :] * gap[..., None]) * (weight[..., None] * self.B[mc][None])
+        V = self._fold(S, S_ref, seg_ref, pos)
         pad = NP - A.shape[1]
         if pad:
             U, V = torch.nn.functional.pad(U, (0, pad)), torch.nn.functional.pad(V, (0, pad))
@@ -394,19 +428,23 @@ class DiagonalTiles:
         rw = ones if row_weight is None else row_weight.to(torch.float32).contiguous()
         cw = ones if col_weight is None else col_weight.to(torch.float32).contiguous()
         head = (out, out.stride(0), out.stride(1), r0, r1, c0, c1)
+        # wide states (Mamba-2's N = 128) take 8 warps whatever TUNING says: 4 spill registers
         U = self.sloc if self.U is None else self.U  # unread without the recurrence
         V = self.sloc if self.V is None else self.V
-        _far_kernel[(nI, nJ, slabs)](
-            *head, I0, J0, self.L, int(self.ssm), self.n_chan, per_group,
+        W = self.sloc if self.W is None else self.W
+        span = 1 if groups else nJ  # dense: one program per row tile; reduce: per tile, for parallelism
+        _far_kernel[(nI, triton.cdiv(nJ, span), slabs)](
+            *head, I0, J0, nJ, span, self.L, int(self.ssm), self.n_chan, per_group,
             self.sb, self.sref, self.A, U, V, self.left, self.pmask, self.seg, self.seg_ref, rw, cw,
-            N=self.N, NP=self.NP, Q=TILE, FAR_DOT=self.far_dot, num_warps=TUNING["far_warps"], **reduce,
+            N=self.N, NP=self.NP, Q=TILE, FAR_DOT=self.far_dot,
+            num_warps=max(TUNING["far_warps"], 8 if self.NP >= 64 else 1), **reduce,
         )  # fmt: skip
         # near tiles: row tiles I0 … with column tiles I and I − 1 (those outside the read are masked)
         _near_kernel[(nI, 2, slabs)](
             *head, I0, self.L, int(self.ssm), self.n_chan, per_group,
-            self.sloc, self.tot, self.A, self.B, self.C, self.vr, self.dr, self.seg, self.taps, self.left,
-            self.pmask, rw, cw, N=self.N, K=self.K, Q=TILE, H=HALO, NEAR_DOT=TUNING["NEAR_DOT"],
-            SCALAR=self.scalar, num_warps=TUNING["near_warps"], **reduce,
+            self.sloc, self.tot, self.A, self.C, W, self.fix, self.seg, self.left, self.pmask, rw, cw,
+            N=self.N, K=self.K, Q=TILE, SCALAR=self.scalar,
+            num_warps=max(TUNING["near_warps"], 8 if self.scalar else 1), **reduce,
         )  # fmt: skip
 
     def dense(self, r0: int, r1: int, c0: int, c1: int, out: Tensor | None = None) -> Tensor:

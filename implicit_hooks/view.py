@@ -56,7 +56,7 @@ class Core:
     #: False; ``backend="triton"`` still uses it)
     fused_by_default: bool = True
     #: elements per channel and position that :meth:`tiles` prepares (guides the channel chunks)
-    fused_work: int = 40
+    fused_work: int = 64  # U, V, W of 16 states and a few per-position arrays (Mamba-1)
 
     def block(self, b: int, chans: Tensor, rows: Tensor, cols: Tensor, *, ssm: bool, skip: bool) -> Tensor:
         """Entries ``[chans, rows, cols]`` of batch row ``b``: shape ``(len(chans), len(rows), len(cols))``.

@@ -40,7 +40,7 @@ class RGLRUCore(Core):
 
     work_per_entry = 6
     has_skip = False
-    fused_work = 10  # one state
+    fused_work = 16  # one state
 
     def __init__(self, log_decay: Tensor, segment: Tensor, input_scale: Tensor):
         self.segment = segment

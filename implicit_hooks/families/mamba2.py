@@ -98,7 +98,7 @@ class SSDCore(Core):
 
     @property
     def fused_work(self) -> int:
-        return 2 * self.B.shape[-1] + 8  # U and V of N states, and a few per-position arrays
+        return 3 * self.B.shape[-1] + 12  # U, V and W of N states, and a few per-position arrays
 
     def tile_parts(self, chans: Tensor) -> list[Tensor]:
         """Channels of one group of ``B``/``C`` at a time."""
