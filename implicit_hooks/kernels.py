@@ -1,5 +1,5 @@
-"""Fused Triton assembly of diagonal-state implicit attention (Mamba-1, RG-LRU, Mamba-2): dense blocks
-and channel reductions.
+"""Fused Triton assembly of implicit attention: dense blocks and channel reductions of diagonal-state cores
+(Mamba-1, RG-LRU, Mamba-2: :class:`DiagonalTiles`) and of RWKV-4's normalised WKV (:class:`WKVTiles`).
 
 The torch path (:meth:`AttentionView._block`) builds a tile in a dozen passes over memory (core, the
 column factors, ``K`` conv shifts, the gate); these kernels write each ``64 × 64`` output tile once,
@@ -66,7 +66,7 @@ TRANSFORMS = {"signed": 0, "abs": 1, "positive": 2}
 #: code paths and launch settings (benchmarks/bench_kernel.py compares them): the far tiles as one tile
 #: product (``FAR_DOT``; ``N < 16`` always takes ``N`` outer products), warps. Products run on the float32
 #: FMA units (``"ieee"``): TF32 is too coarse, and Triton 3.6's ``"tf32x3"`` faults in these kernels (H200).
-TUNING: dict = {"FAR_DOT": True, "far_warps": 4, "near_warps": 4}
+TUNING: dict = {"FAR_DOT": True, "far_warps": 4, "near_warps": 4, "wkv_warps": 4}
 
 
 def available(device: torch.device, *, interpreted: bool = False) -> bool:
@@ -274,8 +274,103 @@ if triton is not None:
                           left_ptr, pmask_ptr, N, K, Q, SCALAR)  # fmt: skip
         _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, J >= 0)
 
+    @triton.jit
+    def _wkv_tile(c, I, J, L, row_ptr, col_ptr, diag_ptr, rate_ptr, left_ptr, right_ptr, pmask_ptr,
+                  Q: tl.constexpr):  # fmt: skip
+        """A tile of channel ``c`` of the normalised WKV (:class:`WKVTiles`), exponents in float64."""
+        t = I * Q + tl.arange(0, Q)
+        j = J * Q + tl.arange(0, Q)
+        t_ok = t < L
+        j_ok = j < L
+        row = tl.load(row_ptr + c * L + t, mask=t_ok, other=0.0)
+        col = tl.load(col_ptr + c * L + j, mask=j_ok, other=0.0)
+        diag = tl.load(diag_ptr + c * L + t, mask=t_ok, other=0.0)
+        gap = (j[None, :] - t[:, None]).to(tl.float64)
+        expo = tl.where(j[None, :] == t[:, None], diag[:, None], gap * tl.load(rate_ptr + c) + col[None, :])
+        inside = (j[None, :] <= t[:, None]) & t_ok[:, None] & j_ok[None, :]
+        acc = tl.exp(tl.where(inside, (expo + row[:, None]).to(tl.float32), float("-inf")))  # no overflow
+        acc = acc * tl.load(left_ptr + c * L + t, mask=t_ok, other=0.0)[:, None]
+        right = tl.load(right_ptr + c * L + j, mask=j_ok, other=0.0) * tl.load(
+            pmask_ptr + j, mask=j_ok, other=0.0
+        )
+        return acc * right[None, :]
 
-class DiagonalTiles:
+    @triton.jit(do_not_specialize=_RUNTIME)
+    def _wkv_kernel(
+        out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, J0, nJ, span, L, n_chan, per_group,
+        row_ptr, col_ptr, diag_ptr, rate_ptr, left_ptr, right_ptr, pmask_ptr, rw_ptr, cw_ptr,
+        Q: tl.constexpr, REDUCE: tl.constexpr, TRANSFORM: tl.constexpr,
+    ):  # fmt: skip
+        """Every tile of the read, zeros above the diagonal; programs as in :func:`_far_kernel`."""
+        I = I0 + tl.program_id(0)
+        J = J0 + tl.program_id(1) * span
+        J_end = tl.minimum(J + span, J0 + nJ)
+        slab = tl.program_id(2)
+        while J < J_end:
+            total = tl.zeros((Q, Q), dtype=tl.float32)
+            if J <= I:
+                if REDUCE:
+                    c = slab * per_group
+                    while c < tl.minimum((slab + 1) * per_group, n_chan):
+                        acc = _wkv_tile(c, I, J, L, row_ptr, col_ptr, diag_ptr, rate_ptr, left_ptr, right_ptr,
+                                        pmask_ptr, Q)  # fmt: skip
+                        total = _reduce_step(total, acc, c, I, J, L, rw_ptr, cw_ptr, TRANSFORM, Q)
+                        c += 1
+                else:
+                    total = _wkv_tile(slab, I, J, L, row_ptr, col_ptr, diag_ptr, rate_ptr, left_ptr,
+                                      right_ptr, pmask_ptr, Q)  # fmt: skip
+            _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, J >= 0)
+            J += 1
+
+
+class _Tiles:
+    """What the view calls: dense blocks and channel sums of ``n_chan`` prepared channels on ``device``;
+    subclasses launch their kernels in ``_launch``."""
+
+    n_chan: int
+    device: torch.device
+
+    def _launch(self, out: Tensor, span: tuple[int, int, int, int], groups: int, per_group: int,
+                row_weight: Tensor | None = None, col_weight: Tensor | None = None, transform: str = "signed",
+                ) -> None:  # fmt: skip
+        raise NotImplementedError
+
+    def dense(self, r0: int, r1: int, c0: int, c1: int, out: Tensor | None = None) -> Tensor:
+        """Entries ``[:, r0:r1, c0:c1]`` of every prepared channel: ``(nc, r1 − r0, c1 − c0)``."""
+        if out is None:
+            out = torch.empty(self.n_chan, r1 - r0, c1 - c0, device=self.device, dtype=torch.float32)
+        if out.numel() == 0:
+            return out
+        if out.stride(2) != 1 or tuple(out.shape) != (self.n_chan, r1 - r0, c1 - c0):
+            raise ValueError(
+                f"out must be a ({self.n_chan}, {r1 - r0}, {c1 - c0}) tensor with unit column stride"
+            )
+        self._launch(out, (r0, r1, c0, c1), 0, 1)
+        return out
+
+    def reduce(
+        self,
+        r0: int,
+        r1: int,
+        c0: int,
+        c1: int,
+        *,
+        row_weight: Tensor | None = None,
+        col_weight: Tensor | None = None,
+        transform: str = "signed",
+    ) -> Tensor:
+        """The channel sum of (weighted, transformed) entries ``[r0:r1, c0:c1]``: ``(r1 − r0, c1 − c0)``."""
+        nI, nJ = (r1 - 1) // TILE - r0 // TILE + 1, (c1 - 1) // TILE - c0 // TILE + 1
+        # enough programs to fill the GPU: channel groups when there are few tiles, summed afterwards
+        groups = max(1, min(self.n_chan, math.ceil(2048 / (nI * nJ))))
+        per_group = math.ceil(self.n_chan / groups)
+        groups = math.ceil(self.n_chan / per_group)
+        out = torch.empty(groups, r1 - r0, c1 - c0, device=self.device, dtype=torch.float32)
+        self._launch(out, (r0, r1, c0, c1), groups, per_group, row_weight, col_weight, transform)
+        return out.sum(0) if groups > 1 else out[0]
+
+
+class DiagonalTiles(_Tiles):
     """The per-channel arrays the kernels read, for one batch row and a set of channels, of any core of the
     form (per channel, ``N`` diagonal states, every ``A_n ≤ 0``, ``S`` non-decreasing)::
 
@@ -350,7 +445,7 @@ class DiagonalTiles:
         self.left = ones if left is None else left.to(f32).contiguous()
         self.pmask = ones[0] if input_mask is None else input_mask.to(f32).contiguous()
         self.N, self.NP, self.K, self.L, self.ssm = N, NP, K, L, ssm
-        self.n_chan = nc
+        self.n_chan, self.device = nc, device
         self.U = self.V = self.W = None
         if ssm:
             self.U, self.V = self._far_factors(S, pos, start, ref)
@@ -447,36 +542,44 @@ class DiagonalTiles:
             num_warps=max(TUNING["near_warps"], 8 if self.scalar else 1), **reduce,
         )  # fmt: skip
 
-    def dense(self, r0: int, r1: int, c0: int, c1: int, out: Tensor | None = None) -> Tensor:
-        """Entries ``[:, r0:r1, c0:c1]`` of every prepared channel: ``(nc, r1 − r0, c1 − c0)``."""
-        if out is None:
-            out = torch.empty(self.n_chan, r1 - r0, c1 - c0, device=self.sloc.device, dtype=torch.float32)
-        if out.numel() == 0:
-            return out
-        if out.stride(2) != 1 or tuple(out.shape) != (self.n_chan, r1 - r0, c1 - c0):
-            raise ValueError(
-                f"out must be a ({self.n_chan}, {r1 - r0}, {c1 - c0}) tensor with unit column stride"
-            )
-        self._launch(out, (r0, r1, c0, c1), 0, 1)
-        return out
 
-    def reduce(
-        self,
-        r0: int,
-        r1: int,
-        c0: int,
-        c1: int,
-        *,
-        row_weight: Tensor | None = None,
-        col_weight: Tensor | None = None,
-        transform: str = "signed",
-    ) -> Tensor:
-        """The channel sum of (weighted, transformed) entries ``[r0:r1, c0:c1]``: ``(r1 − r0, c1 − c0)``."""
-        nI, nJ = (r1 - 1) // TILE - r0 // TILE + 1, (c1 - 1) // TILE - c0 // TILE + 1
-        # enough programs to fill the GPU: channel groups when there are few tiles, summed afterwards
-        groups = max(1, min(self.n_chan, math.ceil(2048 / (nI * nJ))))
-        per_group = math.ceil(self.n_chan / groups)
-        groups = math.ceil(self.n_chan / per_group)
-        out = torch.empty(groups, r1 - r0, c1 - c0, device=self.sloc.device, dtype=torch.float32)
-        self._launch(out, (r0, r1, c0, c1), groups, per_group, row_weight, col_weight, transform)
-        return out.sum(0) if groups > 1 else out[0]
+class WKVTiles(_Tiles):
+    """The normalised WKV of RWKV-4 (``families/rwkv4.py``) for one batch row and a set of channels::
+
+        R[t, j] = left[t] · exp(rate · (j − t) + col[j] + row[t]) · right[j] p[j]   (j < t)
+        R[t, t] = left[t] · exp(diag[t] + row[t]) · right[t] p[t]
+
+    with ``rate = w``, ``col = k + w``, ``diag = u + k``, ``row = −log Z`` (float64, ``(nc, L)``; the
+    exponent is summed in float64 and only then rounded, so keys and normalisers in the hundreds keep
+    float32 precision). One exponential per entry, no preparation beyond the casts.
+    """
+
+    def __init__(self, row: Tensor, col: Tensor, diag: Tensor, rate: Tensor, *, left: Tensor | None,
+                 right: Tensor | None, input_mask: Tensor | None, ssm: bool = True):  # fmt: skip
+        f64, f32 = torch.float64, torch.float32
+        self.n_chan, self.L = row.shape
+        self.device, self.ssm = row.device, ssm
+        self.row, self.col, self.diag = (x.to(f64).contiguous() for x in (row, col, diag))
+        self.rate = rate.to(f64).contiguous()
+        self.ones = ones = torch.ones(self.n_chan, self.L, device=self.device, dtype=f32)
+        self.left = ones if left is None else left.to(f32).contiguous()
+        self.right = ones if right is None else right.to(f32).contiguous()
+        self.pmask = ones[0] if input_mask is None else input_mask.to(f32).contiguous()
+
+    def _launch(self, out: Tensor, span: tuple[int, int, int, int], groups: int, per_group: int,
+                row_weight: Tensor | None = None, col_weight: Tensor | None = None, transform: str = "signed",
+                ) -> None:  # fmt: skip
+        if not self.ssm:  # the view without the recurrence: zeros
+            out.zero_()
+            return
+        r0, r1, c0, c1 = span
+        I0, J0 = r0 // TILE, c0 // TILE
+        nI, nJ = (r1 - 1) // TILE - I0 + 1, (c1 - 1) // TILE - J0 + 1
+        rw = self.ones if row_weight is None else row_weight.to(torch.float32).contiguous()
+        cw = self.ones if col_weight is None else col_weight.to(torch.float32).contiguous()
+        run = 1 if groups else nJ
+        _wkv_kernel[(nI, triton.cdiv(nJ, run), groups or self.n_chan)](
+            out, out.stride(0), out.stride(1), r0, r1, c0, c1, I0, J0, nJ, run, self.L, self.n_chan,
+            per_group, self.row, self.col, self.diag, self.rate, self.left, self.right, self.pmask, rw, cw,
+            Q=TILE, REDUCE=groups > 0, TRANSFORM=TRANSFORMS[transform], num_warps=TUNING["wkv_warps"],
+        )  # fmt: skip

@@ -1,5 +1,6 @@
-"""The fused Triton assembly of Mamba-1 implicit attention (implicit_hooks/kernels.py) against the torch
-path and against the independent float64 impulse response, at lengths around the 64-wide tiles.
+"""The fused Triton assembly of implicit attention (implicit_hooks/kernels.py: Mamba-1, RG-LRU, Mamba-2,
+RWKV-4) against the torch path and against the independent float64 impulse response, at lengths around the
+64-wide tiles.
 
 On CUDA the kernels are compiled; elsewhere they run under Triton's interpreter (tests/conftest.py sets
 ``TRITON_INTERPRET=1``), slowly, so the CPU shapes are small.
@@ -297,6 +298,56 @@ def test_mamba2_channels_of_several_groups():
                       ssm=True, skip=True) is None  # fmt: skip
 
 
+def rwkv4_record(L, device, *, key_scale=1.0, slow=True):
+    """An HF RWKV-4 time mixing (16 channels) on two rows, with a carried state (use_cache) in its
+    normaliser; slow decays so that far tiles hold more than underflow, large keys on request."""
+    from transformers import RwkvConfig, RwkvForCausalLM
+
+    torch.manual_seed(0)
+    cfg = RwkvConfig(vocab_size=64, hidden_size=16, attention_hidden_size=16, intermediate_size=32,
+                     num_hidden_layers=2, context_length=1024)  # fmt: skip
+    m = randomize(RwkvForCausalLM(cfg), 0).to(device).eval()
+    with torch.no_grad():
+        att = m.rwkv.blocks[0].attention
+        att.key.weight.mul_(key_scale)
+        if slow:  # w = exp(time_decay) in 0.002 … 0.05 per step
+            att.time_decay.copy_(torch.empty_like(att.time_decay).uniform_(-6, -3))
+    ids = torch.randint(0, 64, (2, L), generator=torch.Generator().manual_seed(1)).to(device)
+    with torch.no_grad(), ih.record(m, layers=[0]) as rec:
+        m(ids)
+    return rec[0]
+
+
+@pytest.mark.parametrize("L", [5, 150])
+def test_rwkv4_kernel(L):
+    """RWKV-4's normalised WKV (``WKVTiles``): one exponential per entry, float64 exponents."""
+    rec = rwkv4_record(L, "cpu")
+    fused, plain = both(rec.attention)
+    A = fused.dense()
+    assert rel_err(A, plain.dense()) < SAME
+    assert rel_err(fused.output(), rec.real_output) < TOL  # A · v + bias is the block
+    R = fused.only("ssm").dense()
+    assert rel_err(R, plain.only("ssm").dense()) < SAME
+    torch.testing.assert_close(R.sum(-1), torch.ones_like(R[..., 0]), rtol=0, atol=1e-6)  # normalised
+    if L > 128:
+        assert R[:, :, 128:, :64].max() > 1e-3  # far tiles carry the recurrence
+        assert rel_err(fused[:, 3:9, 70:140, 5:100], plain[:, 3:9, 70:140, 5:100]) < SAME
+    w = torch.randn(rec.attention.values.shape, generator=torch.Generator().manual_seed(0))
+    for transform in ("signed", "abs", "positive"):
+        a = fused.mean(transform=transform, row_weight=w, col_weight=w.flip(-1))
+        assert rel_err(a, plain.mean(transform=transform, row_weight=w, col_weight=w.flip(-1))) < SAME
+    assert torch.all(fused.only("gate").dense() == 0)  # the zeros of a view without the recurrence
+
+
+def test_rwkv4_kernel_with_large_keys():
+    """Keys beyond ±30 with fast decays: exp(k) overflows float32, the kernel's exponents do not."""
+    rec = rwkv4_record(140, "cpu", key_scale=25.0, slow=False)
+    assert rec.tensors["key"].abs().max() > 30
+    fused, plain = both(rec.attention.only("ssm"))
+    R = fused.dense()
+    assert torch.isfinite(R).all() and rel_err(R, plain.dense()) < SAME
+
+
 def test_reads_the_fused_path_cannot_serve_say_why():
     rec, _, _ = record(model("cpu", channels=4), 20, "cpu", batch=1)
     view = rec.attention.with_backend("triton")
@@ -311,10 +362,13 @@ def test_reads_the_fused_path_cannot_serve_say_why():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
-@pytest.mark.parametrize("family", ["rglru", "mamba2"])
+@pytest.mark.parametrize("family", ["rglru", "mamba2", "rwkv4"])
 @pytest.mark.parametrize("L", [150, 700])
-def test_cuda_rglru_and_mamba2_kernels_against_the_torch_path(family, L):
-    rec, _ = rglru_record(L, "cuda") if family == "rglru" else mamba2_record(L, "cuda")
+def test_cuda_rglru_mamba2_rwkv4_kernels_against_the_torch_path(family, L):
+    if family == "rwkv4":
+        rec = rwkv4_record(L, "cuda")
+    else:
+        rec, _ = rglru_record(L, "cuda") if family == "rglru" else mamba2_record(L, "cuda")
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:

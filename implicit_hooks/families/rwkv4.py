@@ -70,6 +70,31 @@ class WKVCore(Core):
         log_z = self.log_z[b].index_select(0, chans).index_select(1, rows)[:, :, None]
         return torch.exp(log_num - log_z).to(self.dtype)
 
+    #: the fused kernel (:meth:`tiles`) passed its tests under Triton's interpreter, not yet compiled on a
+    #: GPU: ``backend="triton"`` uses it, ``"auto"`` keeps the torch path until then
+    fused_by_default = False
+    fused_work = 8
+
+    def tiles(self, b: int, chans: Tensor, **parts: Any) -> Any:
+        """The fused Triton assembler (:class:`implicit_hooks.kernels.WKVTiles`): one exponential per entry
+        of ``(j − t)·w + (k_j + w) − log Z_t`` (``j < t``) or ``u + k_t − log Z_t`` (``j = t``)."""
+        if parts["taps"] is not None:
+            return None  # RWKV-4 shifts tokens before its projections: no conv factor to fold
+        from ..kernels import WKVTiles
+
+        key = self.key[b].index_select(0, chans)
+        w, u = self.w.index_select(0, chans), self.u.index_select(0, chans)
+        return WKVTiles(
+            -self.log_z[b].index_select(0, chans),
+            key + w[:, None],
+            key + u[:, None],
+            w,
+            left=parts["left"],
+            right=parts["right"],
+            input_mask=parts["input_mask"],
+            ssm=parts["ssm"],
+        )
+
 
 class RWKV4Patcher(Patcher):
     """transformers' ``RwkvSelfAttention`` (RWKV-4 time mixing), on the CPU loop and the CUDA kernel path."""
