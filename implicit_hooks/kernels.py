@@ -448,9 +448,9 @@ class DiagonalTiles(_Tiles):
         self.n_chan, self.device = nc, device
         self.U = self.V = self.W = None
         if ssm:
-            self.U, self.V = self._far_factors(S, pos, start, ref)
             last = (pos + K - 1).clamp(max=L - 1)  # each column's last conv tap
             self.W = self._fold(S, S[:, last + 1], seg[last], pos).contiguous()
+            self.U, self.V = self._far_factors(S, pos, start, ref, last)
         self.fix = self._diagonals(S, pos, skip and D is not None)
 
     def _decay(self, gap: Tensor) -> Tensor:
@@ -492,12 +492,14 @@ class DiagonalTiles(_Tiles):
             fix += w[:, None, :] * self.dr[:, :, None]
         return fix.contiguous()
 
-    def _far_factors(self, S: Tensor, pos: Tensor, start: Tensor, ref: Tensor):
+    def _far_factors(self, S: Tensor, pos: Tensor, start: Tensor, ref: Tensor, last: Tensor):
         """``U (nc, L, NP)`` and ``V (nc, L, NP)`` of the far tiles (see the module docstring).
 
         The segment condition ``seg_t = seg_m`` splits the same way: ``U`` keeps rows still in the segment
         of their tile's previous position, ``V`` columns in the segment of their tile's reference, and the
-        kernel checks the two boundaries in between.
+        kernel checks the two boundaries in between. ``V`` is ``W`` carried on from each column's last tap
+        to its tile's reference (one exponential, not one per tap): past a reset in between it is zero, as
+        every tap is then in an earlier segment than the reference.
         """
         NP, A, seg = self.NP, self.A, self.seg
         before = seg[(start - 1).clamp(min=0)]  # the segment just before each row's tile
@@ -505,7 +507,8 @@ class DiagonalTiles(_Tiles):
         U = U * (seg == before).to(U.dtype)[None, :, None]
         S_ref = S[:, ref][:, pos // TILE]  # (nc, L): S_ref of each column's tile, float64
         seg_ref = self.seg_ref[pos // TILE]
-        V = self._fold(S, S_ref, seg_ref, pos)
+        gap = (S_ref - S[:, last + 1]).clamp_min(0).to(torch.float32)  # the reference is at or past the tap
+        V = self._decay(gap) * self.W * (seg[last] == seg_ref).to(torch.float32)[None, :, None]
         pad = NP - A.shape[1]
         if pad:
             U, V = torch.nn.functional.pad(U, (0, pad)), torch.nn.functional.pad(V, (0, pad))
