@@ -195,11 +195,13 @@ class Recording(Sequence):
 
 def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module, type[Patcher]]]:
     """Every sub-module of ``model`` with a registered patcher: ``(name, module, patcher_class)``."""
-    found = []
+    found, by_type = [], {}  # a model repeats a few module types many times: one lookup per type
     for name, module in model.named_modules():
-        cls = patcher_class_for(module)
-        if cls is not None:
-            found.append((name, module, cls))
+        kind = type(module)
+        if kind not in by_type:
+            by_type[kind] = patcher_class_for(module)
+        if by_type[kind] is not None:
+            found.append((name, module, by_type[kind]))
     return found
 
 
