@@ -86,14 +86,16 @@ def available(device: torch.device, *, interpreted: bool = False) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _far_rows(c, I, L, U_ptr, left_ptr, NP: tl.constexpr, Q: tl.constexpr, FAR_DOT: tl.constexpr):
-        """The row factors of row tile ``I``: ``U`` (``Q × NP``, for the product) and the left factors."""
+    def _far_rows(c, I, L, ssm, U_ptr, left_ptr, NP: tl.constexpr, Q: tl.constexpr, FAR_DOT: tl.constexpr):
+        """The row factors of row tile ``I``: ``U`` (``Q × NP``, for the product; only with the recurrence:
+        without it ``U_ptr`` is a stand-in) and the left factors."""
         t = I * Q + tl.arange(0, Q)
         t_ok = t < L
         left = tl.load(left_ptr + c * L + t, mask=t_ok, other=0.0)
         if FAR_DOT:
             n = tl.arange(0, NP)
-            u = tl.load(U_ptr + (c * L + t[:, None]) * NP + n[None, :], mask=t_ok[:, None], other=0.0)
+            u_ok = t_ok[:, None] & (ssm != 0)
+            u = tl.load(U_ptr + (c * L + t[:, None]) * NP + n[None, :], mask=u_ok, other=0.0)
         else:
             u = left  # unused: the outer products load U per state
         return u, left
@@ -228,7 +230,7 @@ if triton is not None:
         J = J0 + tl.program_id(1) * span
         J_end = tl.minimum(J + span, J0 + nJ)
         slab = tl.program_id(2)
-        u, left = _far_rows(slab, I, L, U_ptr, left_ptr, NP, Q, FAR_DOT)  # dense: this channel's
+        u, left = _far_rows(slab, I, L, ssm, U_ptr, left_ptr, NP, Q, FAR_DOT)  # dense: this channel's
         while J < J_end:  # while: Triton's interpreter cannot range() over arguments
             far = (I >= J + 2) & (ssm != 0)
             total = tl.zeros((Q, Q), dtype=tl.float32)
@@ -236,7 +238,7 @@ if triton is not None:
                 if far:
                     c = slab * per_group
                     while c < tl.minimum((slab + 1) * per_group, n_chan):
-                        u_c, left_c = _far_rows(c, I, L, U_ptr, left_ptr, NP, Q, FAR_DOT)
+                        u_c, left_c = _far_rows(c, I, L, ssm, U_ptr, left_ptr, NP, Q, FAR_DOT)
                         acc = _outer(c, I, J, L, u_c, left_c, sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr,
                                      pmask_ptr, seg_ptr, segref_ptr, N, NP, Q, FAR_DOT)  # fmt: skip
                         total = _reduce_step(total, acc, c, I, J, L, rw_ptr, cw_ptr, TRANSFORM, Q)
