@@ -1,0 +1,73 @@
+"""Registers and spills of the fused kernels (implicit_hooks/kernels.py), without a GPU.
+
+Compiles each kernel for sm_90 (the H200) with Triton's own compiler and ``ptxas -v`` from the Triton
+wheel, and prints registers per thread, bytes spilled and the fast exponentials in the PTX (per thread, loops not unrolled). A spill or 255
+registers is what made the near tiles 10× slower than their exponentials allow before
+(``benchmarks/results/gpu.md``); check here before spending GPU time.
+
+    python benchmarks/kernel_registers.py          # any machine with triton installed (Linux)
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from implicit_hooks import kernels
+
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+FLOAT64 = {"sb_ptr", "sref_ptr", "row_ptr", "col_ptr", "diag_ptr", "rate_ptr"}
+
+#: (name, kernel, constexprs): Mamba-1 (N = 16, K = 4), Mamba-2 (N = 128, scalar rate), RG-LRU, RWKV-4
+CASES = [
+    ("far, Mamba-1", kernels._far_kernel, dict(N=16, NP=16, Q=64, FAR_DOT=True, REDUCE=False, TRANSFORM=0)),
+    ("far, Mamba-2", kernels._far_kernel, dict(N=128, NP=128, Q=64, FAR_DOT=True, REDUCE=False, TRANSFORM=0)),
+    ("far, reduce", kernels._far_kernel, dict(N=16, NP=16, Q=64, FAR_DOT=True, REDUCE=True, TRANSFORM=1)),
+    ("near, Mamba-1", kernels._near_kernel, dict(N=16, K=4, Q=64, SCALAR=False, REDUCE=False, TRANSFORM=0)),
+    ("near, Mamba-2", kernels._near_kernel, dict(N=128, K=4, Q=64, SCALAR=True, REDUCE=False, TRANSFORM=0)),
+    ("near, RG-LRU", kernels._near_kernel, dict(N=1, K=4, Q=64, SCALAR=False, REDUCE=False, TRANSFORM=0)),
+    ("WKV, RWKV-4", kernels._wkv_kernel, dict(Q=64, REDUCE=False, TRANSFORM=0)),
+]
+
+
+def report(kernel, constants: dict, warps: int) -> str:
+    signature = {}
+    for name in inspect.signature(kernel.fn).parameters:
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*i32" if name.startswith("seg") else "*fp64" if name in FLOAT64 else "*fp32"
+        else:
+            signature[name] = "i32"
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    ptx = compiled.asm["ptx"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        log = subprocess.run(
+            [PTXAS, "-arch=sm_90a", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
+            capture_output=True,
+            text=True,
+        ).stderr
+    registers = re.search(r"Used (\d+) registers", log).group(1)
+    spilled = re.search(r"(\d+) bytes spill stores", log).group(1)
+    return f"{registers:>4} registers, {spilled:>6} bytes spilled, {ptx.count('ex2.approx'):>3} ex2 in the PTX"
+
+
+def main() -> None:
+    for name, kernel, constants in CASES:
+        for warps in (4, 8):
+            print(f"{name:15s} {warps} warps: {report(kernel, constants, warps)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
