@@ -1,9 +1,9 @@
 """Registers and spills of the fused kernels (implicit_hooks/kernels.py), without a GPU.
 
 Compiles each kernel for sm_90 (the H200) with Triton's own compiler and ``ptxas -v`` from the Triton
-wheel, and prints registers per thread, bytes spilled and the fast exponentials in the PTX (per thread, loops not unrolled). A spill or 255
-registers is what made the near tiles 10× slower than their exponentials allow before
-(``benchmarks/results/gpu.md``); check here before spending GPU time.
+wheel, and prints registers per thread, bytes spilled and the fast exponentials in the PTX (per thread,
+loops not unrolled). A spill or 255 registers is what made the near tiles 10× slower than their
+exponentials allow before (``benchmarks/results/gpu.md``); check here before spending GPU time.
 
     python benchmarks/kernel_registers.py          # any machine with triton installed (Linux)
 """
@@ -60,7 +60,8 @@ def report(kernel, constants: dict, warps: int) -> str:
         ).stderr
     registers = re.search(r"Used (\d+) registers", log).group(1)
     spilled = re.search(r"(\d+) bytes spill stores", log).group(1)
-    return f"{registers:>4} registers, {spilled:>6} bytes spilled, {ptx.count('ex2.approx'):>3} ex2 in the PTX"
+    exps = ptx.count("ex2.approx")
+    return f"{registers:>4} registers, {spilled:>6} bytes spilled, {exps:>3} ex2 in the PTX"
 
 
 def main() -> None:
