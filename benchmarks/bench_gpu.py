@@ -3,8 +3,8 @@ of 130M-class layers (random weights):
 
 1. recording overhead: forward time with ``record`` over without, whole models of 24 layers, batch 1 and 8;
 2. dense assembly of one layer against the floor set by writing its output (bytes / measured write
-   bandwidth), with the fused Triton kernel (``backend="triton"``: Mamba-1, Mamba-2, RG-LRU) and the torch
-   path;
+   bandwidth), with the fused Triton kernel (``backend="triton"``: Mamba-1, Mamba-2, RG-LRU, RWKV-4; for
+   Mamba-2 also by head, ``kernels.TUNING["HEAD_TILES"]``) and the torch path;
 3. the last-token row of every layer, and the channel mean ``L × L`` of one layer up to L = 16k: time and
    peak device memory above what was allocated before the read.
 
@@ -177,7 +177,7 @@ def overhead(family, cfg, args, device, timed) -> list[dict]:
 def assembly(family, cfg, args, device, timed, bandwidth) -> list[dict]:
     """Dense and channel-mean reads of one layer (the first of a two-layer model of the same width)."""
     model = build(cfg, 2, device)  # HF's RWKV initialisation divides by (layers − 1)
-    fused = kernels.available(device) and family in ("mamba", "mamba2", "rglru")
+    fused = kernels.available(device) and family in ("mamba", "mamba2", "rglru", "rwkv4")
     backends = ["torch"] + (["triton"] if fused else [])
     rows = []
     for L in sorted(set(args.dense_lengths) | set(args.mean_lengths)):
@@ -198,6 +198,15 @@ def assembly(family, cfg, args, device, timed, bandwidth) -> list[dict]:
                 row[f"dense_{backend}_s"] = seconds
                 row[f"dense_{backend}_over_floor"] = seconds / row["dense_floor_s"]
                 torch.cuda.empty_cache() if device.type == "cuda" else None
+            if family == "mamba2" and "triton" in backends:  # the by-head kernel, opt-in until measured
+                kernels.TUNING["HEAD_TILES"] = True
+                try:
+                    v = view.with_backend("triton")
+                    seconds = timed(lambda v=v: v.dense(), 3)
+                finally:
+                    kernels.TUNING["HEAD_TILES"] = False
+                row["dense_triton_by_head_s"] = seconds
+                row["dense_triton_by_head_over_floor"] = seconds / row["dense_floor_s"]
             if "triton" in backends and L <= args.torch_dense_max:
                 a, b = view.with_backend("triton").dense(), view.with_backend("torch").dense()
                 row["triton_vs_torch_rel"] = float((a - b).norm() / b.norm())

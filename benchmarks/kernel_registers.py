@@ -23,7 +23,7 @@ from triton.compiler import ASTSource
 from implicit_hooks import kernels
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-FLOAT64 = {"sb_ptr", "sref_ptr", "row_ptr", "col_ptr", "diag_ptr", "rate_ptr"}
+FLOAT64 = {"sb_ptr", "sref_ptr", "row_ptr", "col_ptr", "diag_ptr", "rate_ptr", "cum_ptr"}
 
 #: (name, kernel, constexprs): Mamba-1 (N = 16, K = 4), Mamba-2 (N = 128, scalar rate), RG-LRU, RWKV-4
 CASES = [
@@ -34,6 +34,7 @@ CASES = [
     ("near, Mamba-2", kernels._near_kernel, dict(N=128, K=4, Q=64, SCALAR=True, REDUCE=False, TRANSFORM=0)),
     ("near, RG-LRU", kernels._near_kernel, dict(N=1, K=4, Q=64, SCALAR=False, REDUCE=False, TRANSFORM=0)),
     ("WKV, RWKV-4", kernels._wkv_kernel, dict(Q=64, REDUCE=False, TRANSFORM=0)),
+    ("by head, Mamba-2", kernels._head_kernel, dict(N=128, K=4, Q=64, H=16, NC=16)),
 ]
 
 
@@ -43,7 +44,8 @@ def report(kernel, constants: dict, warps: int) -> str:
         if name in constants:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            signature[name] = "*i32" if name.startswith("seg") else "*fp64" if name in FLOAT64 else "*fp32"
+            integer = name.startswith(("seg", "chan"))
+            signature[name] = "*i32" if integer else "*fp64" if name in FLOAT64 else "*fp32"
         else:
             signature[name] = "i32"
     source = ASTSource(fn=kernel, signature=signature, constexprs=constants)

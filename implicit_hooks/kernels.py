@@ -50,6 +50,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -62,11 +64,20 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
 
 #: tile size (rows and columns; conv widths up to ``TILE + 1``)
 TILE = 64
+#: conv columns past a tile that :class:`HeadTiles` computes (conv widths up to ``HEAD_HALO + 1``)
+HEAD_HALO = 16
 TRANSFORMS = {"signed": 0, "abs": 1, "positive": 2}
 #: code paths and launch settings (benchmarks/bench_kernel.py compares them): the far tiles as one tile
 #: product (``FAR_DOT``; ``N < 16`` always takes ``N`` outer products), warps. Products run on the float32
 #: FMA units (``"ieee"``): TF32 is too coarse, and Triton 3.6's ``"tf32x3"`` faults in these kernels (H200).
-TUNING: dict = {"FAR_DOT": True, "far_warps": 4, "near_warps": 4, "wkv_warps": 4}
+TUNING: dict = {
+    "FAR_DOT": True,
+    "far_warps": 4,
+    "near_warps": 4,
+    "wkv_warps": 4,
+    "HEAD_TILES": False,
+    "head_warps": 8,
+}
 
 
 def available(device: torch.device, *, interpreted: bool = False) -> bool:
@@ -322,6 +333,79 @@ if triton is not None:
                     total = _wkv_tile(slab, I, J, L, row_ptr, col_ptr, diag_ptr, rate_ptr, left_ptr,
                                       right_ptr, pmask_ptr, Q)  # fmt: skip
             _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, J >= 0)
+            J += 1
+
+    @triton.jit
+    def _head_core(hh, t, m, L, t_ok, cum_t, a, cum_ptr, delta_ptr, B_ptr, C_ptr, N: tl.constexpr,
+                   NC: tl.constexpr):  # fmt: skip
+        """``R_h[t, m] = C_t · B_m · exp(a_h Σ_{m<k≤t} Δ_k) · Δ_m`` of head ``hh`` (zero for ``m > t``).
+
+        ``C_t · B_m`` in chunks of ``NC`` states (a loop, not unrolled): one product over all ``N = 128``
+        holds each thread's operand rows in registers and spills (``benchmarks/kernel_registers.py``)."""
+        m_ok = m < L
+        scores = tl.zeros((t.shape[0], m.shape[0]), dtype=tl.float32)
+        for n0 in range(0, N, NC):
+            n = n0 + tl.arange(0, NC)
+            c_rows = tl.load(C_ptr + t[:, None] * N + n[None, :], mask=t_ok[:, None], other=0.0)
+            b_rows = tl.load(B_ptr + m[:, None] * N + n[None, :], mask=m_ok[:, None], other=0.0)
+            scores += tl.dot(c_rows, tl.trans(b_rows), input_precision="ieee")
+        cum_m = tl.load(cum_ptr + hh * L + m, mask=m_ok, other=0.0)
+        gap = tl.maximum((cum_t[:, None] - cum_m[None, :]).to(tl.float32), 0.0)  # float64 difference
+        delta = tl.load(delta_ptr + hh * L + m, mask=m_ok, other=0.0)
+        valid = (m[None, :] <= t[:, None]) & m_ok[None, :] & t_ok[:, None]
+        return tl.where(valid, scores * tl.exp(a * gap) * delta[None, :], 0.0)
+
+    @triton.jit(do_not_specialize=_RUNTIME + ["n_heads", "P"])
+    def _head_kernel(
+        out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, J0, nJ, L, ssm, n_heads, P,
+        scratch_ptr, cum_ptr, A_ptr, delta_ptr, B_ptr, C_ptr, chan_ptr, taps_ptr, right_ptr, left_ptr,
+        dr_ptr, pmask_ptr,
+        N: tl.constexpr, K: tl.constexpr, Q: tl.constexpr, H: tl.constexpr, NC: tl.constexpr,
+    ):  # fmt: skip
+        """Row tile ``I`` of every channel of head ``hh`` (:class:`HeadTiles`): per column tile, the head's
+        core over the columns and a conv halo once, into this program's scratch; then each channel reads it
+        back shifted by each tap (``K`` multiply-adds per entry, no product over states)."""
+        I = I0 + tl.program_id(0)
+        hh = tl.program_id(1)
+        q = tl.arange(0, Q)
+        t = I * Q + q
+        t_ok = t < L
+        cum_t = tl.load(cum_ptr + hh * L + t, mask=t_ok, other=0.0)
+        a = tl.load(A_ptr + hh)
+        scratch = scratch_ptr + (hh * tl.num_programs(0) + tl.program_id(0)).to(tl.int64) * (Q * (Q + H))
+        J = J0
+        while J < J0 + nJ:
+            j = J * Q + q
+            j_ok = j < L
+            if J <= I:
+                if ssm != 0:
+                    h = (J + 1) * Q + tl.arange(0, H)
+                    core = _head_core(hh, t, j, L, t_ok, cum_t, a, cum_ptr, delta_ptr, B_ptr, C_ptr, N, NC)
+                    halo = _head_core(hh, t, h, L, t_ok, cum_t, a, cum_ptr, delta_ptr, B_ptr, C_ptr, N, NC)
+                    tl.store(scratch + q[:, None] * (Q + H) + q[None, :], core)
+                    tl.store(scratch + q[:, None] * (Q + H) + (Q + tl.arange(0, H))[None, :], halo)
+                tl.debug_barrier()  # the whole tile is in the scratch before any thread reads it shifted
+            p = 0
+            while p < P:
+                c = tl.load(chan_ptr + hh * P + p)
+                if c >= 0:
+                    acc = tl.zeros((Q, Q), dtype=tl.float32)
+                    if J <= I:
+                        if ssm != 0:
+                            for k in tl.static_range(K):
+                                window = tl.load(scratch + q[:, None] * (Q + H) + (q + k)[None, :])
+                                r = tl.load(right_ptr + c * L + j + k, mask=(j + k) < L, other=0.0)
+                                acc += window * (tl.load(taps_ptr + c * K + (K - 1 - k)) * r)[None, :]
+                        d = t[:, None] - j[None, :]  # the skip, through tap d = t − j
+                        band = (d >= 0) & (d < K) & t_ok[:, None] & j_ok[None, :]
+                        w_d = tl.load(taps_ptr + c * K + (K - 1 - d), mask=band, other=0.0)
+                        dr = tl.load(dr_ptr + c * L + t, mask=t_ok, other=0.0)
+                        acc += w_d * dr[:, None]
+                        left = tl.load(left_ptr + c * L + t, mask=t_ok, other=0.0)
+                        acc = acc * left[:, None] * tl.load(pmask_ptr + j, mask=j_ok, other=0.0)[None, :]
+                    _store(out_ptr, c, stride_slab, stride_t, I, J, r0, r1, c0, c1, acc, Q, J >= 0)
+                p += 1
+            tl.debug_barrier()  # every channel has read the scratch before the next tile overwrites it
             J += 1
 
 
@@ -588,3 +672,70 @@ class WKVTiles(_Tiles):
             per_group, self.row, self.col, self.diag, self.rate, self.left, self.right, self.pmask, rw, cw,
             Q=TILE, REDUCE=groups > 0, TRANSFORM=TRANSFORMS[transform], num_warps=TUNING["wkv_warps"],
         )  # fmt: skip
+
+
+class HeadTiles(_Tiles):
+    """Dense blocks of Mamba-2 channels by head: the channels of a head share their core
+    ``R_h[t, m] = C_t · B_m · exp(a_h Σ_{m<k≤t} Δ_k) · Δ_m`` and differ only by their conv taps, right,
+    left and skip factors, so each tile of ``R_h`` (with a halo of ``K − 1 ≤ 16`` columns) is computed
+    once, with one product over the states, and every channel applies its conv as ``K`` shifted
+    multiply-adds of it (:func:`_head_kernel`). Channel sums go to :class:`DiagonalTiles`
+    (``reducer``), which never holds ``channels × L × L`` either.
+
+    Args:
+        cum: ``(nh, L)`` float64 ``Σ_{k≤t} Δ_k`` of each head; ``A``: ``(nh,)``; ``delta``: ``(nh, L)``;
+            ``B``, ``C``: ``(L, N)`` of the heads' group; ``head_index``: ``(nc,)`` the head of each
+            channel (rows of ``cum``); ``D``: ``(nc,)`` or None.
+        left, right, taps, input_mask, ssm, skip: the view's factors (see :meth:`Core.tiles`).
+        reducer: builds the :class:`DiagonalTiles` of the same channels, for :meth:`reduce`.
+    """
+
+    def __init__(self, cum: Tensor, A: Tensor, delta: Tensor, B: Tensor, C: Tensor, head_index: Tensor,
+                 D: Tensor | None, *, left: Tensor | None, right: Tensor | None, taps: Tensor | None,
+                 input_mask: Tensor | None, ssm: bool, skip: bool,
+                 reducer: Callable[[], _Tiles]):  # fmt: skip
+        f32, device = torch.float32, cum.device
+        n_heads, L = cum.shape
+        nc = len(head_index)
+        self.n_chan, self.device, self.L, self.ssm = nc, device, L, ssm
+        self.cum = cum.to(torch.float64).contiguous()
+        self.A, self.delta = A.to(f32).contiguous(), delta.to(f32).contiguous()
+        self.B, self.C = B.to(f32).contiguous(), C.to(f32).contiguous()
+        # head → its channels (positions into the read), padded with −1
+        counts = torch.bincount(head_index, minlength=n_heads)
+        order = torch.argsort(head_index, stable=True)
+        first = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(nc, device=device) - first[head_index[order]]
+        self.P = int(counts.max()) if nc else 0
+        self.table = torch.full((n_heads, max(self.P, 1)), -1, dtype=torch.int32, device=device)
+        self.table[head_index[order], rank] = order.to(torch.int32)
+        ones = torch.ones(nc, L, device=device, dtype=f32)
+        self.left = ones if left is None else left.to(f32).contiguous()
+        self.right = ones if right is None else right.to(f32).contiguous()
+        self.taps = torch.ones(nc, 1, device=device, dtype=f32) if taps is None else taps.to(f32).contiguous()
+        self.K = self.taps.shape[1]
+        if self.K - 1 > HEAD_HALO:
+            raise ValueError(f"the by-head kernel handles convolutions of up to {HEAD_HALO + 1} taps")
+        self.dr = D.to(f32)[:, None] * self.right if skip and D is not None else torch.zeros_like(ones)
+        self.dr = self.dr.contiguous()
+        self.pmask = ones[0] if input_mask is None else input_mask.to(f32).contiguous()
+        self.n_heads, self.N = n_heads, B.shape[1]
+        self._reducer = reducer
+
+    def _launch(self, out: Tensor, span: tuple[int, int, int, int], groups: int, per_group: int,
+                row_weight: Tensor | None = None, col_weight: Tensor | None = None, transform: str = "signed",
+                ) -> None:  # fmt: skip
+        r0, r1, c0, c1 = span
+        I0, J0 = r0 // TILE, c0 // TILE
+        nI, nJ = (r1 - 1) // TILE - I0 + 1, (c1 - 1) // TILE - J0 + 1
+        scratch = torch.empty(nI * self.n_heads, TILE, TILE + HEAD_HALO, device=self.device)
+        _head_kernel[(nI, self.n_heads)](
+            out, out.stride(0), out.stride(1), r0, r1, c0, c1, I0, J0, nJ, self.L, int(self.ssm),
+            self.n_heads, self.P, scratch, self.cum, self.A, self.delta, self.B, self.C, self.table,
+            self.taps, self.right, self.left, self.dr, self.pmask, N=self.N, K=self.K, Q=TILE, H=HEAD_HALO,
+            NC=16,
+            num_warps=TUNING["head_warps"],
+        )  # fmt: skip
+
+    def reduce(self, *args: Any, **kwargs: Any) -> Tensor:
+        return self._reducer().reduce(*args, **kwargs)

@@ -269,7 +269,11 @@ def mamba2_impulses(mixer, hidden, mask):
     return mamba2_impulse_matrix(mamba2_reference(mixer, hidden, mask))
 
 
-def test_mamba2_scalar_decay_kernel():
+@pytest.mark.parametrize("by_head", [False, True])
+def test_mamba2_scalar_decay_kernel(monkeypatch, by_head):
+    """``by_head``: dense blocks through ``HeadTiles`` (one core per head, the conv as shifted
+    multiply-adds); channel sums stay with the scalar-decay ``DiagonalTiles``."""
+    monkeypatch.setitem(kernels.TUNING, "HEAD_TILES", by_head)
     rec, impulses = mamba2_record(140, "cpu")
     fused, plain = both(rec.attention)
     A = fused.dense()
@@ -280,10 +284,15 @@ def test_mamba2_scalar_decay_kernel():
     assert rel_err(fused.mean(absolute=True), plain.mean(absolute=True)) < SAME
     key = (1, slice(10, 30), slice(70, 140), slice(0, 100))
     assert rel_err(fused[key], plain[key]) < SAME
+    for parts in (("skip",), ("gate", "conv", "skip"), ("ssm", "act"), ("gate",)):
+        a, b = fused.only(*parts).dense(), plain.only(*parts).dense()
+        assert torch.allclose(a, b, rtol=0, atol=SAME * b.abs().max().clamp_min(1e-30)), parts
 
 
-def test_mamba2_channels_of_several_groups():
+@pytest.mark.parametrize("by_head", [False, True])
+def test_mamba2_channels_of_several_groups(monkeypatch, by_head):
     """Each group of B/C is one kernel call: contiguous channels in place, others through index_copy."""
+    monkeypatch.setitem(kernels.TUNING, "HEAD_TILES", by_head)
     rec, impulses = mamba2_record(70, "cpu", groups=2, batch=1)
     fused, plain = both(rec.attention)
     assert rel_err(fused.dense(), plain.dense()) < SAME
@@ -362,13 +371,17 @@ def test_reads_the_fused_path_cannot_serve_say_why():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
-@pytest.mark.parametrize("family", ["rglru", "mamba2", "rwkv4"])
+@pytest.mark.parametrize("family", ["rglru", "mamba2", "mamba2 by head", "rwkv4"])
 @pytest.mark.parametrize("L", [150, 700])
-def test_cuda_rglru_mamba2_rwkv4_kernels_against_the_torch_path(family, L):
+def test_cuda_rglru_mamba2_rwkv4_kernels_against_the_torch_path(monkeypatch, family, L):
+    monkeypatch.setitem(kernels.TUNING, "HEAD_TILES", family == "mamba2 by head")
     if family == "rwkv4":
         rec = rwkv4_record(L, "cuda")
     else:
         rec, _ = rglru_record(L, "cuda") if family == "rglru" else mamba2_record(L, "cuda")
+    if family == "mamba2 by head":
+        tiles = rec.attention.with_backend("triton")._fused_tiles(0, torch.arange(4, device="cuda"))
+        assert isinstance(tiles, kernels.HeadTiles)
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:

@@ -106,10 +106,11 @@ class SSDCore(Core):
         return [(group == g).nonzero().flatten() for g in torch.unique(group)]
 
     def tiles(self, b: int, chans: Tensor, **parts: Any) -> Any:
-        """The fused Triton assembler (:mod:`implicit_hooks.kernels`, its scalar-decay variant) for
-        channels of one group of ``B``/``C``; None (the torch path) when ``chans`` spans several groups
-        or the state size is not a power of two ≥ 16."""
-        from ..kernels import DiagonalTiles
+        """The fused Triton assembler (:mod:`implicit_hooks.kernels`) for channels of one group of
+        ``B``/``C``: the scalar-decay variant of ``DiagonalTiles``, or with ``kernels.TUNING["HEAD_TILES"]``
+        dense blocks by head (``HeadTiles``: one core per head, the conv as shifted multiply-adds). None
+        (the torch path) when ``chans`` spans several groups or the state size is not a power of two ≥ 16."""
+        from ..kernels import HEAD_HALO, TUNING, DiagonalTiles, HeadTiles
 
         head = self.head_of.index_select(0, chans)
         group = head // self.heads_per_group
@@ -117,16 +118,27 @@ class SSDCore(Core):
         if bool((group != group[0]).any()) or N < 16 or N & (N - 1):
             return None
         g = int(group[0])
-        S = F.pad(self.cumdelta[b].index_select(0, head), (1, 0))  # (nc, L + 1), S[p + 1] = Σ_{k ≤ p} Δ_k
-        A = self.A.index_select(0, head)[:, None].expand(-1, N)
-        return DiagonalTiles(
-            S,
-            A,
+        D = None if self.D is None else self.D.index_select(0, head)
+
+        def by_channel() -> DiagonalTiles:
+            S = F.pad(self.cumdelta[b].index_select(0, head), (1, 0))  # (nc, L + 1), S[p + 1] = Σ_{k ≤ p} Δ_k
+            A = self.A.index_select(0, head)[:, None].expand(-1, N)
+            B, C, delta = self.B[b, :, g], self.C[b, :, g], self.delta[b].index_select(0, head)
+            return DiagonalTiles(S, A, B, C, delta, D, scalar=True, **parts)
+
+        taps = parts["taps"]
+        if not TUNING["HEAD_TILES"] or (taps is not None and taps.shape[1] - 1 > HEAD_HALO):
+            return by_channel()
+        heads, which = torch.unique(head, return_inverse=True)
+        return HeadTiles(
+            self.cumdelta[b].index_select(0, heads),
+            self.A.index_select(0, heads),
+            self.delta[b].index_select(0, heads),
             self.B[b, :, g],
             self.C[b, :, g],
-            self.delta[b].index_select(0, head),
-            None if self.D is None else self.D.index_select(0, head),
-            scalar=True,
+            which,
+            D,
+            reducer=by_channel,
             **parts,
         )
 
