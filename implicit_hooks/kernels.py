@@ -1,5 +1,6 @@
 """Fused Triton assembly of implicit attention: dense blocks and channel reductions of diagonal-state cores
-(Mamba-1, RG-LRU, Mamba-2: :class:`DiagonalTiles`) and of RWKV-4's normalised WKV (:class:`WKVTiles`).
+(Mamba-1, RG-LRU, Mamba-2: :class:`DiagonalTiles`; Mamba-2's dense blocks also by head, :class:`HeadTiles`,
+opt-in until measured) and of RWKV-4's normalised WKV (:class:`WKVTiles`).
 
 The torch path (:meth:`AttentionView._block`) builds a tile in a dozen passes over memory (core, the
 column factors, ``K`` conv shifts, the gate); these kernels write each ``64 × 64`` output tile once,
