@@ -106,8 +106,8 @@ if triton is not None:
         left = tl.load(left_ptr + c * L + t, mask=t_ok, other=0.0)
         if FAR_DOT:
             n = tl.arange(0, NP)
-            u_ok = t_ok[:, None] & (ssm != 0)
-            u = tl.load(U_ptr + (c * L + t[:, None]) * NP + n[None, :], mask=u_ok, other=0.0)
+            u_ok = t < L * ssm  # ssm is 0 or 1; a scalar condition in a mask fails Triton 3.9's interpreter
+            u = tl.load(U_ptr + (c * L + t[:, None]) * NP + n[None, :], mask=u_ok[:, None], other=0.0)
         else:
             u = left  # unused: the outer products load U per state
         return u, left
