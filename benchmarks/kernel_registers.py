@@ -27,9 +27,26 @@ FLOAT64 = {"sb_ptr", "sref_ptr", "row_ptr", "col_ptr", "diag_ptr", "rate_ptr", "
 
 #: (name, kernel, constexprs): Mamba-1 (N = 16, K = 4), Mamba-2 (N = 128, scalar rate), RG-LRU, RWKV-4
 CASES = [
-    ("far, Mamba-1", kernels._far_kernel, dict(N=16, NP=16, Q=64, FAR_DOT=True, REDUCE=False, TRANSFORM=0)),
-    ("far, Mamba-2", kernels._far_kernel, dict(N=128, NP=128, Q=64, FAR_DOT=True, REDUCE=False, TRANSFORM=0)),
-    ("far, reduce", kernels._far_kernel, dict(N=16, NP=16, Q=64, FAR_DOT=True, REDUCE=True, TRANSFORM=1)),
+    (
+        "far, Mamba-1",
+        kernels._far_kernel,
+        dict(N=16, NP=16, Q=64, FAR_DOT=True, SPLIT=False, REDUCE=False, TRANSFORM=0),
+    ),
+    (
+        "far, split TF32",
+        kernels._far_kernel,
+        dict(N=16, NP=16, Q=64, FAR_DOT=True, SPLIT=True, REDUCE=False, TRANSFORM=0),
+    ),
+    (
+        "far, Mamba-2",
+        kernels._far_kernel,
+        dict(N=128, NP=128, Q=64, FAR_DOT=True, SPLIT=False, REDUCE=False, TRANSFORM=0),
+    ),
+    (
+        "far, reduce",
+        kernels._far_kernel,
+        dict(N=16, NP=16, Q=64, FAR_DOT=True, SPLIT=False, REDUCE=True, TRANSFORM=1),
+    ),
     ("near, Mamba-1", kernels._near_kernel, dict(N=16, K=4, Q=64, SCALAR=False, REDUCE=False, TRANSFORM=0)),
     ("near, Mamba-2", kernels._near_kernel, dict(N=128, K=4, Q=64, SCALAR=True, REDUCE=False, TRANSFORM=0)),
     ("near, RG-LRU", kernels._near_kernel, dict(N=1, K=4, Q=64, SCALAR=False, REDUCE=False, TRANSFORM=0)),

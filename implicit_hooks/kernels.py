@@ -71,8 +71,11 @@ TRANSFORMS = {"signed": 0, "abs": 1, "positive": 2}
 #: code paths and launch settings (benchmarks/bench_kernel.py compares them): the far tiles as one tile
 #: product (``FAR_DOT``; ``N < 16`` always takes ``N`` outer products), warps. Products run on the float32
 #: FMA units (``"ieee"``): TF32 is too coarse, and Triton 3.6's ``"tf32x3"`` faults in these kernels (H200).
+#: Opt-in until measured on a GPU: the far products as three TF32 tensor-core products of split operands
+#: (``FAR_SPLIT_TF32``, :func:`_split_product`) and Mamba-2's dense blocks by head (``HEAD_TILES``).
 TUNING: dict = {
     "FAR_DOT": True,
+    "FAR_SPLIT_TF32": False,
     "far_warps": 4,
     "near_warps": 4,
     "wkv_warps": 4,
@@ -113,8 +116,20 @@ if triton is not None:
         return u, left
 
     @triton.jit
+    def _split_product(x, y):
+        """``x · yᵀ`` on the tensor cores to about float32 accuracy: each operand split into a TF32 head (the
+        top 10 mantissa bits, masked) and its remainder, three TF32 products (the remainders' product, 2⁻²²
+        of the result, is left out). Triton's own ``"tf32x3"`` faulted in these kernels (3.6, H200)."""
+        x_hi = (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)  # -8192 = 0xFFFFE000
+        y_hi = (y.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+        acc = tl.dot(x_hi, tl.trans(y_hi), input_precision="tf32")
+        acc += tl.dot(x_hi, tl.trans(y - y_hi), input_precision="tf32")
+        return acc + tl.dot(x - x_hi, tl.trans(y_hi), input_precision="tf32")
+
+    @triton.jit
     def _outer(c, I, J, L, u, left, sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr, pmask_ptr, seg_ptr, segref_ptr,
-               N: tl.constexpr, NP: tl.constexpr, Q: tl.constexpr, FAR_DOT: tl.constexpr):  # fmt: skip
+               N: tl.constexpr, NP: tl.constexpr, Q: tl.constexpr, FAR_DOT: tl.constexpr,
+               SPLIT: tl.constexpr):  # fmt: skip
         """A far tile (``I ≥ J + 2``) of channel ``c``: ``U · diag(mid) · Vᵀ`` with the left/right masks."""
         t = I * Q + tl.arange(0, Q)
         j = J * Q + tl.arange(0, Q)
@@ -127,7 +142,10 @@ if triton is not None:
             v = tl.load(V_ptr + (c * L + j[:, None]) * NP + n[None, :], mask=j_ok[:, None], other=0.0)
             a = tl.load(A_ptr + c * N + n, mask=n < N, other=0.0)
             mid = tl.exp(a * gap)  # (NP,), every exponent ≤ 0
-            acc = tl.dot(u * mid[None, :], tl.trans(v), input_precision="ieee")
+            if SPLIT:
+                acc = _split_product(u * mid[None, :], v)
+            else:
+                acc = tl.dot(u * mid[None, :], tl.trans(v), input_precision="ieee")
         else:
             acc = tl.zeros((Q, Q), dtype=tl.float32)
             for n in tl.static_range(N):
@@ -232,7 +250,8 @@ if triton is not None:
     def _far_kernel(
         out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, J0, nJ, span, L, ssm, n_chan, per_group,
         sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr, left_ptr, pmask_ptr, seg_ptr, segref_ptr, rw_ptr, cw_ptr,
-        N: tl.constexpr, NP: tl.constexpr, Q: tl.constexpr, FAR_DOT: tl.constexpr, REDUCE: tl.constexpr,
+        N: tl.constexpr, NP: tl.constexpr, Q: tl.constexpr, FAR_DOT: tl.constexpr, SPLIT: tl.constexpr,
+        REDUCE: tl.constexpr,
         TRANSFORM: tl.constexpr,
     ):  # fmt: skip
         """Every tile but the near ones: far tiles computed, tiles above the diagonal zeros. One program per
@@ -252,12 +271,12 @@ if triton is not None:
                     while c < tl.minimum((slab + 1) * per_group, n_chan):
                         u_c, left_c = _far_rows(c, I, L, ssm, U_ptr, left_ptr, NP, Q, FAR_DOT)
                         acc = _outer(c, I, J, L, u_c, left_c, sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr,
-                                     pmask_ptr, seg_ptr, segref_ptr, N, NP, Q, FAR_DOT)  # fmt: skip
+                                     pmask_ptr, seg_ptr, segref_ptr, N, NP, Q, FAR_DOT, SPLIT)  # fmt: skip
                         total = _reduce_step(total, acc, c, I, J, L, rw_ptr, cw_ptr, TRANSFORM, Q)
                         c += 1
             elif far:
                 total = _outer(slab, I, J, L, u, left, sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr, pmask_ptr,
-                               seg_ptr, segref_ptr, N, NP, Q, FAR_DOT)  # fmt: skip
+                               seg_ptr, segref_ptr, N, NP, Q, FAR_DOT, SPLIT)  # fmt: skip
             not_near = (I < J) | (I >= J + 2)  # the near tiles are the other launch's
             _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, not_near)
             J += 1
@@ -621,7 +640,7 @@ class DiagonalTiles(_Tiles):
         _far_kernel[(nI, triton.cdiv(nJ, span), slabs)](
             *head, I0, J0, nJ, span, self.L, int(self.ssm), self.n_chan, per_group,
             self.sb, self.sref, self.A, U, V, self.left, self.pmask, self.seg, self.seg_ref, rw, cw,
-            N=self.N, NP=self.NP, Q=TILE, FAR_DOT=self.far_dot,
+            N=self.N, NP=self.NP, Q=TILE, FAR_DOT=self.far_dot, SPLIT=bool(TUNING["FAR_SPLIT_TF32"]),
             num_warps=max(TUNING["far_warps"], 8 if self.NP >= 64 else 1), **reduce,
         )  # fmt: skip
         # near tiles: row tiles I0 … with column tiles I and I − 1 (those outside the read are masked)

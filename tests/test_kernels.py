@@ -149,12 +149,14 @@ def test_channel_reductions(transform, weights):
     assert a.shape == (1, 70, 95) and rel_err(a, b) < SAME
 
 
-@pytest.mark.parametrize("far_dot", [False, True])
-def test_every_code_path_of_the_kernel(monkeypatch, far_dot):
-    """The alternatives ``kernels.TUNING`` selects (benchmarks/bench_kernel.py times them) agree."""
+@pytest.mark.parametrize("far_dot, split", [(False, False), (True, True)])
+def test_every_code_path_of_the_kernel(monkeypatch, far_dot, split):
+    """The alternatives ``kernels.TUNING`` selects (benchmarks/bench_kernel.py times them) agree. (The
+    interpreter multiplies TF32 operands in float32: ``split`` checks the split, not TF32 rounding.)"""
     rec, _, _ = record(model("cpu", channels=3), 140, "cpu", batch=1)
     reference_ = rec.attention.with_backend("torch").dense()
     monkeypatch.setitem(kernels.TUNING, "FAR_DOT", far_dot)
+    monkeypatch.setitem(kernels.TUNING, "FAR_SPLIT_TF32", split)
     assert rel_err(rec.attention.with_backend("triton").dense(), reference_) < SAME
 
 
