@@ -229,24 +229,15 @@ if triton is not None:
         return total + acc
 
     # lengths and offsets change with every read: one compiled kernel for all of them
-    _RUNTIME = [
-        "stride_slab",
-        "stride_t",
-        "r0",
-        "r1",
-        "c0",
-        "c1",
-        "I0",
-        "J0",
-        "nJ",
-        "span",
-        "L",
-        "ssm",
-        "n_chan",
-        "per_group",
-    ]
+    _SPAN = ["stride_slab", "stride_t", "r0", "r1", "c0", "c1", "I0", "L"]
+    UNSPECIALISED = {
+        "_far_kernel": _SPAN + ["J0", "nJ", "span", "ssm", "n_chan", "per_group"],
+        "_near_kernel": _SPAN + ["ssm", "n_chan", "per_group"],
+        "_wkv_kernel": _SPAN + ["J0", "nJ", "span", "n_chan", "per_group"],
+        "_head_kernel": _SPAN + ["J0", "nJ", "ssm", "n_heads", "P"],
+    }
 
-    @triton.jit(do_not_specialize=_RUNTIME)
+    @triton.jit(do_not_specialize=UNSPECIALISED["_far_kernel"])
     def _far_kernel(
         out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, J0, nJ, span, L, ssm, n_chan, per_group,
         sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr, left_ptr, pmask_ptr, seg_ptr, segref_ptr, rw_ptr, cw_ptr,
@@ -281,7 +272,7 @@ if triton is not None:
             _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, not_near)
             J += 1
 
-    @triton.jit(do_not_specialize=[name for name in _RUNTIME if name != "J0"])
+    @triton.jit(do_not_specialize=UNSPECIALISED["_near_kernel"])
     def _near_kernel(
         out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, L, ssm, n_chan, per_group,
         sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, fix_ptr, seg_ptr, left_ptr, pmask_ptr, rw_ptr, cw_ptr,
@@ -328,7 +319,7 @@ if triton is not None:
         )
         return acc * right[None, :]
 
-    @triton.jit(do_not_specialize=_RUNTIME)
+    @triton.jit(do_not_specialize=UNSPECIALISED["_wkv_kernel"])
     def _wkv_kernel(
         out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, J0, nJ, span, L, n_chan, per_group,
         row_ptr, col_ptr, diag_ptr, rate_ptr, left_ptr, right_ptr, pmask_ptr, rw_ptr, cw_ptr,
@@ -375,7 +366,7 @@ if triton is not None:
         valid = (m[None, :] <= t[:, None]) & m_ok[None, :] & t_ok[:, None]
         return tl.where(valid, scores * tl.exp(a * gap) * delta[None, :], 0.0)
 
-    @triton.jit(do_not_specialize=_RUNTIME + ["n_heads", "P"])
+    @triton.jit(do_not_specialize=UNSPECIALISED["_head_kernel"])
     def _head_kernel(
         out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, J0, nJ, L, ssm, n_heads, P,
         scratch_ptr, cum_ptr, A_ptr, delta_ptr, B_ptr, C_ptr, chan_ptr, taps_ptr, right_ptr, left_ptr,

@@ -359,6 +359,16 @@ def test_rwkv4_kernel_with_large_keys():
     assert torch.isfinite(R).all() and rel_err(R, plain.dense()) < SAME
 
 
+def test_arguments_left_unspecialised_are_arguments_of_each_kernel():
+    """Lengths and offsets are compiled once for all values; a name a kernel lacks would be a silent typo."""
+    import inspect
+
+    assert set(kernels.UNSPECIALISED) == {"_far_kernel", "_near_kernel", "_wkv_kernel", "_head_kernel"}
+    for name, unspecialised in kernels.UNSPECIALISED.items():
+        parameters = inspect.signature(getattr(kernels, name).fn).parameters
+        assert set(unspecialised) <= set(parameters) and "L" in unspecialised, name
+
+
 def test_reads_the_fused_path_cannot_serve_say_why():
     rec, _, _ = record(model("cpu", channels=4), 20, "cpu", batch=1)
     view = rec.attention.with_backend("triton")
