@@ -420,6 +420,12 @@ if triton is not None:
             J += 1
 
 
+def _tile_grid(r0: int, r1: int, c0: int, c1: int) -> tuple[int, int, int, int]:
+    """The first row and column tiles of a read ``[r0:r1, c0:c1]`` and how many of each it touches."""
+    I0, J0 = r0 // TILE, c0 // TILE
+    return I0, J0, (r1 - 1) // TILE - I0 + 1, (c1 - 1) // TILE - J0 + 1
+
+
 class _Tiles:
     """What the view calls: dense blocks and channel sums of ``n_chan`` prepared channels on ``device``;
     subclasses launch their kernels in ``_launch``."""
@@ -457,7 +463,7 @@ class _Tiles:
         transform: str = "signed",
     ) -> Tensor:
         """The channel sum of (weighted, transformed) entries ``[r0:r1, c0:c1]``: ``(r1 − r0, c1 − c0)``."""
-        nI, nJ = (r1 - 1) // TILE - r0 // TILE + 1, (c1 - 1) // TILE - c0 // TILE + 1
+        _, _, nI, nJ = _tile_grid(r0, r1, c0, c1)
         # enough programs to fill the GPU: channel groups when there are few tiles, summed afterwards
         groups = max(1, min(self.n_chan, math.ceil(2048 / (nI * nJ))))
         per_group = math.ceil(self.n_chan / groups)
@@ -615,8 +621,7 @@ class DiagonalTiles(_Tiles):
                 row_weight: Tensor | None = None, col_weight: Tensor | None = None, transform: str = "signed",
                 ) -> None:  # fmt: skip
         r0, r1, c0, c1 = span
-        I0, J0 = r0 // TILE, c0 // TILE
-        nI, nJ = (r1 - 1) // TILE - I0 + 1, (c1 - 1) // TILE - J0 + 1
+        I0, J0, nI, nJ = _tile_grid(*span)
         reduce = dict(REDUCE=groups > 0, TRANSFORM=TRANSFORMS[transform])
         slabs = groups or self.n_chan
         ones = self.ones  # no weights
@@ -673,8 +678,7 @@ class WKVTiles(_Tiles):
             out.zero_()
             return
         r0, r1, c0, c1 = span
-        I0, J0 = r0 // TILE, c0 // TILE
-        nI, nJ = (r1 - 1) // TILE - I0 + 1, (c1 - 1) // TILE - J0 + 1
+        I0, J0, nI, nJ = _tile_grid(*span)
         rw = self.ones if row_weight is None else row_weight.to(torch.float32).contiguous()
         cw = self.ones if col_weight is None else col_weight.to(torch.float32).contiguous()
         run = 1 if groups else nJ
@@ -737,8 +741,7 @@ class HeadTiles(_Tiles):
                 row_weight: Tensor | None = None, col_weight: Tensor | None = None, transform: str = "signed",
                 ) -> None:  # fmt: skip
         r0, r1, c0, c1 = span
-        I0, J0 = r0 // TILE, c0 // TILE
-        nI, nJ = (r1 - 1) // TILE - I0 + 1, (c1 - 1) // TILE - J0 + 1
+        I0, J0, nI, nJ = _tile_grid(*span)
         scratch = torch.empty(nI * self.n_heads, TILE, TILE + HEAD_HALO, device=self.device)
         _head_kernel[(nI, self.n_heads)](
             out, out.stride(0), out.stride(1), r0, r1, c0, c1, I0, J0, nJ, self.L, int(self.ssm),
