@@ -153,11 +153,13 @@ def test_channel_reductions(transform, weights):
 def test_every_code_path_of_the_kernel(monkeypatch, far_dot, split):
     """The alternatives ``kernels.TUNING`` selects (benchmarks/bench_kernel.py times them) agree. (The
     interpreter multiplies TF32 operands in float32: ``split`` checks the split, not TF32 rounding.)"""
-    rec, _, _ = record(model("cpu", channels=3), 140, "cpu", batch=1)
+    rec, (hidden, mask), mixer = record(model("cpu", channels=3), 140, "cpu")  # batch 2, row 0 padded
     reference_ = rec.attention.with_backend("torch").dense()
     monkeypatch.setitem(kernels.TUNING, "FAR_DOT", far_dot)
     monkeypatch.setitem(kernels.TUNING, "FAR_SPLIT_TF32", split)
-    assert rel_err(rec.attention.with_backend("triton").dense(), reference_) < SAME
+    A = rec.attention.with_backend("triton").dense()
+    assert rel_err(A, reference_) < SAME
+    assert rel_err(A, impulse_matrix(reference(mixer, hidden, mask))) < TOL  # the float64 recurrence
 
 
 def test_preparation_is_chunked_over_channels(monkeypatch):
