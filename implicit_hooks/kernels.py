@@ -1,6 +1,6 @@
 """Fused Triton assembly of implicit attention: dense blocks and channel reductions of diagonal-state cores
-(Mamba-1, RG-LRU, Mamba-2: :class:`DiagonalTiles`; Mamba-2's dense blocks also by head, :class:`HeadTiles`,
-opt-in until measured) and of RWKV-4's normalised WKV (:class:`WKVTiles`).
+(Mamba-1, RG-LRU, Mamba-2: :class:`DiagonalTiles`; Mamba-2's dense blocks by head, :class:`HeadTiles`) and
+of RWKV-4's normalised WKV (:class:`WKVTiles`).
 
 The torch path (:meth:`AttentionView._block`) builds a tile in a dozen passes over memory (core, the
 column factors, ``K`` conv shifts, the gate); these kernels write each ``64 × 64`` output tile once,
@@ -65,21 +65,22 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
 
 #: tile size (rows and columns; conv widths up to ``TILE + 1``)
 TILE = 64
-#: conv columns past a tile that :class:`HeadTiles` computes (conv widths up to ``HEAD_HALO + 1``)
+#: conv columns past a tile that :class:`HeadTiles` computes (``tl.dot`` wants 16), and its widest conv
 HEAD_HALO = 16
+HEAD_TAPS = 4
 TRANSFORMS = {"signed": 0, "abs": 1, "positive": 2}
 #: code paths and launch settings (benchmarks/bench_kernel.py compares them): the far tiles as one tile
-#: product (``FAR_DOT``; ``N < 16`` always takes ``N`` outer products), warps. Products run on the float32
-#: FMA units (``"ieee"``): TF32 is too coarse, and Triton 3.6's ``"tf32x3"`` faults in these kernels (H200).
-#: Opt-in until measured on a GPU: the far products as three TF32 tensor-core products of split operands
-#: (``FAR_SPLIT_TF32``, :func:`_split_product`) and Mamba-2's dense blocks by head (``HEAD_TILES``).
+#: product (``FAR_DOT``; ``N < 16`` always takes ``N`` outer products), its operands split for three TF32
+#: tensor-core products (``FAR_SPLIT_TF32``, :func:`_split_product`: 2e-8 from the IEEE float32 product on
+#: the H200, 20 % faster; Triton 3.6's own ``"tf32x3"`` faults in these kernels), Mamba-2's dense blocks by
+#: head (``HEAD_TILES``), warps.
 TUNING: dict = {
     "FAR_DOT": True,
-    "FAR_SPLIT_TF32": False,
+    "FAR_SPLIT_TF32": True,
     "far_warps": 4,
     "near_warps": 4,
     "wkv_warps": 4,
-    "HEAD_TILES": False,
+    "HEAD_TILES": True,
     "head_warps": 8,
 }
 
@@ -369,54 +370,77 @@ if triton is not None:
     @triton.jit(do_not_specialize=UNSPECIALISED["_head_kernel"])
     def _head_kernel(
         out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, J0, nJ, L, ssm, n_heads, P,
-        scratch_ptr, cum_ptr, A_ptr, delta_ptr, B_ptr, C_ptr, chan_ptr, taps_ptr, right_ptr, left_ptr,
+        scratch_ptr, cum_ptr, A_ptr, delta_ptr, B_ptr, C_ptr, chan_ptr, shift_ptr, right_ptr, left_ptr,
         dr_ptr, pmask_ptr,
-        N: tl.constexpr, K: tl.constexpr, Q: tl.constexpr, H: tl.constexpr, NC: tl.constexpr,
+        N: tl.constexpr, Q: tl.constexpr, H: tl.constexpr, NC: tl.constexpr,
     ):  # fmt: skip
-        """Row tile ``I`` of every channel of head ``hh`` (:class:`HeadTiles`): per column tile, the head's
-        core over the columns and a conv halo once, into this program's scratch; then each channel reads it
-        back shifted by each tap (``K`` multiply-adds per entry, no product over states)."""
+        """Row tile ``I`` of head ``hh``, channels ``g, g + G, …`` of it (:class:`HeadTiles`). Per column
+        tile, the head's core over the columns and a conv halo once, into this program's scratch, read back
+        as the four shifted windows ``core[t, j + k]`` (registers); each channel then costs four
+        multiply-adds per entry and its store: ``Σ_k window_k · w_k r_{j+k}``, the skip on the diagonals
+        ``0 ≤ t − j < 4``, the gate and the input mask."""
         I = I0 + tl.program_id(0)
         hh = tl.program_id(1)
+        g = tl.program_id(2)
+        G = tl.num_programs(2)
         q = tl.arange(0, Q)
         t = I * Q + q
         t_ok = t < L
         cum_t = tl.load(cum_ptr + hh * L + t, mask=t_ok, other=0.0)
         a = tl.load(A_ptr + hh)
-        scratch = scratch_ptr + (hh * tl.num_programs(0) + tl.program_id(0)).to(tl.int64) * (Q * (Q + H))
+        program = (hh * tl.num_programs(0) + tl.program_id(0)) * G + g
+        scratch = scratch_ptr + program.to(tl.int64) * (Q * (Q + H))
+        cells = scratch + q[:, None] * (Q + H) + q[None, :]
         J = J0
         while J < J0 + nJ:
             j = J * Q + q
             j_ok = j < L
-            if J <= I:
-                if ssm != 0:
-                    h = (J + 1) * Q + tl.arange(0, H)
-                    core = _head_core(hh, t, j, L, t_ok, cum_t, a, cum_ptr, delta_ptr, B_ptr, C_ptr, N, NC)
-                    halo = _head_core(hh, t, h, L, t_ok, cum_t, a, cum_ptr, delta_ptr, B_ptr, C_ptr, N, NC)
-                    tl.store(scratch + q[:, None] * (Q + H) + q[None, :], core)
-                    tl.store(scratch + q[:, None] * (Q + H) + (Q + tl.arange(0, H))[None, :], halo)
+            lower = J <= I
+            w0 = tl.zeros((Q, Q), dtype=tl.float32)
+            w1 = w0
+            w2 = w0
+            w3 = w0
+            if lower & (ssm != 0):
+                h = (J + 1) * Q + tl.arange(0, H)
+                core = _head_core(hh, t, j, L, t_ok, cum_t, a, cum_ptr, delta_ptr, B_ptr, C_ptr, N, NC)
+                halo = _head_core(hh, t, h, L, t_ok, cum_t, a, cum_ptr, delta_ptr, B_ptr, C_ptr, N, NC)
+                tl.store(cells, core)
+                tl.store(scratch + q[:, None] * (Q + H) + (Q + tl.arange(0, H))[None, :], halo)
                 tl.debug_barrier()  # the whole tile is in the scratch before any thread reads it shifted
-            p = 0
+                w0 = core
+                w1 = tl.load(cells + 1)
+                w2 = tl.load(cells + 2)
+                w3 = tl.load(cells + 3)
+                tl.debug_barrier()  # every thread holds its windows before the next tile overwrites them
+            band = lower & (J >= I - 1)  # the skip's diagonals reach at most one tile back
+            d = t[:, None] - j[None, :]
+            on_band = (d >= 0) & (d < 4) & t_ok[:, None] & j_ok[None, :] & band
+            pm = tl.load(pmask_ptr + j, mask=j_ok, other=0.0)
+            p = g
             while p < P:
                 c = tl.load(chan_ptr + hh * P + p)
                 if c >= 0:
                     acc = tl.zeros((Q, Q), dtype=tl.float32)
-                    if J <= I:
-                        if ssm != 0:
-                            for k in tl.static_range(K):
-                                window = tl.load(scratch + q[:, None] * (Q + H) + (q + k)[None, :])
-                                r = tl.load(right_ptr + c * L + j + k, mask=(j + k) < L, other=0.0)
-                                acc += window * (tl.load(taps_ptr + c * K + (K - 1 - k)) * r)[None, :]
-                        d = t[:, None] - j[None, :]  # the skip, through tap d = t − j
-                        band = (d >= 0) & (d < K) & t_ok[:, None] & j_ok[None, :]
-                        w_d = tl.load(taps_ptr + c * K + (K - 1 - d), mask=band, other=0.0)
-                        dr = tl.load(dr_ptr + c * L + t, mask=t_ok, other=0.0)
-                        acc += w_d * dr[:, None]
+                    if lower:
+                        x0 = tl.load(shift_ptr + c * 4) * tl.load(right_ptr + c * L + j, mask=j_ok, other=0.0)
+                        x1 = tl.load(shift_ptr + c * 4 + 1) * tl.load(
+                            right_ptr + c * L + j + 1, mask=j + 1 < L, other=0.0
+                        )
+                        x2 = tl.load(shift_ptr + c * 4 + 2) * tl.load(
+                            right_ptr + c * L + j + 2, mask=j + 2 < L, other=0.0
+                        )
+                        x3 = tl.load(shift_ptr + c * 4 + 3) * tl.load(
+                            right_ptr + c * L + j + 3, mask=j + 3 < L, other=0.0
+                        )
+                        acc = w0 * x0[None, :] + w1 * x1[None, :] + w2 * x2[None, :] + w3 * x3[None, :]
+                        if band:  # the skip through tap d = t − j
+                            w_d = tl.load(shift_ptr + c * 4 + d, mask=on_band, other=0.0)
+                            dr = tl.load(dr_ptr + c * L + t, mask=t_ok, other=0.0)
+                            acc += w_d * dr[:, None]
                         left = tl.load(left_ptr + c * L + t, mask=t_ok, other=0.0)
-                        acc = acc * left[:, None] * tl.load(pmask_ptr + j, mask=j_ok, other=0.0)[None, :]
+                        acc = acc * left[:, None] * pm[None, :]
                     _store(out_ptr, c, stride_slab, stride_t, I, J, r0, r1, c0, c1, acc, Q, J >= 0)
-                p += 1
-            tl.debug_barrier()  # every channel has read the scratch before the next tile overwrites it
+                p += G
             J += 1
 
 
@@ -692,10 +716,10 @@ class WKVTiles(_Tiles):
 class HeadTiles(_Tiles):
     """Dense blocks of Mamba-2 channels by head: the channels of a head share their core
     ``R_h[t, m] = C_t · B_m · exp(a_h Σ_{m<k≤t} Δ_k) · Δ_m`` and differ only by their conv taps, right,
-    left and skip factors, so each tile of ``R_h`` (with a halo of ``K − 1 ≤ 16`` columns) is computed
-    once, with one product over the states, and every channel applies its conv as ``K`` shifted
-    multiply-adds of it (:func:`_head_kernel`). Channel sums go to :class:`DiagonalTiles`
-    (``reducer``), which never holds ``channels × L × L`` either.
+    left and skip factors, so each tile of ``R_h`` (with a halo of 16 columns) is computed once, with one
+    product over the states, and every channel applies its conv (up to ``HEAD_TAPS = 4`` taps) as four
+    multiply-adds of shifted windows of it held in registers (:func:`_head_kernel`). Channel sums go to
+    :class:`DiagonalTiles` (``reducer``), which never holds ``channels × L × L`` either.
 
     Args:
         cum: ``(nh, L)`` float64 ``Σ_{k≤t} Δ_k`` of each head; ``A``: ``(nh,)``; ``delta``: ``(nh, L)``;
@@ -727,10 +751,11 @@ class HeadTiles(_Tiles):
         ones = torch.ones(nc, L, device=device, dtype=f32)
         self.left = ones if left is None else left.to(f32).contiguous()
         self.right = ones if right is None else right.to(f32).contiguous()
-        self.taps = torch.ones(nc, 1, device=device, dtype=f32) if taps is None else taps.to(f32).contiguous()
-        self.K = self.taps.shape[1]
-        if self.K - 1 > HEAD_HALO:
-            raise ValueError(f"the by-head kernel handles convolutions of up to {HEAD_HALO + 1} taps")
+        taps = torch.ones(nc, 1, device=device, dtype=f32) if taps is None else taps.to(f32)
+        if taps.shape[1] > HEAD_TAPS:
+            raise ValueError(f"the by-head kernel handles convolutions of up to {HEAD_TAPS} taps")
+        # shift[c, k] = w_k, the tap that reads column j + k (zero past the conv's width)
+        self.shift = torch.nn.functional.pad(taps.flip(1), (0, HEAD_TAPS - taps.shape[1])).contiguous()
         self.dr = D.to(f32)[:, None] * self.right if skip and D is not None else torch.zeros_like(ones)
         self.dr = self.dr.contiguous()
         self.pmask = ones[0] if input_mask is None else input_mask.to(f32).contiguous()
@@ -742,12 +767,19 @@ class HeadTiles(_Tiles):
                 ) -> None:  # fmt: skip
         r0, r1, c0, c1 = span
         I0, J0, nI, nJ = _tile_grid(*span)
-        scratch = torch.empty(nI * self.n_heads, TILE, TILE + HEAD_HALO, device=self.device)
-        _head_kernel[(nI, self.n_heads)](
+        # a head's channels split over G programs, for about four programs an SM (two under the interpreter,
+        # so that tests take the split too)
+        if self.device.type == "cuda":
+            want = 4 * torch.cuda.get_device_properties(self.device).multi_processor_count
+            G = -(-want // (nI * self.n_heads))
+        else:
+            G = 2
+        G = max(1, min(self.P, G))
+        scratch = torch.empty(nI * self.n_heads * G, TILE, TILE + HEAD_HALO, device=self.device)
+        _head_kernel[(nI, self.n_heads, G)](
             out, out.stride(0), out.stride(1), r0, r1, c0, c1, I0, J0, nJ, self.L, int(self.ssm),
             self.n_heads, self.P, scratch, self.cum, self.A, self.delta, self.B, self.C, self.table,
-            self.taps, self.right, self.left, self.dr, self.pmask, N=self.N, K=self.K, Q=TILE, H=HEAD_HALO,
-            NC=16,
+            self.shift, self.right, self.left, self.dr, self.pmask, N=self.N, Q=TILE, H=HEAD_HALO, NC=16,
             num_warps=TUNING["head_warps"],
         )  # fmt: skip
 

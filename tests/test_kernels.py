@@ -235,14 +235,14 @@ def test_rglru_dense_and_reductions_across_resets():
         assert rel_err(a, plain.mean(transform=transform, row_weight=w)) < SAME
 
 
-def mamba2_record(L, device, *, groups=1, batch=2):
+def mamba2_record(L, device, *, groups=1, batch=2, conv=4):
     """A Mamba-2 block (head size 16, N = 16) with small Δ, so that far tiles matter; row 0 left-padded."""
     from transformers import Mamba2Config, Mamba2ForCausalLM
 
     torch.manual_seed(0)
     cfg = Mamba2Config(
         vocab_size=64, hidden_size=32, expand=2, head_dim=16, num_heads=4, state_size=16, n_groups=groups,
-        num_hidden_layers=1, chunk_size=32,
+        num_hidden_layers=1, chunk_size=32, conv_kernel=conv,
     )  # fmt: skip
     model = randomize(Mamba2ForCausalLM(cfg), 0)
     with torch.no_grad():
@@ -309,6 +309,19 @@ def test_mamba2_channels_of_several_groups(monkeypatch, by_head):
         both(rec.attention.only("ssm"))[0]._no_kernel(0, torch.tensor(mixed))
     assert core.tiles(0, torch.tensor(mixed), left=None, right=None, taps=None, input_mask=None,
                       ssm=True, skip=True) is None  # fmt: skip
+
+
+@pytest.mark.parametrize("conv, by_head", [(2, True), (5, False)])
+def test_mamba2_by_head_conv_widths(monkeypatch, conv, by_head):
+    """The by-head kernel takes convs of up to four taps (narrower ones padded with zero taps); wider
+    ones go to the scalar-decay ``DiagonalTiles``."""
+    monkeypatch.setitem(kernels.TUNING, "HEAD_TILES", True)
+    rec, impulses = mamba2_record(90, "cpu", conv=conv)
+    fused, plain = both(rec.attention)
+    tiles = fused._fused_tiles(0, torch.arange(8))
+    assert isinstance(tiles, kernels.HeadTiles) == by_head and isinstance(tiles, kernels._Tiles)
+    assert rel_err(fused.dense(), plain.dense()) < SAME
+    assert rel_err(fused.dense(), impulses()) < TOL
 
 
 def rwkv4_record(L, device, *, key_scale=1.0, slow=True):

@@ -110,7 +110,7 @@ class SSDCore(Core):
         ``B``/``C``: the scalar-decay variant of ``DiagonalTiles``, or with ``kernels.TUNING["HEAD_TILES"]``
         dense blocks by head (``HeadTiles``: one core per head, the conv as shifted multiply-adds). None
         (the torch path) when ``chans`` spans several groups or the state size is not a power of two ≥ 16."""
-        from ..kernels import HEAD_HALO, TUNING, DiagonalTiles, HeadTiles
+        from ..kernels import HEAD_TAPS, TUNING, DiagonalTiles, HeadTiles
 
         head = self.head_of.index_select(0, chans)
         group = head // self.heads_per_group
@@ -127,7 +127,7 @@ class SSDCore(Core):
             return DiagonalTiles(S, A, B, C, delta, D, scalar=True, **parts)
 
         taps = parts["taps"]
-        if not TUNING["HEAD_TILES"] or (taps is not None and taps.shape[1] - 1 > HEAD_HALO):
+        if not TUNING["HEAD_TILES"] or (taps is not None and taps.shape[1] > HEAD_TAPS):
             return by_channel()
         heads, which = torch.unique(head, return_inverse=True)
         return HeadTiles(

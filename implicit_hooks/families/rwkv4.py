@@ -70,9 +70,6 @@ class WKVCore(Core):
         log_z = self.log_z[b].index_select(0, chans).index_select(1, rows)[:, :, None]
         return torch.exp(log_num - log_z).to(self.dtype)
 
-    #: the fused kernel (:meth:`tiles`) passed its tests under Triton's interpreter, not yet compiled on a
-    #: GPU: ``backend="triton"`` uses it, ``"auto"`` keeps the torch path until then
-    fused_by_default = False
     fused_work = 8
 
     def tiles(self, b: int, chans: Tensor, **parts: Any) -> Any:
