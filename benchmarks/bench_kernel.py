@@ -18,15 +18,18 @@ import implicit_hooks as ih
 from implicit_hooks import kernels
 
 HERE = Path(__file__).parent
-#: (far tiles as one product, warps of the far launch, warps of the near launch, far products as split TF32):
-#: the settings compared
-VARIANTS = [
-    (True, 4, 4, False),
-    (False, 4, 4, False),
-    (True, 8, 4, False),
-    (True, 4, 8, False),
-    (True, 4, 4, True),
-]
+#: the settings compared: changes to ``kernels.TUNING`` (the first, none, is the default: far products as
+#: split TF32, near tiles by strips)
+VARIANTS = {
+    "default": {},
+    "ieee": {"FAR_SPLIT_TF32": False},
+    "nostrips": {"NEAR_STRIPS": False},
+    "ieee_nostrips": {"FAR_SPLIT_TF32": False, "NEAR_STRIPS": False},
+    "outer": {"FAR_DOT": False},
+    "far_w8": {"far_warps": 8},
+    "near_w8": {"near_warps": 8},
+    "near_w2": {"near_warps": 2},
+}
 
 
 def cuda_time(fn, repeat: int = 5) -> float:
@@ -78,19 +81,21 @@ def main() -> None:
         for name, v in (("full", view), ("s6", view.only("ssm"))):
             row[f"{name}_prep_s"] = cuda_time(lambda v=v, chans=chans: v._fused_tiles(0, chans))
             tiles = v._fused_tiles(0, chans)
-            for far, far_warps, near_warps, split in VARIANTS if name == "full" else VARIANTS[:1]:
-                kernels.TUNING.update(
-                    FAR_DOT=far, far_warps=far_warps, near_warps=near_warps, FAR_SPLIT_TF32=split
+            if tiles.strips:
+                row[f"{name}_strips_factorised_share"] = float(
+                    (tiles.growth <= kernels.STRIP_GROWTH).float().mean()
                 )
-                key = f"{name}_far{'dot' if far else 'outer'}_w{far_warps}_near_w{near_warps}"
-                key += "_split" if split else ""
+            for variant, change in VARIANTS.items() if name == "full" else [("default", {})]:
+                kernels.TUNING.update(default)
+                kernels.TUNING.update(change)
+                key = f"{name}_{variant}"
                 seconds = cuda_time(lambda tiles=tiles, L=L, out=out: tiles.dense(0, L, 0, L, out=out))
                 row[key + "_s"], row[key + "_over_floor"] = seconds, seconds / floor
-                if (far, far_warps, near_warps, split) == VARIANTS[0]:
+                if variant == "default":
                     first = out[:32].clone()  # the default's entries, to compare the other settings with
                 else:
                     row[key + "_vs_default_rel"] = float((out[:32] - first).norm() / first.norm())
-                if name == "full" and L <= 1024:
+                if name == "full" and L <= 1024 and variant in ("default", "nostrips"):
                     row[key + "_mean_s"] = cuda_time(lambda tiles=tiles, L=L: tiles.reduce(0, L, 0, L), 1)
             del tiles
         kernels.TUNING.update(default)

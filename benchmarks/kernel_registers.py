@@ -51,7 +51,12 @@ CASES = [
     ("near, Mamba-2", kernels._near_kernel, dict(N=128, K=4, Q=64, SCALAR=True, REDUCE=False, TRANSFORM=0)),
     ("near, RG-LRU", kernels._near_kernel, dict(N=1, K=4, Q=64, SCALAR=False, REDUCE=False, TRANSFORM=0)),
     ("WKV, RWKV-4", kernels._wkv_kernel, dict(Q=64, REDUCE=False, TRANSFORM=0)),
-    ("by head, Mamba-2", kernels._head_kernel, dict(N=128, K=4, Q=64, H=16, NC=16)),
+    (
+        "near strips, Mamba-1",
+        kernels._strip_kernel,
+        dict(N=16, NP=16, K=4, Q=64, SQ=16, SPLIT=True, REDUCE=False, TRANSFORM=0),
+    ),
+    ("by head, Mamba-2", kernels._head_kernel, dict(N=128, Q=64, H=16, NC=16)),
 ]
 
 
@@ -64,7 +69,7 @@ def report(kernel, constants: dict, warps: int) -> str:
             integer = name.startswith(("seg", "chan"))
             signature[name] = "*i32" if integer else "*fp64" if name in FLOAT64 else "*fp32"
         else:
-            signature[name] = "i32"
+            signature[name] = "fp32" if name == "max_growth" else "i32"
     source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     ptx = compiled.asm["ptx"]
@@ -86,7 +91,7 @@ def report(kernel, constants: dict, warps: int) -> str:
 def main() -> None:
     for name, kernel, constants in CASES:
         for warps in (4, 8):
-            print(f"{name:15s} {warps} warps: {report(kernel, constants, warps)}", flush=True)
+            print(f"{name:20s} {warps} warps: {report(kernel, constants, warps)}", flush=True)
 
 
 if __name__ == "__main__":

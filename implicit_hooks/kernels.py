@@ -82,7 +82,12 @@ TUNING: dict = {
     "wkv_warps": 4,
     "HEAD_TILES": True,
     "head_warps": 8,
+    "NEAR_STRIPS": True,
 }
+#: near tiles by row strips of ``STRIP`` rows (:func:`_strip`), whose column factors may grow by at most
+#: ``e^STRIP_GROWTH`` (larger: every entry directly); the error of a factorised entry is ≈ 2·growth·2⁻²⁴
+STRIP = 16
+STRIP_GROWTH = 8.0
 
 
 def available(device: torch.device, *, interpreted: bool = False) -> bool:
@@ -160,47 +165,47 @@ if triton is not None:
         return tl.where(linked, acc, 0.0)
 
     @triton.jit
-    def _near(
-        c, I, J, L, ssm, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, fix_ptr, seg_ptr, left_ptr, pmask_ptr,
-        N: tl.constexpr, K: tl.constexpr, Q: tl.constexpr, SCALAR: tl.constexpr,
-    ):  # fmt: skip
-        """A near tile (``I ∈ {J, J + 1}``) of channel ``c``.
-
-        Column ``j`` is taken from its last conv tap ``m = j + K − 1``: where ``t ≥ m`` every tap is
-        causal and ``A[t, j] = Σ_n C[t, n] · exp(A_n (S_{t+1} − S_{m+1})) · W[j, n]`` with ``W`` the conv
-        folded into the input side (``DiagonalTiles``), one exponential per entry and state and no halo;
-        the ``K`` diagonals from ``t = j`` hold what that misses (``fix``: partial taps and the skip)."""
-        t = I * Q + tl.arange(0, Q)
-        j = J * Q + tl.arange(0, Q)
+    def _gaps(c, I, t, j, L, sloc_ptr, tot_ptr, seg_ptr, K: tl.constexpr, Q: tl.constexpr):
+        """Rows ``t`` of row tile ``I``, columns ``j`` of tile ``I`` or ``I − 1`` seen from their last conv
+        tap ``m = j + K − 1``: where ``t ≥ m`` in one segment (``valid``), and ``S_{t+1} − S_{m+1}`` there
+        (``gap``; sums local to each tile, float32 of small numbers, plus the carry of ``m``'s tile)."""
         m = j + (K - 1)
         t_ok = t < L
+        m_ok = m < L
+        seg_t = tl.load(seg_ptr + t, mask=t_ok, other=0)
+        seg_m = tl.load(seg_ptr + m, mask=m_ok, other=-1)
+        valid = (m[None, :] <= t[:, None]) & m_ok[None, :] & t_ok[:, None]
+        valid = valid & (seg_t[:, None] == seg_m[None, :])
+        n_tiles = (L + Q - 1) // Q
+        tile_m = m // Q
+        s_t = tl.load(sloc_ptr + c * L + t, mask=t_ok, other=0.0)
+        s_m = tl.load(sloc_ptr + c * L + m, mask=m_ok, other=0.0)
+        carry = tl.load(tot_ptr + c * n_tiles + tile_m, mask=m_ok & (tile_m < I), other=0.0)
+        gap = tl.where(valid, tl.maximum(s_t[:, None] - (s_m - carry)[None, :], 0.0), 0.0)
+        return valid, gap
+
+    @triton.jit
+    def _direct(c, I, t, j, L, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, N: tl.constexpr,
+                K: tl.constexpr, Q: tl.constexpr):  # fmt: skip
+        """``Σ_n C[t, n] · exp(A_n (S_{t+1} − S_{m+1})) · W[j, n]`` where valid (:func:`_gaps`): one
+        exponential per entry and state. The state loop is not unrolled: unrolling hoists every state's
+        loads and spills registers."""
+        valid, gap = _gaps(c, I, t, j, L, sloc_ptr, tot_ptr, seg_ptr, K, Q)
+        t_ok = t < L
         j_ok = (j >= 0) & (j < L)
-        acc = tl.zeros((Q, Q), dtype=tl.float32)
-        if ssm != 0:
-            m_ok = m < L
-            seg_t = tl.load(seg_ptr + t, mask=t_ok, other=0)
-            seg_m = tl.load(seg_ptr + m, mask=m_ok, other=-1)
-            valid = (m[None, :] <= t[:, None]) & m_ok[None, :] & t_ok[:, None]
-            valid = valid & (seg_t[:, None] == seg_m[None, :])
-            # S_{t+1} − S_{m+1}: sums local to each tile (float32 of small numbers), the carry of m's tile
-            n_tiles = (L + Q - 1) // Q
-            tile_m = m // Q
-            s_t = tl.load(sloc_ptr + c * L + t, mask=t_ok, other=0.0)
-            s_m = tl.load(sloc_ptr + c * L + m, mask=m_ok, other=0.0)
-            carry = tl.load(tot_ptr + c * n_tiles + tile_m, mask=m_ok & (tile_m < I), other=0.0)
-            gap = tl.where(valid, tl.maximum(s_t[:, None] - (s_m - carry)[None, :], 0.0), 0.0)
-            if SCALAR:  # one rate for every state (Mamba-2): one exponential per entry, C_t · W_j a product
-                n = tl.arange(0, N)
-                c_rows = tl.load(C_ptr + t[:, None] * N + n[None, :], mask=t_ok[:, None], other=0.0)
-                w_rows = tl.load(W_ptr + (c * L + j[:, None]) * N + n[None, :], mask=j_ok[:, None], other=0.0)
-                acc = tl.dot(c_rows, tl.trans(w_rows), input_precision="ieee")
-                acc = acc * tl.exp(tl.load(A_ptr + c * N) * gap)
-            else:  # a loop, not unrolled: unrolling hoists every state's loads and spills registers
-                for n in range(N):
-                    c_n = tl.load(C_ptr + t * N + n, mask=t_ok, other=0.0)
-                    w_n = tl.load(W_ptr + (c * L + j) * N + n, mask=j_ok, other=0.0)
-                    acc += c_n[:, None] * tl.exp(tl.load(A_ptr + c * N + n) * gap) * w_n[None, :]
-            acc = tl.where(valid, acc, 0.0)
+        acc = tl.zeros((t.shape[0], j.shape[0]), dtype=tl.float32)
+        for n in range(N):
+            c_n = tl.load(C_ptr + t * N + n, mask=t_ok, other=0.0)
+            w_n = tl.load(W_ptr + (c * L + j) * N + n, mask=j_ok, other=0.0)
+            acc += c_n[:, None] * tl.exp(tl.load(A_ptr + c * N + n) * gap) * w_n[None, :]
+        return tl.where(valid, acc, 0.0)
+
+    @triton.jit
+    def _band(acc, c, t, j, L, fix_ptr, left_ptr, pmask_ptr, K: tl.constexpr):
+        """Adds the ``K`` diagonals ``0 ≤ t − j < K`` (``fix``: partial taps and the skip), then applies the
+        left factors and the input mask."""
+        t_ok = t < L
+        j_ok = (j >= 0) & (j < L)
         d = t[:, None] - j[None, :]
         band = (d >= 0) & (d < K) & t_ok[:, None] & j_ok[None, :]
         acc += tl.load(fix_ptr + (c * L + t[:, None]) * K + d, mask=band, other=0.0)
@@ -208,9 +213,96 @@ if triton is not None:
         return acc * left[:, None] * tl.load(pmask_ptr + j, mask=j_ok, other=0.0)[None, :]
 
     @triton.jit
-    def _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, acc, Q: tl.constexpr, keep):
+    def _near(
+        c, I, J, L, ssm, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, fix_ptr, seg_ptr, left_ptr, pmask_ptr,
+        N: tl.constexpr, K: tl.constexpr, Q: tl.constexpr, SCALAR: tl.constexpr,
+    ):  # fmt: skip
+        """A near tile (``I ∈ {J, J + 1}``) of channel ``c``, every entry directly.
+
+        Column ``j`` is taken from its last conv tap ``m = j + K − 1``: where ``t ≥ m`` every tap is
+        causal and ``A[t, j] = Σ_n C[t, n] · exp(A_n (S_{t+1} − S_{m+1})) · W[j, n]`` with ``W`` the conv
+        folded into the input side (``DiagonalTiles``), one exponential per entry and state and no halo;
+        the ``K`` diagonals from ``t = j`` hold what that misses (``fix``: partial taps and the skip)."""
         t = I * Q + tl.arange(0, Q)
         j = J * Q + tl.arange(0, Q)
+        acc = tl.zeros((Q, Q), dtype=tl.float32)
+        if ssm != 0:
+            if SCALAR:  # one rate for every state (Mamba-2): one exponential per entry, C_t · W_j a product
+                valid, gap = _gaps(c, I, t, j, L, sloc_ptr, tot_ptr, seg_ptr, K, Q)
+                n = tl.arange(0, N)
+                c_rows = tl.load(C_ptr + t[:, None] * N + n[None, :], mask=(t < L)[:, None], other=0.0)
+                j_ok = (j >= 0) & (j < L)
+                w_rows = tl.load(W_ptr + (c * L + j[:, None]) * N + n[None, :], mask=j_ok[:, None], other=0.0)
+                acc = tl.dot(c_rows, tl.trans(w_rows), input_precision="ieee")
+                acc = tl.where(valid, acc * tl.exp(tl.load(A_ptr + c * N) * gap), 0.0)
+            else:
+                acc = _direct(c, I, t, j, L, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, N, K, Q)
+        return _band(acc, c, t, j, L, fix_ptr, left_ptr, pmask_ptr, K)
+
+    @triton.jit
+    def _strip(
+        c, I, i, J, L, ssm, max_growth, sloc_ptr, tot_ptr, growth_ptr, A_ptr, C_ptr, W_ptr, fix_ptr, seg_ptr,
+        left_ptr, pmask_ptr, N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, Q: tl.constexpr,
+        SQ: tl.constexpr, SPLIT: tl.constexpr,
+    ):  # fmt: skip
+        """Row strip ``i`` (``SQ`` rows from ``R = IQ + i·SQ``) of near tile ``(I, J)`` of channel ``c``, in
+        two parts: ``main``, the columns ``j < R``, and ``diag``, the ``SQ`` columns from ``R`` (``J = I``).
+
+        ``main`` factorises through ``S_R``: ``Σ_n C[t, n] e^{A_n (S_{t+1} − S_R)} · e^{A_n (S_R − S_{m+1})}
+        W[j, n]``, one ``SQ × NP × Q`` product and ``(SQ + Q)·NP`` exponentials instead of ``SQ·Q·N``. The
+        row factors are ``≤ 1``; a column's last tap lies at most ``K − 1`` positions past ``R``, so its
+        factor grows by at most ``e^{max|A| (S_{R+K−1} − S_R)}``: strips where that passes
+        ``e^{max_growth}`` (large rates) take every entry directly, as ``diag`` does."""
+        R = I * Q + i * SQ
+        t = R + tl.arange(0, SQ)
+        j = J * Q + tl.arange(0, Q)
+        jd = R + tl.arange(0, SQ)
+        main = tl.zeros((SQ, Q), dtype=tl.float32)
+        diag = tl.zeros((SQ, SQ), dtype=tl.float32)
+        if ssm != 0:
+            n_strips = (L + SQ - 1) // SQ
+            if tl.load(growth_ptr + c * n_strips + R // SQ) <= max_growth:
+                t_ok = t < L
+                n = tl.arange(0, NP)
+                n_ok = n < N
+                a = tl.load(A_ptr + c * N + n, mask=n_ok, other=0.0)
+                # S_R − S_IQ (0 for the tile's first strip); the index is clamped, its value unused then
+                off = tl.load(sloc_ptr + c * L + tl.minimum(tl.maximum(R - 1, 0), L - 1))
+                off = tl.where(i > 0, off, 0.0)
+                row_gap = tl.load(sloc_ptr + c * L + t, mask=t_ok, other=0.0) - off  # S_{t+1} − S_R ≥ 0
+                c_rows = tl.load(C_ptr + t[:, None] * N + n[None, :], mask=t_ok[:, None] & n_ok[None, :],
+                                 other=0.0)  # fmt: skip
+                u = c_rows * tl.exp(a[None, :] * row_gap[:, None])
+                m = j + (K - 1)
+                m_ok = m < L
+                tile_m = m // Q
+                s_m = tl.load(sloc_ptr + c * L + m, mask=m_ok, other=0.0)
+                n_tiles = (L + Q - 1) // Q
+                carry = tl.load(tot_ptr + c * n_tiles + tile_m, mask=m_ok & (tile_m < I), other=0.0)
+                cols = (j >= 0) & (j < R) & (j < L)
+                col_gap = tl.where(cols, off - (s_m - carry), 0.0)  # S_R − S_{m+1} ≥ −(S_{R+K−1} − S_R)
+                w = tl.load(W_ptr + (c * L + j[:, None]) * N + n[None, :], mask=cols[:, None] & n_ok[None, :],
+                            other=0.0)  # fmt: skip
+                w = w * tl.exp(a[None, :] * col_gap[:, None])
+                if SPLIT:
+                    main = _split_product(u, w)
+                else:
+                    main = tl.dot(u, tl.trans(w), input_precision="ieee")
+                valid, _ = _gaps(c, I, t, j, L, sloc_ptr, tot_ptr, seg_ptr, K, Q)
+                main = tl.where(valid, main, 0.0)
+            else:
+                main = _direct(c, I, t, j, L, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, N, K, Q)
+            if J == I:
+                diag = _direct(c, I, t, jd, L, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, N, K, Q)
+        main = _band(main, c, t, j, L, fix_ptr, left_ptr, pmask_ptr, K)
+        main = tl.where((j < R)[None, :], main, 0.0)  # the diag part's columns and the zeros past them
+        diag = _band(diag, c, t, jd, L, fix_ptr, left_ptr, pmask_ptr, K)
+        return main, diag
+
+    @triton.jit
+    def _store_at(out_ptr, slab, stride_slab, stride_t, t, j, r0, r1, c0, c1, acc, keep):
+        """Entries ``(t, j)`` of ``acc`` that lie in the read ``[r0:r1, c0:c1]`` and in ``keep`` (a scalar
+        or a mask that broadcasts), into slab ``slab`` of the output."""
         inside = ((t >= r0) & (t < r1))[:, None] & ((j >= c0) & (j < c1))[None, :]
         inside = tl.where(keep, inside, False)  # a scalar condition: where(), not &, for every Triton
         rows = (t - r0).to(tl.int64)  # offsets past 2^31 elements at long lengths
@@ -218,22 +310,33 @@ if triton is not None:
         tl.store(ptr, acc, mask=inside)
 
     @triton.jit
-    def _reduce_step(total, acc, c, I, J, L, rw_ptr, cw_ptr, TRANSFORM: tl.constexpr, Q: tl.constexpr):
+    def _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, acc, Q: tl.constexpr, keep):
         t = I * Q + tl.arange(0, Q)
         j = J * Q + tl.arange(0, Q)
+        _store_at(out_ptr, slab, stride_slab, stride_t, t, j, r0, r1, c0, c1, acc, keep)
+
+    @triton.jit
+    def _reduce_at(total, acc, c, t, j, L, rw_ptr, cw_ptr, TRANSFORM: tl.constexpr):
         acc = acc * tl.load(rw_ptr + c * L + t, mask=t < L, other=0.0)[:, None]
-        acc = acc * tl.load(cw_ptr + c * L + j, mask=j < L, other=0.0)[None, :]
+        acc = acc * tl.load(cw_ptr + c * L + j, mask=(j >= 0) & (j < L), other=0.0)[None, :]
         if TRANSFORM == 1:
             acc = tl.abs(acc)
         elif TRANSFORM == 2:
             acc = tl.maximum(acc, 0.0)
         return total + acc
 
+    @triton.jit
+    def _reduce_step(total, acc, c, I, J, L, rw_ptr, cw_ptr, TRANSFORM: tl.constexpr, Q: tl.constexpr):
+        t = I * Q + tl.arange(0, Q)
+        j = J * Q + tl.arange(0, Q)
+        return _reduce_at(total, acc, c, t, j, L, rw_ptr, cw_ptr, TRANSFORM)
+
     # lengths and offsets change with every read: one compiled kernel for all of them
     _SPAN = ["stride_slab", "stride_t", "r0", "r1", "c0", "c1", "I0", "L"]
     UNSPECIALISED = {
         "_far_kernel": _SPAN + ["J0", "nJ", "span", "ssm", "n_chan", "per_group"],
         "_near_kernel": _SPAN + ["ssm", "n_chan", "per_group"],
+        "_strip_kernel": _SPAN + ["ssm", "n_chan", "per_group", "max_growth"],
         "_wkv_kernel": _SPAN + ["J0", "nJ", "span", "n_chan", "per_group"],
         "_head_kernel": _SPAN + ["J0", "nJ", "ssm", "n_heads", "P"],
     }
@@ -298,6 +401,45 @@ if triton is not None:
             total = _near(slab, I, J, L, ssm, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, fix_ptr, seg_ptr,
                           left_ptr, pmask_ptr, N, K, Q, SCALAR)  # fmt: skip
         _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, J >= 0)
+
+    @triton.jit(do_not_specialize=UNSPECIALISED["_strip_kernel"])
+    def _strip_kernel(
+        out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, L, ssm, n_chan, per_group, max_growth,
+        sloc_ptr, tot_ptr, growth_ptr, A_ptr, C_ptr, W_ptr, fix_ptr, seg_ptr, left_ptr, pmask_ptr,
+        rw_ptr, cw_ptr, N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, Q: tl.constexpr, SQ: tl.constexpr,
+        SPLIT: tl.constexpr, REDUCE: tl.constexpr, TRANSFORM: tl.constexpr,
+    ):  # fmt: skip
+        """The near tiles by row strips (:func:`_strip`): strip ``i`` of row tile ``I`` against column
+        tiles ``I`` and ``I − 1``; ``main`` written with the zeros past the strip's diagonal block, ``diag``
+        apart."""
+        I = I0 + tl.program_id(0) // (Q // SQ)
+        i = tl.program_id(0) % (Q // SQ)
+        J = I - tl.program_id(1)
+        slab = tl.program_id(2)
+        R = I * Q + i * SQ
+        t = R + tl.arange(0, SQ)
+        j = J * Q + tl.arange(0, Q)
+        jd = R + tl.arange(0, SQ)
+        main = tl.zeros((SQ, Q), dtype=tl.float32)
+        diag = tl.zeros((SQ, SQ), dtype=tl.float32)
+        if J < 0:  # row tile 0 has no column tile before it
+            pass
+        elif REDUCE:
+            c = slab * per_group
+            while c < tl.minimum((slab + 1) * per_group, n_chan):
+                main_c, diag_c = _strip(c, I, i, J, L, ssm, max_growth, sloc_ptr, tot_ptr, growth_ptr, A_ptr,
+                                        C_ptr, W_ptr, fix_ptr, seg_ptr, left_ptr, pmask_ptr, N, NP, K, Q, SQ,
+                                        SPLIT)  # fmt: skip
+                main = _reduce_at(main, main_c, c, t, j, L, rw_ptr, cw_ptr, TRANSFORM)
+                diag = _reduce_at(diag, diag_c, c, t, jd, L, rw_ptr, cw_ptr, TRANSFORM)
+                c += 1
+        else:
+            main, diag = _strip(slab, I, i, J, L, ssm, max_growth, sloc_ptr, tot_ptr, growth_ptr, A_ptr,
+                                C_ptr, W_ptr, fix_ptr, seg_ptr, left_ptr, pmask_ptr, N, NP, K, Q, SQ,
+                                SPLIT)  # fmt: skip
+        outside = tl.where(J >= 0, (j < R) | (j >= R + SQ), False)  # diag's columns are the other store's
+        _store_at(out_ptr, slab, stride_slab, stride_t, t, j, r0, r1, c0, c1, main, outside[None, :])
+        _store_at(out_ptr, slab, stride_slab, stride_t, t, jd, r0, r1, c0, c1, diag, J == I)
 
     @triton.jit
     def _wkv_tile(c, I, J, L, row_ptr, col_ptr, diag_ptr, rate_ptr, left_ptr, right_ptr, pmask_ptr,
@@ -579,6 +721,13 @@ class DiagonalTiles(_Tiles):
             self.W = self._fold(S, S[:, last + 1], seg[last], pos).contiguous()
             self.U, self.V = self._far_factors(S, pos, start, ref, last)
         self.fix = self._diagonals(S, pos, skip and D is not None)
+        # near tiles by strips where the far tiles take a product (Mamba-1) and the conv fits in a strip
+        self.strips = bool(TUNING["NEAR_STRIPS"]) and self.far_dot and not scalar and ssm and K - 1 < STRIP
+        self.growth = self.sloc  # a stand-in, unread without strips
+        if self.strips:  # (nc, strips): max_n |A_n| (S_{R+K−1} − S_R) from each strip's start R
+            R = torch.arange(0, L, STRIP, device=device)
+            growth = self.A.abs().amax(1, keepdim=True) * (S[:, (R + K - 1).clamp(max=L)] - S[:, R]).to(f32)
+            self.growth = growth.contiguous()
 
     def _decay(self, gap: Tensor) -> Tensor:
         """``exp(A_n · gap)`` for ``gap (nc, L)``: ``(nc, L, N)``; ``(nc, L, 1)`` for one rate per channel."""
@@ -664,6 +813,15 @@ class DiagonalTiles(_Tiles):
             num_warps=max(TUNING["far_warps"], 8 if self.NP >= 64 else 1), **reduce,
         )  # fmt: skip
         # near tiles: row tiles I0 … with column tiles I and I − 1 (those outside the read are masked)
+        if self.strips and TUNING["NEAR_STRIPS"]:
+            _strip_kernel[(nI * (TILE // STRIP), 2, slabs)](
+                *head, I0, self.L, int(self.ssm), self.n_chan, per_group, float(STRIP_GROWTH), self.sloc,
+                self.tot, self.growth,
+                self.A, self.C, W, self.fix, self.seg, self.left, self.pmask, rw, cw,
+                N=self.N, NP=self.NP, K=self.K, Q=TILE, SQ=STRIP, SPLIT=bool(TUNING["FAR_SPLIT_TF32"]),
+                num_warps=TUNING["near_warps"], **reduce,
+            )  # fmt: skip
+            return
         _near_kernel[(nI, 2, slabs)](
             *head, I0, self.L, int(self.ssm), self.n_chan, per_group,
             self.sloc, self.tot, self.A, self.C, W, self.fix, self.seg, self.left, self.pmask, rw, cw,

@@ -58,6 +58,11 @@ class Core:
     #: elements per channel and position that :meth:`tiles` prepares (guides the channel chunks)
     fused_work: int = 64  # U, V, W of 16 states and a few per-position arrays (Mamba-1)
 
+    @property
+    def fused_dense_work(self) -> int:
+        """:attr:`fused_work` of dense reads, where a core prepares less for them (Mamba-2 by head)."""
+        return self.fused_work
+
     def block(self, b: int, chans: Tensor, rows: Tensor, cols: Tensor, *, ssm: bool, skip: bool) -> Tensor:
         """Entries ``[chans, rows, cols]`` of batch row ``b``: shape ``(len(chans), len(rows), len(cols))``.
 
@@ -415,13 +420,15 @@ class AttentionView:
             skip="skip" in keep,
         )
 
-    def _fused_chunks(self, n_chans: int) -> int:
+    def _fused_chunks(self, dense: bool) -> int:
         """Channels whose kernel preparation (``fused_work · L`` elements each) fits the budget."""
-        return max(1, FUSED_PREP_ELEMENTS // (self.factors.core.fused_work * self.shape[-1]))
+        core = self.factors.core
+        work = core.fused_dense_work if dense else core.fused_work
+        return max(1, FUSED_PREP_ELEMENTS // (work * self.shape[-1]))
 
-    def _fused_parts(self, cs: Tensor):
+    def _fused_parts(self, cs: Tensor, *, dense: bool):
         """Positions into ``cs``, chunk by chunk (the preparation budget) and part by part (the core's)."""
-        step = self._fused_chunks(len(cs))
+        step = self._fused_chunks(dense)
         for c0 in range(0, len(cs), step):
             chunk = torch.arange(c0, min(c0 + step, len(cs)), device=cs.device)
             for part in self.factors.core.tile_parts(cs[chunk]):
@@ -440,7 +447,7 @@ class AttentionView:
         if span is not None:
             out = torch.empty(len(bs), len(cs), len(rows), len(cols), dtype=self.dtype, device=self.device)
             for i, b in enumerate(bs.tolist()):
-                for pos in self._fused_parts(cs):
+                for pos in self._fused_parts(cs, dense=True):
                     chans, run = cs[pos], _span(pos)
                     tiles = self._fused_tiles(b, chans)
                     if tiles is None:
@@ -523,7 +530,7 @@ class AttentionView:
         if span is not None:
             out = torch.zeros(len(bs), len(rs), len(js), dtype=self.dtype, device=self.device)
             for i, b in enumerate(bs.tolist()):
-                for pos in self._fused_parts(cs):
+                for pos in self._fused_parts(cs, dense=False):
                     chans = cs[pos]
                     tiles = self._fused_tiles(b, chans)
                     if tiles is None:

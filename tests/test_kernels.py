@@ -149,17 +149,41 @@ def test_channel_reductions(transform, weights):
     assert a.shape == (1, 70, 95) and rel_err(a, b) < SAME
 
 
-@pytest.mark.parametrize("far_dot, split", [(False, False), (True, True)])
-def test_every_code_path_of_the_kernel(monkeypatch, far_dot, split):
+@pytest.mark.parametrize(
+    "far_dot, split, strips", [(False, False, False), (True, True, True), (True, False, False)]
+)
+def test_every_code_path_of_the_kernel(monkeypatch, far_dot, split, strips):
     """The alternatives ``kernels.TUNING`` selects (benchmarks/bench_kernel.py times them) agree. (The
     interpreter multiplies TF32 operands in float32: ``split`` checks the split, not TF32 rounding.)"""
     rec, (hidden, mask), mixer = record(model("cpu", channels=3), 140, "cpu")  # batch 2, row 0 padded
     reference_ = rec.attention.with_backend("torch").dense()
     monkeypatch.setitem(kernels.TUNING, "FAR_DOT", far_dot)
     monkeypatch.setitem(kernels.TUNING, "FAR_SPLIT_TF32", split)
+    monkeypatch.setitem(kernels.TUNING, "NEAR_STRIPS", strips)
     A = rec.attention.with_backend("triton").dense()
     assert rel_err(A, reference_) < SAME
     assert rel_err(A, impulse_matrix(reference(mixer, hidden, mask))) < TOL  # the float64 recurrence
+
+
+def test_near_strips_factorised_or_direct(monkeypatch):
+    """Near tiles by strips: each strip factorises through its start where its column factors grow by at
+    most ``e^STRIP_GROWTH`` and takes every entry directly elsewhere; a threshold at the median growth
+    mixes both within a channel and across the channels summed in one program."""
+    rec, (hidden, mask), mixer = record(model("cpu", channels=3), 140, "cpu")
+    plain, fused = rec.attention.with_backend("torch"), rec.attention.with_backend("triton")
+    reference_, impulses = plain.dense(), impulse_matrix(reference(mixer, hidden, mask))
+    growth = fused._fused_tiles(1, torch.arange(3)).growth  # (channels, strips), row 1: no padding
+    assert growth.shape == (3, 9) and bool((growth > 0).all())
+    for threshold in (float(growth.median()), 0.0):
+        monkeypatch.setattr(kernels, "STRIP_GROWTH", threshold)
+        share = float((growth <= threshold).float().mean())
+        assert 0.3 < share < 0.7 if threshold else share == 0.0
+        A = fused.dense()
+        assert rel_err(A, reference_) < SAME
+        assert rel_err(A, impulses) < TOL
+        assert rel_err(fused.mean(absolute=True), plain.mean(absolute=True)) < SAME
+        key = (1, slice(None), slice(70, 140), slice(50, 120))
+        assert rel_err(fused[key], plain[key]) < SAME
 
 
 def test_preparation_is_chunked_over_channels(monkeypatch):
@@ -378,7 +402,13 @@ def test_arguments_left_unspecialised_are_arguments_of_each_kernel():
     """Lengths and offsets are compiled once for all values; a name a kernel lacks would be a silent typo."""
     import inspect
 
-    assert set(kernels.UNSPECIALISED) == {"_far_kernel", "_near_kernel", "_wkv_kernel", "_head_kernel"}
+    assert set(kernels.UNSPECIALISED) == {
+        "_far_kernel",
+        "_near_kernel",
+        "_strip_kernel",
+        "_wkv_kernel",
+        "_head_kernel",
+    }
     for name, unspecialised in kernels.UNSPECIALISED.items():
         parameters = inspect.signature(getattr(kernels, name).fn).parameters
         assert set(unspecialised) <= set(parameters) and "L" in unspecialised, name

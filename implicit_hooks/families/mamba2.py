@@ -100,6 +100,13 @@ class SSDCore(Core):
     def fused_work(self) -> int:
         return 3 * self.B.shape[-1] + 12  # U, V and W of N states, and a few per-position arrays
 
+    @property
+    def fused_dense_work(self) -> int:
+        from ..kernels import TUNING
+
+        # by head: the left, right and skip factors; the core's tiles live in a small scratch
+        return 8 if TUNING["HEAD_TILES"] else self.fused_work
+
     def tile_parts(self, chans: Tensor) -> list[Tensor]:
         """Channels of one group of ``B``/``C`` at a time."""
         group = self.head_of.index_select(0, chans) // self.heads_per_group
