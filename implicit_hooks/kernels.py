@@ -22,7 +22,8 @@ Positions are cut into tiles of ``Q = 64``:
       U[t, n] = C[t, n] exp(A_n (S_{t+1} − S_{IQ})),
       V[j, n] = Σ_k w_k exp(A_n (S_ref(J) − S_{j+k+1})) u_{j+k} r_{j+k} B[j+k, n],   S_ref(J) = S_{(J+1)Q+K−1}
 
-  (``U`` and ``V``, ``O(L·N)`` per channel, are prepared in torch; the tile is one ``Q×N×Q`` product);
+  (``U`` and ``V``, ``O(L·N)`` per channel, are prepared by :func:`_prep_kernel`, one pass; the tile is
+  one ``Q×N×Q`` product);
 * **near tiles** (``I ∈ {J, J+1}``): each column is seen from its last conv tap ``m = j + K − 1``, so the
   conv folds into the input side as it does for ``V`` and costs nothing in the tile::
 
@@ -30,21 +31,26 @@ Positions are cut into tiles of ``Q = 64``:
       W[j, n] = Σ_k w_k exp(A_n (S_{m+1} − S_{j+k+1})) u_{j+k} r_{j+k} B[j+k, n]
 
   one exponential per entry and state (one per entry with a scalar rate, ``C·Wᵀ`` then a product), the
-  gaps from per-tile local sums (float32 of small numbers). The ``K`` diagonals ``0 ≤ t − j < K`` add what
-  that form misses, prepared in torch (``fix``: the taps at or before ``t`` when ``t < m``, and the skip);
+  gaps from per-tile local sums (float32 of small numbers). With ``N ≥ 16`` states (Mamba-1) they go by
+  16-row strips (:func:`_strip`): a strip factorises through its first row ``R`` like a far tile, except
+  its 16×16 diagonal block, wherever its column factors ``e^{A_n (S_R − S_{m+1})}`` (a column's last tap
+  lies at most ``K − 1`` positions past ``R``) grow by at most ``e^STRIP_GROWTH``. The ``K`` diagonals
+  ``0 ≤ t − j < K`` add what that form misses (``fix``: the taps at or before ``t`` when ``t < m``, and
+  the skip), prepared with ``W``;
 * tiles above the diagonal are zeros.
 
-Matrix products run in IEEE float32 on the FMA units (TF32 is too coarse; Triton 3.6's ``"tf32x3"`` faulted
-in these kernels on the H200); ``exp`` is the GPU's fast one: the result matches the torch path to ≤ 1e-5
-relative. Two launches per read, so that each kernel keeps its own registers: one for the far tiles (one
-program per row tile, the row factors loaded once, the zeros above the diagonal too), one for the near tiles.
+The far and strip products run on the tensor cores as three TF32 products of split operands (about float32
+accuracy: 2e-7 from IEEE float32 products on the H200; plain TF32 is too coarse and Triton 3.6's
+``"tf32x3"`` faulted in these kernels), the rest in IEEE float32; ``exp`` is the GPU's fast one: the result
+matches the torch path to ≤ 1e-5 relative. Two launches per read, so that each kernel keeps its own
+registers: one for the far tiles (one program per row tile, the row factors loaded once, the zeros above
+the diagonal too), one for the near tiles.
 For any block of rows and columns, :meth:`DiagonalTiles.dense` writes ``(channels, rows, cols)`` and
 :meth:`DiagonalTiles.reduce` sums channels inside each program (with optional row/column weights and the
 ``abs``/``positive`` transforms), writing one ``(rows, cols)`` per channel group, so a channel mean never
 holds ``channels × L × L``. Measured on the H200 (``benchmarks/results/gpu.md``), Mamba-1, 1536 channels:
-7.3× / 4.7× / 3.5× the write floor at L = 512 / 1024 / 2048 (kernel; the torch path 1290× / 1950×). What
-keeps it from the floor: the far tiles' FMA products (2.2× the floor alone at L = 2048) and the near tiles'
-exponentials (about 5× the special-function units' bound; 250 registers a thread limit occupancy).
+3.8× / 2.7× / 2.1× the write floor at L = 512 / 1024 / 2048 (kernel; through the view, preparation
+included, 7.0× / 4.1× / 2.6×; the torch path 1750× / 1390×).
 """
 
 from __future__ import annotations
@@ -334,12 +340,86 @@ if triton is not None:
     # lengths and offsets change with every read: one compiled kernel for all of them
     _SPAN = ["stride_slab", "stride_t", "r0", "r1", "c0", "c1", "I0", "L"]
     UNSPECIALISED = {
+        "_prep_kernel": ["L", "ssm", "skip"],
         "_far_kernel": _SPAN + ["J0", "nJ", "span", "ssm", "n_chan", "per_group"],
         "_near_kernel": _SPAN + ["ssm", "n_chan", "per_group"],
         "_strip_kernel": _SPAN + ["ssm", "n_chan", "per_group", "max_growth"],
         "_wkv_kernel": _SPAN + ["J0", "nJ", "span", "n_chan", "per_group"],
         "_head_kernel": _SPAN + ["J0", "nJ", "ssm", "n_heads", "P"],
     }
+
+    @triton.jit(do_not_specialize=UNSPECIALISED["_prep_kernel"])
+    def _prep_kernel(
+        S_ptr, sloc_ptr, sref_ptr, A_ptr, B_ptr, C_ptr, vr_ptr, taps_ptr, dr_ptr, seg_ptr, segref_ptr,
+        U_ptr, V_ptr, W_ptr, fix_ptr, L, ssm, skip,
+        N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, Q: tl.constexpr,
+        P: tl.constexpr,
+    ):  # fmt: skip
+        """What :class:`DiagonalTiles` prepares, for channel ``c`` and ``P`` positions ``p``, in one pass
+        (``2K + 1`` exponentials per position and state):
+
+        * ``W[p, n] = Σ_k w_k exp(A_n (S_{l+1} − S_{p+k+1})) u_{p+k} r_{p+k} B[p+k, n]`` with ``l`` the last
+          tap ``min(p + K − 1, L − 1)``, over the taps inside the sequence and in ``l``'s segment;
+        * ``U[p, n] = C[p, n] exp(A_n (S_{p+1} − S_{start}))``, zero past a reset since the tile's start;
+        * ``V[p, n] = exp(A_n (S_ref − S_{l+1})) W[p, n]``, zero past a reset before the tile's reference;
+        * ``fix[p, d]`` (``d < K``): ``Σ_{e ≤ d < K−1} w_{d−e} core[p, p − e]`` and the skip ``w_d D r_p``.
+
+        Every exponent is ≤ 0 (float64 differences of ``S``, rounded after)."""
+        c = tl.program_id(0).to(tl.int64)
+        p = tl.program_id(1) * P + tl.arange(0, P)
+        p_ok = p < L
+        n = tl.arange(0, NP)
+        n_ok = n < N
+        pn_ok = p_ok[:, None] & n_ok[None, :]
+        S_row = S_ptr + c * (L + 1)
+        seg_p = tl.load(seg_ptr + p, mask=p_ok, other=0)
+        d = tl.arange(0, KP)
+        fix = tl.zeros((P, KP), dtype=tl.float32)
+        if ssm != 0:
+            a = tl.load(A_ptr + c * N + n, mask=n_ok, other=0.0)
+            last = tl.minimum(p + K - 1, L - 1)
+            S_last = tl.load(S_row + last + 1, mask=p_ok, other=0.0)
+            seg_last = tl.load(seg_ptr + last, mask=p_ok, other=0)
+            W = tl.zeros((P, NP), dtype=tl.float32)
+            for k in tl.static_range(K):
+                m = tl.minimum(p + k, L - 1)
+                inside = p_ok & (p + k < L) & (tl.load(seg_ptr + m, mask=p_ok, other=0) == seg_last)
+                gap = tl.maximum(S_last - tl.load(S_row + m + 1, mask=p_ok, other=0.0), 0.0).to(tl.float32)
+                weight = tl.load(vr_ptr + c * L + m, mask=p_ok, other=0.0) * tl.load(
+                    taps_ptr + c * K + K - 1 - k
+                )
+                b = tl.load(B_ptr + m[:, None] * N + n[None, :], mask=pn_ok, other=0.0)
+                W += tl.exp(a[None, :] * gap[:, None]) * (tl.where(inside, weight, 0.0)[:, None] * b)
+            rows = c * L + p
+            tl.store(W_ptr + rows[:, None] * N + n[None, :], W, mask=pn_ok)
+            start = p // Q * Q
+            before = tl.load(seg_ptr + tl.maximum(start - 1, 0), mask=p_ok, other=0)
+            c_rows = tl.load(C_ptr + p[:, None] * N + n[None, :], mask=pn_ok, other=0.0)
+            sl = tl.load(sloc_ptr + c * L + p, mask=p_ok, other=0.0)
+            U = c_rows * tl.exp(a[None, :] * sl[:, None]) * (seg_p == before).to(tl.float32)[:, None]
+            tl.store(U_ptr + rows[:, None] * NP + n[None, :], U, mask=p_ok[:, None])
+            tile = p // Q
+            S_ref = tl.load(sref_ptr + c * ((L + Q - 1) // Q) + tile, mask=p_ok, other=0.0)
+            linked = seg_last == tl.load(segref_ptr + tile, mask=p_ok, other=0)
+            gap = tl.maximum(S_ref - S_last, 0.0).to(tl.float32)
+            V = tl.exp(a[None, :] * gap[:, None]) * W * linked.to(tl.float32)[:, None]
+            tl.store(V_ptr + rows[:, None] * NP + n[None, :], V, mask=p_ok[:, None])
+            S_p = tl.load(S_row + p + 1, mask=p_ok, other=0.0)
+            for e in tl.static_range(K - 1):  # the recurrence's entries core[p, p − e]
+                m = tl.maximum(p - e, 0)
+                linked = p_ok & (p >= e) & (tl.load(seg_ptr + m, mask=p_ok, other=0) == seg_p)
+                gap = tl.maximum(S_p - tl.load(S_row + m + 1, mask=p_ok, other=0.0), 0.0).to(tl.float32)
+                b = tl.load(B_ptr + m[:, None] * N + n[None, :], mask=pn_ok, other=0.0)
+                entry = tl.sum(tl.exp(a[None, :] * gap[:, None]) * c_rows * b, axis=1)
+                entry = tl.where(linked, entry * tl.load(vr_ptr + c * L + m, mask=p_ok, other=0.0), 0.0)
+                # column p − d takes it through tap d − e, for e ≤ d < K − 1
+                on = (d >= e) & (d < K - 1)
+                coef = tl.load(taps_ptr + c * K + tl.where(on, K - 1 - (d - e), 0), mask=on, other=0.0)
+                fix += entry[:, None] * coef[None, :]
+        if skip != 0:
+            coef = tl.load(taps_ptr + c * K + tl.where(d < K, K - 1 - d, 0), mask=d < K, other=0.0)
+            fix += tl.load(dr_ptr + c * L + p, mask=p_ok, other=0.0)[:, None] * coef[None, :]
+        tl.store(fix_ptr + (c * L + p)[:, None] * K + d[None, :], fix, mask=p_ok[:, None] & (d < K)[None, :])
 
     @triton.jit(do_not_specialize=UNSPECIALISED["_far_kernel"])
     def _far_kernel(
@@ -715,12 +795,17 @@ class DiagonalTiles(_Tiles):
         self.pmask = ones[0] if input_mask is None else input_mask.to(f32).contiguous()
         self.N, self.NP, self.K, self.L, self.ssm = N, NP, K, L, ssm
         self.n_chan, self.device = nc, device
-        self.U = self.V = self.W = None
-        if ssm:
-            last = (pos + K - 1).clamp(max=L - 1)  # each column's last conv tap
-            self.W = self._fold(S, S[:, last + 1], seg[last], pos).contiguous()
-            self.U, self.V = self._far_factors(S, pos, start, ref, last)
-        self.fix = self._diagonals(S, pos, skip and D is not None)
+        self.W = torch.empty(nc, L, N, device=device, dtype=f32) if ssm else self.sloc  # unread without
+        self.U = torch.empty(nc, L, NP, device=device, dtype=f32) if ssm else self.sloc  # the recurrence
+        self.V = torch.empty_like(self.U)
+        self.fix = torch.empty(nc, L, K, device=device, dtype=f32)
+        P = max(16, min(64, 2048 // NP))  # positions a program: a (P, NP) tile of every factor
+        _prep_kernel[(nc, triton.cdiv(L, P))](
+            S.contiguous(), self.sloc, self.sref, self.A, self.B, self.C, self.vr, self.taps, self.dr,
+            self.seg, self.seg_ref, self.U, self.V, self.W, self.fix, L, int(ssm),
+            int(skip and D is not None),
+            N=N, NP=NP, K=K, KP=triton.next_power_of_2(K), Q=Q, P=P,
+        )  # fmt: skip
         # near tiles by strips where the far tiles take a product (Mamba-1) and the conv fits in a strip
         self.strips = bool(TUNING["NEAR_STRIPS"]) and self.far_dot and not scalar and ssm and K - 1 < STRIP
         self.growth = self.sloc  # a stand-in, unread without strips
@@ -728,67 +813,6 @@ class DiagonalTiles(_Tiles):
             R = torch.arange(0, L, STRIP, device=device)
             growth = self.A.abs().amax(1, keepdim=True) * (S[:, (R + K - 1).clamp(max=L)] - S[:, R]).to(f32)
             self.growth = growth.contiguous()
-
-    def _decay(self, gap: Tensor) -> Tensor:
-        """``exp(A_n · gap)`` for ``gap (nc, L)``: ``(nc, L, N)``; ``(nc, L, 1)`` for one rate per channel."""
-        A = self.A[:, :1] if self.scalar else self.A
-        return torch.exp(A[:, None, :] * gap[..., None])
-
-    def _fold(self, S: Tensor, S_ref: Tensor, seg_ref: Tensor, pos: Tensor) -> Tensor:
-        """The conv folded into the input side, seen from a reference ``S_ref`` (``(nc, L)``, at or past
-        each column's last tap): ``Σ_k w_k exp(A_n (S_ref − S_{j+k+1})) u_{j+k} r_{j+k} B[j+k, n]`` over
-        the taps inside the sequence and in the reference's segment, ``(nc, L, N)``; every exponent ≤ 0."""
-        L, K, A, seg = self.L, self.K, self.A, self.seg
-        out = torch.zeros(self.n_chan, L, A.shape[1], device=S.device, dtype=torch.float32)
-        for k in range(K):  # the conv width (about 4), not the sequence length
-            m = pos + k
-            mc = m.clamp(max=L - 1)
-            inside = (m < L) & (seg[mc] == seg_ref)
-            gap = (S_ref - S[:, mc + 1]).clamp_min(0).to(torch.float32)  # (nc, L)
-            weight = self.taps[:, K - 1 - k, None] * self.vr[:, mc] * inside  # (nc, L)
-            out += self._decay(gap) * weight[..., None] * self.B[mc][None]
-        return out
-
-    def _diagonals(self, S: Tensor, pos: Tensor, skip: bool) -> Tensor:
-        """``fix (nc, L, K)``: what the near tiles' folded form misses on diagonal ``d = t − j < K``: the
-        taps of column ``j`` at or before row ``t`` when ``d < K − 1`` (``Σ_{k ≤ d} w_k core[t, j + k]``),
-        and the skip ``w_d D r_t``."""
-        K, seg = self.K, self.seg
-        fix = torch.zeros(self.n_chan, self.L, K, device=S.device, dtype=torch.float32)
-        w = self.taps.flip(1)  # w[:, k] = w_k
-        if self.ssm:
-            for e in range(K - 1):  # the recurrence's entries core[t, t − e]
-                m = (pos - e).clamp(min=0)
-                linked = (pos >= e) & (seg[m] == seg)
-                gap = (S[:, pos + 1] - S[:, m + 1]).clamp_min(0).to(torch.float32)  # (nc, L)
-                entry = (self._decay(gap) * self.C[None] * self.B[m][None]).sum(-1) * self.vr[:, m] * linked
-                for d in range(e, K - 1):  # column j = t − d takes it through tap k = d − e
-                    fix[:, :, d] += w[:, d - e, None] * entry
-        if skip:
-            fix += w[:, None, :] * self.dr[:, :, None]
-        return fix.contiguous()
-
-    def _far_factors(self, S: Tensor, pos: Tensor, start: Tensor, ref: Tensor, last: Tensor):
-        """``U (nc, L, NP)`` and ``V (nc, L, NP)`` of the far tiles (see the module docstring).
-
-        The segment condition ``seg_t = seg_m`` splits the same way: ``U`` keeps rows still in the segment
-        of their tile's previous position, ``V`` columns in the segment of their tile's reference, and the
-        kernel checks the two boundaries in between. ``V`` is ``W`` carried on from each column's last tap
-        to its tile's reference (one exponential, not one per tap): past a reset in between it is zero, as
-        every tap is then in an earlier segment than the reference.
-        """
-        NP, A, seg = self.NP, self.A, self.seg
-        before = seg[(start - 1).clamp(min=0)]  # the segment just before each row's tile
-        U = self.C[None] * self._decay(self.sloc)  # exponent ≤ 0
-        U = U * (seg == before).to(U.dtype)[None, :, None]
-        S_ref = S[:, ref][:, pos // TILE]  # (nc, L): S_ref of each column's tile, float64
-        seg_ref = self.seg_ref[pos // TILE]
-        gap = (S_ref - S[:, last + 1]).clamp_min(0).to(torch.float32)  # the reference is at or past the tap
-        V = self._decay(gap) * self.W * (seg[last] == seg_ref).to(torch.float32)[None, :, None]
-        pad = NP - A.shape[1]
-        if pad:
-            U, V = torch.nn.functional.pad(U, (0, pad)), torch.nn.functional.pad(V, (0, pad))
-        return U.contiguous(), V.contiguous()
 
     def _launch(self, out: Tensor, span: tuple[int, int, int, int], groups: int, per_group: int,
                 row_weight: Tensor | None = None, col_weight: Tensor | None = None, transform: str = "signed",

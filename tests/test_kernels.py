@@ -403,6 +403,7 @@ def test_arguments_left_unspecialised_are_arguments_of_each_kernel():
     import inspect
 
     assert set(kernels.UNSPECIALISED) == {
+        "_prep_kernel",
         "_far_kernel",
         "_near_kernel",
         "_strip_kernel",
