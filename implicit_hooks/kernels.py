@@ -246,6 +246,13 @@ if triton is not None:
         return _band(acc, c, t, j, L, fix_ptr, left_ptr, pmask_ptr, K)
 
     @triton.jit
+    def _strip_at(I, i, J, Q: tl.constexpr, SQ: tl.constexpr):
+        """Strip ``i`` of near tile ``(I, J)``: its first row ``R``, its rows, the tile's columns and the
+        columns of its diagonal block."""
+        R = I * Q + i * SQ
+        return R, R + tl.arange(0, SQ), J * Q + tl.arange(0, Q), R + tl.arange(0, SQ)
+
+    @triton.jit
     def _strip(
         c, I, i, J, L, ssm, max_growth, sloc_ptr, tot_ptr, growth_ptr, A_ptr, C_ptr, W_ptr, fix_ptr, seg_ptr,
         left_ptr, pmask_ptr, N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, Q: tl.constexpr,
@@ -259,10 +266,7 @@ if triton is not None:
         row factors are ``≤ 1``; a column's last tap lies at most ``K − 1`` positions past ``R``, so its
         factor grows by at most ``e^{max|A| (S_{R+K−1} − S_R)}``: strips where that passes
         ``e^{max_growth}`` (large rates) take every entry directly, as ``diag`` does."""
-        R = I * Q + i * SQ
-        t = R + tl.arange(0, SQ)
-        j = J * Q + tl.arange(0, Q)
-        jd = R + tl.arange(0, SQ)
+        R, t, j, jd = _strip_at(I, i, J, Q, SQ)
         main = tl.zeros((SQ, Q), dtype=tl.float32)
         diag = tl.zeros((SQ, SQ), dtype=tl.float32)
         if ssm != 0:
@@ -496,10 +500,7 @@ if triton is not None:
         i = tl.program_id(0) % (Q // SQ)
         J = I - tl.program_id(1)
         slab = tl.program_id(2)
-        R = I * Q + i * SQ
-        t = R + tl.arange(0, SQ)
-        j = J * Q + tl.arange(0, Q)
-        jd = R + tl.arange(0, SQ)
+        R, t, j, jd = _strip_at(I, i, J, Q, SQ)
         main = tl.zeros((SQ, Q), dtype=tl.float32)
         diag = tl.zeros((SQ, SQ), dtype=tl.float32)
         if J < 0:  # row tile 0 has no column tile before it
@@ -635,8 +636,6 @@ if triton is not None:
                 w3 = tl.load(cells + 3)
                 tl.debug_barrier()  # every thread holds its windows before the next tile overwrites them
             band = lower & (J >= I - 1)  # the skip's diagonals reach at most one tile back
-            d = t[:, None] - j[None, :]
-            on_band = (d >= 0) & (d < 4) & t_ok[:, None] & j_ok[None, :] & band
             pm = tl.load(pmask_ptr + j, mask=j_ok, other=0.0)
             p = g
             while p < P:
@@ -655,7 +654,9 @@ if triton is not None:
                             right_ptr + c * L + j + 3, mask=j + 3 < L, other=0.0
                         )
                         acc = w0 * x0[None, :] + w1 * x1[None, :] + w2 * x2[None, :] + w3 * x3[None, :]
-                        if band:  # the skip through tap d = t − j
+                        if band:  # the skip through tap d = t − j (no scalar in the mask: Triton 3.9)
+                            d = t[:, None] - j[None, :]
+                            on_band = (d >= 0) & (d < 4) & t_ok[:, None] & j_ok[None, :]
                             w_d = tl.load(shift_ptr + c * 4 + d, mask=on_band, other=0.0)
                             dr = tl.load(dr_ptr + c * L + t, mask=t_ok, other=0.0)
                             acc += w_d * dr[:, None]
