@@ -12,6 +12,7 @@ from transformers import DynamicCache, RecurrentGemmaConfig, RecurrentGemmaForCa
 from view_checks import cuda_syncs, reads_are_bounded
 
 import implicit_hooks as ih
+from implicit_hooks.families.griffin import RGLRUCore
 
 TOL = 1e-5  # float32, relative (Frobenius)
 L = 13  # deliberately not a multiple of anything
@@ -205,6 +206,24 @@ def test_rows_blocks_and_channel_reductions_equal_the_dense_matrix(device):
         torch.testing.assert_close(v.apply(x), torch.einsum("bctj,bcj->bct", A, x))
 
 
+@pytest.mark.parametrize("chunk", [3, 4])
+def test_matvec_carries_the_state_across_chunks_and_resets(device, monkeypatch, chunk):
+    """``apply`` runs the recurrence chunk by chunk: chunks of 3 start exactly at the resets (positions 6
+    and 3 of rows 1 and 2), chunks of 4 cut across them; both equal the dense matrix times ``x``, and the
+    block's output (``output_error``) holds."""
+    monkeypatch.setattr(RGLRUCore, "chunk", chunk)
+    model = griffin(device, layers=3)
+    ids, pos = batch_with_resets(device)
+    with torch.no_grad(), ih.record(model) as rec:
+        model(ids, position_ids=pos)
+    for r in rglru(rec):
+        A = r.attention.dense()
+        x = torch.randn(3, C, L, device=device)
+        x[:, :, 5] = 0  # zeros are ordinary values here
+        torch.testing.assert_close(r.attention.apply(x), torch.einsum("bctj,bcj->bct", A, x))
+        assert r.output_error() < 1e-5
+
+
 def test_decode_and_continuation_put_the_module_state_into_bias(device):
     """Prefill, a multi-token continuation (conv restarts from zero, the recurrence from the module state,
     as the model does) and a decode step (conv state and recurrent state), all with an explicit cache."""
@@ -336,7 +355,9 @@ def test_gradients_flow_through_views_when_recorded_with_grad(device):
     with ih.record(model, grad=True) as rec:
         model(inputs_embeds=embeds)
     score = rglru(rec)[1].attention[0, :, -1].sum()
-    (grad,) = torch.autograd.grad(score, embeds)
+    (grad,) = torch.autograd.grad(score, embeds, retain_graph=True)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    (grad,) = torch.autograd.grad(rglru(rec)[1].attention.output().sum(), embeds)  # through the matvec
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 

@@ -184,6 +184,27 @@ def test_rows_blocks_and_channel_reductions_equal_the_dense_matrix(device):
         view.mean(by="heads")
 
 
+@pytest.mark.parametrize("key_scale", [1.0, 100.0])
+def test_matvec_in_log_space(device, key_scale):
+    """``apply`` sums ``R @ x`` in ``O(L)`` (float64 log space, the positive and negative parts of ``x``
+    apart): it equals the dense matrix times ``x`` for signed ``x`` with exact zeros and for keys where
+    ``exp(k)`` overflows float32."""
+    model = rwkv(device)
+    with torch.no_grad():
+        for block in model.rwkv.blocks:
+            block.attention.key.weight.mul_(key_scale)
+    with torch.no_grad(), ih.record(model) as rec:
+        model(tokens(device))
+    for r in wkv(rec):
+        assert key_scale == 1.0 or r.attention.factors.core.key.abs().max() > 89  # e^89 overflows float32
+        A = r.attention.dense()
+        x = torch.randn(3, C, L, device=device)
+        x[:, :, 4] = 0
+        x[:, 2] = 0
+        torch.testing.assert_close(r.attention.apply(x), torch.einsum("bctj,bcj->bct", A, x))
+        assert r.output_error() < 1e-5
+
+
 def test_continuation_and_decode_from_a_state_put_it_into_bias(device):
     """The state (shift, num, den, max) is overwritten in place by each call: the record keeps copies."""
     model = rwkv(device)
@@ -291,7 +312,9 @@ def test_gradients_flow_through_views_when_recorded_with_grad(device):
     with ih.record(model, grad=True) as rec:
         model(inputs_embeds=embeds, use_cache=False)
     score = wkv(rec)[1].attention[0, :, -1].sum()
-    (grad,) = torch.autograd.grad(score, embeds)
+    (grad,) = torch.autograd.grad(score, embeds, retain_graph=True)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    (grad,) = torch.autograd.grad(wkv(rec)[1].attention.output().sum(), embeds)  # through the O(L) matvec
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 

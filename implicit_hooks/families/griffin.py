@@ -64,6 +64,35 @@ class RGLRUCore(Core):
         scale = self.input_scale[b].index_select(0, chans).index_select(1, cols)  # (nc, ncol)
         return decay * scale[:, None, :]
 
+    #: positions per chunk of :meth:`matvec`
+    chunk = 64
+
+    def matvec(self, b: int, v: Tensor, *, ssm: bool, skip: bool) -> Tensor:
+        """``R @ v`` for every channel, ``v (C, L)``, chunk by chunk (``O(L · chunk)``): inside a chunk the
+        entries of ``R``; across chunks the state, which with one state per channel is the output at the
+        previous chunk's last position, carried to the rows still in its segment. Loops over chunks, never
+        over positions."""
+        dtype = self.input_scale.dtype
+        if not ssm:
+            return torch.zeros_like(v, dtype=dtype)
+        S, seg = self.cumlog[b], self.segment[b]  # (C, L) float64, (L,)
+        u = self.input_scale[b] * v.to(dtype)
+        L = v.shape[1]
+        out = []
+        for s in range(0, L, self.chunk):  # chunks of the sequence, not positions
+            e = min(s + self.chunk, L)
+            S_c, seg_c = S[:, s:e], seg[s:e]
+            linked = torch.ones(e - s, e - s, dtype=torch.bool, device=v.device).tril()
+            linked &= seg_c[:, None] == seg_c[None, :]
+            gap = (S_c[:, :, None] - S_c[:, None, :]).to(dtype)  # float64 differences of long sums
+            R = torch.exp(gap.clamp_max_(0)) * linked  # exponents ≤ 0 where linked (t ≥ j)
+            y = torch.einsum("ctj,cj->ct", R, u[:, s:e])
+            if s:
+                carried = torch.exp((S_c - S[:, s - 1 : s]).to(dtype)) * (seg_c == seg[s - 1]).to(dtype)
+                y = y + carried * out[-1][:, -1:]
+            out.append(y)
+        return torch.cat(out, dim=-1)
+
     def tiles(self, b: int, chans: Tensor, **parts: Any) -> Any:
         """The fused Triton assembler (:mod:`implicit_hooks.kernels`): one state per channel, rate
         ``−log a`` (``A = −1``), input weight ``i · m``, entries across a reset zero."""

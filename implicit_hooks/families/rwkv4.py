@@ -72,6 +72,28 @@ class WKVCore(Core):
 
     fused_work = 8
 
+    def matvec(self, b: int, v: Tensor, *, ssm: bool, skip: bool) -> Tensor:
+        """``R @ v`` for every channel, ``v (C, L)``, in ``O(L)`` and in float64 log space, as
+        :func:`log_normaliser` sums ``Z``: ``Σ_{j<t} exp((j + 1 − t)·w + k_j) v_j`` is the difference of the
+        sums over the positive and the negative parts of ``v``, each a ``logcumsumexp``; every term is
+        divided by ``Z_t`` (which holds the same exponentials) before it leaves log space."""
+        if not ssm:
+            return torch.zeros_like(v, dtype=self.dtype)
+        key, log_z = self.key[b], self.log_z[b]  # (C, L) float64
+        w, u = self.w[:, None], self.u[:, None]
+        v64 = v.to(_F64)
+        pos = torch.arange(v.shape[-1], device=v.device, dtype=_F64)
+        log_v = torch.log(v64.abs().clamp_min(1e-300))  # clamped: finite gradients where v = 0
+        out = torch.exp(u + key - log_z) * v64  # the diagonal
+        for sign in (1.0, -1.0):
+            # the other sign's terms pushed e^{-10⁴} down (exactly 0 once summed), not to −inf: the
+            # gradient of a logcumsumexp over −inf entries is NaN
+            part = torch.where(sign * v64 > 0, log_v, log_v - 1e4)
+            past = torch.logcumsumexp(key + pos * w + part, dim=-1) - pos * w  # row t + 1's sum over j ≤ t
+            past = torch.cat([torch.full_like(past[:, :1], float("-inf")), past[:, :-1]], dim=-1)
+            out = out + sign * torch.exp(past - log_z)
+        return out.to(self.dtype)
+
     def tiles(self, b: int, chans: Tensor, **parts: Any) -> Any:
         """The fused Triton assembler (:class:`implicit_hooks.kernels.WKVTiles`): one exponential per entry
         of ``(j − t)·w + (k_j + w) − log Z_t`` (``j < t``) or ``u + k_t − log Z_t`` (``j = t``)."""
