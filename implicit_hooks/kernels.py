@@ -727,8 +727,9 @@ class DiagonalTiles(_Tiles):
         core[t, m] = [seg_t = seg_m] · Σ_n C[t, n] · exp(A_n (S_{t+1} − S_{m+1})) · w_m B[m, n]  +  D [t = m]
 
     Mamba-1 (``w = Δ``, ``S = ΣΔ``) and RG-LRU (``N = 1``, ``A = −1``, ``S = −Σ log a``, ``w`` the input
-    scale, ``seg`` the reset count) are two instances. Built in torch (``O(channels · L · N)``); ``U`` and
-    ``V`` are the far tiles' factors, the rest serves the near tiles.
+    scale, ``seg`` the reset count) are two instances. Prepared in ``O(channels · L · N)``: a few
+    per-position sums in torch, then ``W``, ``U``, ``V`` and ``fix`` in one pass (:func:`_prep_kernel`);
+    ``U`` and ``V`` are the far tiles' factors, the rest serves the near tiles (``growth``: the strips').
 
     Args:
         S: ``(nc, L + 1)`` float64 cumulative rates, ``S[p + 1] = Σ_{k ≤ p}``, ``S[0] = 0``.
