@@ -256,14 +256,6 @@ def main() -> None:
     timed = timer(device)
     bandwidth = write_bandwidth(device, timed)
     torch.backends.cuda.matmul.allow_tf32 = False  # every figure in true float32
-    rows = []
-    for family, cfg in configs(args.smoke, args.layers).items():
-        if args.families and family not in args.families:
-            continue
-        if "overhead" in args.parts:
-            rows += overhead(family, cfg, args, device, timed)
-        if "assembly" in args.parts:
-            rows += assembly(family, cfg, args, device, timed, bandwidth)
     meta = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "write_bandwidth_bytes_per_s": bandwidth,
@@ -273,9 +265,18 @@ def main() -> None:
         "python": platform.python_version(),
         "smoke": args.smoke,
     }
+    out = Path(args.out)
+    rows = []
+    for family, cfg in configs(args.smoke, args.layers).items():
+        if args.families and family not in args.families:
+            continue
+        if "overhead" in args.parts:
+            rows += overhead(family, cfg, args, device, timed)
+        if "assembly" in args.parts:
+            rows += assembly(family, cfg, args, device, timed, bandwidth)
+        if not args.smoke:  # after every family: a run cut short by a time limit keeps what it measured
+            out.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
     if not args.smoke:
-        out = Path(args.out)
-        out.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
         print(out)
 
 
