@@ -66,6 +66,8 @@ def main() -> None:
         num_hidden_layers=2,
     )  # fmt: skip
     model = transformers.MambaForCausalLM(cfg).to(device).eval()
+    meta = {"device": torch.cuda.get_device_name(), "write_bandwidth_bytes_per_s": bandwidth,
+            "torch": torch.__version__, "triton": kernels.triton.__version__}  # fmt: skip
     rows = []
     default = dict(kernels.TUNING)
     for L in args.lengths:
@@ -101,11 +103,10 @@ def main() -> None:
         kernels.TUNING.update(default)
         print(json.dumps(row), flush=True)
         rows.append(row)
+        # after every length: a run cut short by a time limit keeps what it measured
+        Path(args.out).write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
         del out, rec, view
         torch.cuda.empty_cache()
-    meta = {"device": torch.cuda.get_device_name(), "write_bandwidth_bytes_per_s": bandwidth,
-            "torch": torch.__version__, "triton": kernels.triton.__version__}  # fmt: skip
-    Path(args.out).write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
 
 
 if __name__ == "__main__":
