@@ -440,6 +440,24 @@ def test_reads_compute_each_head_once_per_tile_and_stay_in_their_tiles(device):
     assert sum(h for _, h, _, _ in asked) < sum(c for c, _, _, _ in asked)
 
 
+def test_zamba_matvec_carries_the_state_across_chunks(device, monkeypatch):
+    """Zamba's ``apply`` runs Mamba's chunked recurrence with each channel's head's ``B``/``C``: with chunks
+    of 5 (the state carried across three boundaries, padding included) it equals the dense matrix times
+    ``x``, and the block's output holds."""
+    from implicit_hooks.families.zamba import MultiHeadSelectiveCore
+
+    monkeypatch.setattr(MultiHeadSelectiveCore, "chunk", 5)
+    model = zamba(device)
+    ids, mask = padded_batch(device)
+    with torch.no_grad(), ih.record(model) as rec:
+        model(ids, attention_mask=mask)
+    for r in mixer_records(rec):
+        A = r.attention.dense()
+        x = torch.randn(A.shape[:3], device=device)
+        torch.testing.assert_close(r.attention.apply(x), torch.einsum("bctj,bcj->bct", A, x))
+        assert r.output_error() < TOL
+
+
 @pytest.mark.parametrize("name", HYBRIDS + ["mamba2"])
 def test_logits_bit_identical_and_no_hook_left(device, name):
     model = MODELS[name](device)

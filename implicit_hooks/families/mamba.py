@@ -78,38 +78,12 @@ class SelectiveCore(Core):
         )
 
     def matvec(self, b: int, v: Tensor, *, ssm: bool, skip: bool) -> Tensor:
-        """``(R + diag(D)) @ v`` for every channel, ``v (C, L)``: the recurrence run chunk by chunk.
-
-        Inside a chunk the entries of ``R`` (``C × N × Q × Q`` exponentials); across chunks the state
-        ``h (C, N)`` carried from one chunk end to the next. Loops over chunks, never over positions.
-        """
-        dtype = self.delta.dtype
-        v = v.to(dtype)
-        out = torch.zeros_like(v)
-        if ssm:
-            delta, A = self.delta[b], self.A.to(dtype)  # (C, L), (C, N)
-            Bm, Cm = self.B[b].to(dtype), self.C[b].to(dtype)  # (L, N)
-            L, Q = v.shape[1], self.chunk
-            state = v.new_zeros(A.shape)  # h after the previous chunk: (C, N)
-            for s in range(0, L, Q):  # chunks of the sequence, not positions
-                e = min(s + Q, L)
-                loc = delta[:, s:e].double().cumsum(-1)  # Σ_{k=s..t} Δ_k: (C, q)
-                gap = (loc[:, :, None] - loc[:, None, :]).clamp_min(0).to(dtype)  # (C, q, q)
-                causal = torch.ones(e - s, e - s, dtype=dtype, device=v.device).tril()
-                decay = torch.exp(A[:, :, None, None] * gap[:, None])  # (C, N, q, q)
-                R = torch.einsum("cntj,tn,jn->ctj", decay, Cm[s:e], Bm[s:e]) * causal * delta[:, None, s:e]
-                to_t = torch.exp(
-                    A[:, :, None] * loc.to(dtype)[:, None, :]
-                )  # exp(A Σ_{k=s..t} Δ_k): (C, N, q)
-                out[:, s:e] = torch.einsum("ctj,cj->ct", R, v[:, s:e]) + torch.einsum(
-                    "tn,cnt,cn->ct", Cm[s:e], to_t, state
-                )
-                to_end = torch.exp(A[:, :, None] * (loc[:, -1:] - loc).to(dtype)[:, None, :])  # (C, N, q)
-                state = to_t[:, :, -1] * state + torch.einsum(
-                    "cnj,jn,cj->cn", to_end, Bm[s:e], delta[:, s:e] * v[:, s:e]
-                )
+        """``(R + diag(D)) @ v`` for every channel, ``v (C, L)`` (:func:`selective_matvec`)."""
+        v = v.to(self.delta.dtype)
+        out = selective_matvec(self.delta[b], self.A, self.B[b], self.C[b], v, self.chunk) if ssm else None
+        out = torch.zeros_like(v) if out is None else out
         if skip and self.D is not None:
-            out = out + self.D.to(dtype)[:, None] * v
+            out = out + self.D.to(v.dtype)[:, None] * v
         return out
 
     def _gap(self, S: Tensor, to: Tensor, since: Tensor) -> Tensor:
@@ -360,3 +334,35 @@ class JambaMambaPatcher(MambaPatcher):
 
     kind = "mamba"
     bcdt_norm = "weighted"
+
+
+def selective_matvec(delta: Tensor, A: Tensor, B: Tensor, C: Tensor, v: Tensor, chunk: int = 64) -> Tensor:
+    """``R @ v`` of an S6 core for every channel, the recurrence run chunk by chunk: ``(C, L)``.
+
+    ``delta``, ``v (C, L)``, ``A (C, N)``; ``B``/``C``: ``(L, N)`` shared by the channels (Mamba) or
+    ``(C, L, N)`` per channel (Zamba's heads). Inside a chunk the entries of ``R`` (``C × N × Q × Q``
+    exponentials); across chunks the state ``h (C, N)`` carried from one chunk end to the next. Loops over
+    chunks, never over positions.
+    """
+    dtype = v.dtype
+    A = A.to(dtype)
+    B, C = B.to(dtype), C.to(dtype)
+    own = "c" if B.dim() == 3 else ""  # B and C per channel, or shared
+    state = v.new_zeros(A.shape)  # h after the previous chunk: (C, N)
+    out = []
+    for s in range(0, v.shape[1], chunk):  # chunks of the sequence, not positions
+        e = min(s + chunk, v.shape[1])
+        Bs, Cs = B[..., s:e, :], C[..., s:e, :]
+        loc = delta[:, s:e].double().cumsum(-1)  # Σ_{k=s..t} Δ_k: (C, q)
+        gap = (loc[:, :, None] - loc[:, None, :]).clamp_min(0).to(dtype)  # (C, q, q)
+        causal = torch.ones(e - s, e - s, dtype=dtype, device=v.device).tril()
+        decay = torch.exp(A[:, :, None, None] * gap[:, None])  # (C, N, q, q)
+        R = torch.einsum(f"cntj,{own}tn,{own}jn->ctj", decay, Cs, Bs) * causal * delta[:, None, s:e]
+        to_t = torch.exp(A[:, :, None] * loc.to(dtype)[:, None, :])  # exp(A Σ_{k=s..t} Δ_k): (C, N, q)
+        y = torch.einsum("ctj,cj->ct", R, v[:, s:e]) + torch.einsum(f"{own}tn,cnt,cn->ct", Cs, to_t, state)
+        to_end = torch.exp(A[:, :, None] * (loc[:, -1:] - loc).to(dtype)[:, None, :])  # (C, N, q)
+        state = to_t[:, :, -1] * state + torch.einsum(
+            f"cnj,{own}jn,cj->cn", to_end, Bs, delta[:, s:e] * v[:, s:e]
+        )
+        out.append(y)
+    return torch.cat(out, dim=-1)

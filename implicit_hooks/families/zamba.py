@@ -24,6 +24,7 @@ from ..patcher import Patcher, require
 from ..recording import BlockRecord
 from ..view import Core, Factors
 from ._hf import activation_slope, cache_states
+from .mamba import selective_matvec
 from .mamba2 import cache_of, causal_conv, padding_mask, segsum
 
 
@@ -40,6 +41,22 @@ class MultiHeadSelectiveCore(Core):
         self.delta, self.A, self.B, self.C, self.D, self.head_of = delta, A, B, C, D, head_of
         self.has_skip = D is not None
         self.cumdelta = segsum(delta)
+
+    #: positions per chunk of :meth:`matvec`
+    chunk = 64
+
+    def matvec(self, b: int, v: Tensor, *, ssm: bool, skip: bool) -> Tensor:
+        """``(R + diag(D)) @ v`` for every channel, ``v (C, L)``: Mamba's chunked recurrence
+        (:func:`~implicit_hooks.families.mamba.selective_matvec`) with the ``B``/``C`` of each channel's
+        head."""
+        v = v.to(self.delta.dtype)
+        out = torch.zeros_like(v)
+        if ssm:
+            B, C = (x[b].index_select(0, self.head_of) for x in (self.B, self.C))  # (C, L, N) each
+            out = selective_matvec(self.delta[b], self.A, B, C, v, self.chunk)
+        if skip and self.D is not None:
+            out = out + self.D.to(v.dtype)[:, None] * v
+        return out
 
     def block(self, b: int, chans: Tensor, rows: Tensor, cols: Tensor, *, ssm: bool, skip: bool) -> Tensor:
         dtype = self.delta.dtype
