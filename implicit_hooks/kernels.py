@@ -797,9 +797,10 @@ class DiagonalTiles(_Tiles):
         self.pmask = ones[0] if input_mask is None else input_mask.to(f32).contiguous()
         self.N, self.NP, self.K, self.L, self.ssm = N, NP, K, L, ssm
         self.n_chan, self.device = nc, device
-        self.W = torch.empty(nc, L, N, device=device, dtype=f32) if ssm else self.sloc  # unread without
-        self.U = torch.empty(nc, L, NP, device=device, dtype=f32) if ssm else self.sloc  # the recurrence
-        self.V = torch.empty_like(self.U)
+        # W, U, V: written by the preparation with the recurrence; without it unread (sloc stands in)
+        self.W = torch.empty(nc, L, N, device=device, dtype=f32) if ssm else self.sloc
+        self.U = torch.empty(nc, L, NP, device=device, dtype=f32) if ssm else self.sloc
+        self.V = torch.empty_like(self.U) if ssm else self.sloc
         self.fix = torch.empty(nc, L, K, device=device, dtype=f32)
         P = max(16, min(64, 2048 // NP))  # positions a program: a (P, NP) tile of every factor
         _prep_kernel[(nc, triton.cdiv(L, P))](
@@ -827,30 +828,27 @@ class DiagonalTiles(_Tiles):
         rw = ones if row_weight is None else row_weight.to(torch.float32).contiguous()
         cw = ones if col_weight is None else col_weight.to(torch.float32).contiguous()
         head = (out, out.stride(0), out.stride(1), r0, r1, c0, c1)
-        # wide states (Mamba-2's N = 128) take 8 warps whatever TUNING says: 4 spill registers
-        U = self.sloc if self.U is None else self.U  # unread without the recurrence
-        V = self.sloc if self.V is None else self.V
-        W = self.sloc if self.W is None else self.W
         span = 1 if groups else nJ  # dense: one program per row tile; reduce: per tile, for parallelism
+        # wide states (Mamba-2's N = 128) take 8 warps whatever TUNING says: 4 spill registers
         _far_kernel[(nI, triton.cdiv(nJ, span), slabs)](
             *head, I0, J0, nJ, span, self.L, int(self.ssm), self.n_chan, per_group,
-            self.sb, self.sref, self.A, U, V, self.left, self.pmask, self.seg, self.seg_ref, rw, cw,
+            self.sb, self.sref, self.A, self.U, self.V, self.left, self.pmask, self.seg, self.seg_ref, rw, cw,
             N=self.N, NP=self.NP, Q=TILE, FAR_DOT=self.far_dot, SPLIT=bool(TUNING["FAR_SPLIT_TF32"]),
             num_warps=max(TUNING["far_warps"], 8 if self.NP >= 64 else 1), **reduce,
         )  # fmt: skip
         # near tiles: row tiles I0 … with column tiles I and I − 1 (those outside the read are masked)
         if self.strips and TUNING["NEAR_STRIPS"]:
             _strip_kernel[(nI * (TILE // STRIP), 2, slabs)](
-                *head, I0, self.L, int(self.ssm), self.n_chan, per_group, float(STRIP_GROWTH), self.sloc,
-                self.tot, self.growth,
-                self.A, self.C, W, self.fix, self.seg, self.left, self.pmask, rw, cw,
+                *head, I0, self.L, int(self.ssm), self.n_chan, per_group, float(STRIP_GROWTH),
+                self.sloc, self.tot, self.growth, self.A, self.C, self.W, self.fix, self.seg, self.left,
+                self.pmask, rw, cw,
                 N=self.N, NP=self.NP, K=self.K, Q=TILE, SQ=STRIP, SPLIT=bool(TUNING["FAR_SPLIT_TF32"]),
                 num_warps=TUNING["near_warps"], **reduce,
             )  # fmt: skip
             return
         _near_kernel[(nI, 2, slabs)](
             *head, I0, self.L, int(self.ssm), self.n_chan, per_group,
-            self.sloc, self.tot, self.A, self.C, W, self.fix, self.seg, self.left, self.pmask, rw, cw,
+            self.sloc, self.tot, self.A, self.C, self.W, self.fix, self.seg, self.left, self.pmask, rw, cw,
             N=self.N, K=self.K, Q=TILE, SCALAR=self.scalar,
             num_warps=max(TUNING["near_warps"], 8 if self.scalar else 1), **reduce,
         )  # fmt: skip

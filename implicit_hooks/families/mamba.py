@@ -80,8 +80,9 @@ class SelectiveCore(Core):
     def matvec(self, b: int, v: Tensor, *, ssm: bool, skip: bool) -> Tensor:
         """``(R + diag(D)) @ v`` for every channel, ``v (C, L)`` (:func:`selective_matvec`)."""
         v = v.to(self.delta.dtype)
-        out = selective_matvec(self.delta[b], self.A, self.B[b], self.C[b], v, self.chunk) if ssm else None
-        out = torch.zeros_like(v) if out is None else out
+        out = torch.zeros_like(v)
+        if ssm:
+            out = selective_matvec(self.delta[b], self.A, self.B[b], self.C[b], v, self.chunk)
         if skip and self.D is not None:
             out = out + self.D.to(v.dtype)[:, None] * v
         return out
