@@ -55,6 +55,7 @@ included, 7.0× / 4.1× / 2.6×; the torch path 1750× / 1390×).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -89,7 +90,21 @@ TUNING: dict = {
     "HEAD_TILES": True,
     "head_warps": 8,
     "NEAR_STRIPS": True,
+    # a head's channels split over programs until about this many programs an SM (HeadTiles)
+    "head_programs_per_sm": 4,
+    # ptxas register caps by kernel ("far": tile products, "far_outer": N < 16, "near", "strip", "wkv",
+    # "head"; none: ptxas chooses, up to 255), traded against spills for more programs an SM
+    # (benchmarks/sweep_dense.py)
+    "maxnreg": {},
 }
+
+
+def _options(kernel: str, warps: int) -> dict:
+    """Launch options of ``kernel``: its warps and, where ``TUNING["maxnreg"]`` caps it, its registers."""
+    cap = TUNING["maxnreg"].get(kernel)
+    return {"num_warps": warps} if cap is None else {"num_warps": warps, "maxnreg": cap}
+
+
 #: near tiles by row strips of ``STRIP`` rows (:func:`_strip`), whose column factors may grow by at most
 #: ``e^STRIP_GROWTH`` (larger: every entry directly); the error of a factorised entry is ≈ 2·growth·2⁻²⁴
 STRIP = 16
@@ -720,6 +735,26 @@ class _Tiles:
         return out.sum(0) if groups > 1 else out[0]
 
 
+@functools.lru_cache(maxsize=64)
+def _positions(L: int, K: int, device: torch.device) -> tuple[Tensor, ...]:
+    """Index vectors into ``S`` (``(nc, L + 1)``) that :class:`DiagonalTiles` gathers at, for every read of
+    the same length: each position's tile start, the tile bounds, the far tiles' column references, and
+    each strip's start and last conv column. Built once, not on every read."""
+    Q, nT = TILE, (L + TILE - 1) // TILE
+    start = torch.arange(L) // Q * Q
+    bounds = (torch.arange(nT + 1) * Q).clamp(max=L)
+    ref = ((torch.arange(nT) + 1) * Q + K - 1).clamp(max=L)
+    strip_start = torch.arange(0, L, STRIP)
+    strip_end = (strip_start + K - 1).clamp(max=L)
+    return tuple(t.to(device) for t in (start, bounds, ref, strip_start, strip_end))
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros(n: int, device: torch.device) -> Tensor:
+    """A read-only int32 zero vector (the segment ids where there are no resets)."""
+    return torch.zeros(n, dtype=torch.int32, device=device)
+
+
 class DiagonalTiles(_Tiles):
     """The per-channel arrays the kernels read, for one batch row and a set of channels, of any core of the
     form (per channel, ``N`` diagonal states, every ``A_n ≤ 0``, ``S`` non-decreasing)::
@@ -773,17 +808,17 @@ class DiagonalTiles(_Tiles):
         K = 1 if taps is None else taps.shape[1]
         if K - 1 > Q:
             raise ValueError(f"the fused kernel handles convolutions of up to {Q + 1} taps, got {K}")
-        pos = torch.arange(L, device=device)
-        start = pos // Q * Q
-        bounds = torch.arange(nT + 1, device=device) * Q
-        self.sloc = (S[:, pos + 1] - S[:, start]).to(f32).contiguous()  # Σ over the tile, through p
-        self.tot = (S[:, bounds[1:].clamp(max=L)] - S[:, bounds[:-1]]).to(f32).contiguous()  # (nc, nT)
-        self.sb = S[:, bounds.clamp(max=L)].contiguous()  # (nc, nT + 1) float64: S at tile starts
-        ref = ((torch.arange(nT, device=device) + 1) * Q + K - 1).clamp(max=L)
-        self.sref = S[:, ref].contiguous()  # (nc, nT) float64: the far tiles' column reference
-        seg = torch.zeros(L, dtype=torch.int32, device=device) if segment is None else segment.to(torch.int32)
-        self.seg = seg.contiguous()
-        self.seg_ref = seg[ref - 1].contiguous()  # (nT,): the segment of each tile's last conv column
+        start, bounds, ref, strip_start, strip_end = _positions(L, K, device)
+        self.sloc = (S[:, 1:] - S[:, start]).to(f32).contiguous()  # Σ over the tile, through p
+        sb = S[:, bounds]  # (nc, nT + 1) float64: S at tile starts (and at L)
+        self.tot = (sb[:, 1:] - sb[:, :-1]).to(f32).contiguous()  # (nc, nT)
+        self.sb = sb
+        self.sref = S[:, ref]  # (nc, nT) float64: the far tiles' column reference
+        if segment is None:
+            self.seg, self.seg_ref = _zeros(L, device), _zeros(nT, device)
+        else:
+            self.seg = segment.to(torch.int32).contiguous()
+            self.seg_ref = self.seg[ref - 1].contiguous()  # (nT,): the segment of each tile's last column
         r = torch.ones_like(weight, dtype=f32) if right is None else right.to(f32)
         self.vr = (weight.to(f32) * r).contiguous()
         self.dr = (D.to(f32)[:, None] * r).contiguous() if skip and D is not None else torch.zeros_like(r)
@@ -813,8 +848,7 @@ class DiagonalTiles(_Tiles):
         self.strips = bool(TUNING["NEAR_STRIPS"]) and self.far_dot and not scalar and ssm and K - 1 < STRIP
         self.growth = self.sloc  # a stand-in, unread without strips
         if self.strips:  # (nc, strips): max_n |A_n| (S_{R+K−1} − S_R) from each strip's start R
-            R = torch.arange(0, L, STRIP, device=device)
-            growth = self.A.abs().amax(1, keepdim=True) * (S[:, (R + K - 1).clamp(max=L)] - S[:, R]).to(f32)
+            growth = self.A.abs().amax(1, keepdim=True) * (S[:, strip_end] - S[:, strip_start]).to(f32)
             self.growth = growth.contiguous()
 
     def _launch(self, out: Tensor, span: tuple[int, int, int, int], groups: int, per_group: int,
@@ -830,11 +864,13 @@ class DiagonalTiles(_Tiles):
         head = (out, out.stride(0), out.stride(1), r0, r1, c0, c1)
         span = 1 if groups else nJ  # dense: one program per row tile; reduce: per tile, for parallelism
         # wide states (Mamba-2's N = 128) take 8 warps whatever TUNING says: 4 spill registers
+        far_warps = max(TUNING["far_warps"], 8 if self.NP >= 64 else 1)
+        far_options = _options("far" if self.far_dot else "far_outer", far_warps)
         _far_kernel[(nI, triton.cdiv(nJ, span), slabs)](
             *head, I0, J0, nJ, span, self.L, int(self.ssm), self.n_chan, per_group,
             self.sb, self.sref, self.A, self.U, self.V, self.left, self.pmask, self.seg, self.seg_ref, rw, cw,
             N=self.N, NP=self.NP, Q=TILE, FAR_DOT=self.far_dot, SPLIT=bool(TUNING["FAR_SPLIT_TF32"]),
-            num_warps=max(TUNING["far_warps"], 8 if self.NP >= 64 else 1), **reduce,
+            **far_options, **reduce,
         )  # fmt: skip
         # near tiles: row tiles I0 … with column tiles I and I − 1 (those outside the read are masked)
         if self.strips and TUNING["NEAR_STRIPS"]:
@@ -843,14 +879,14 @@ class DiagonalTiles(_Tiles):
                 self.sloc, self.tot, self.growth, self.A, self.C, self.W, self.fix, self.seg, self.left,
                 self.pmask, rw, cw,
                 N=self.N, NP=self.NP, K=self.K, Q=TILE, SQ=STRIP, SPLIT=bool(TUNING["FAR_SPLIT_TF32"]),
-                num_warps=TUNING["near_warps"], **reduce,
+                **_options("strip", TUNING["near_warps"]), **reduce,
             )  # fmt: skip
             return
         _near_kernel[(nI, 2, slabs)](
             *head, I0, self.L, int(self.ssm), self.n_chan, per_group,
             self.sloc, self.tot, self.A, self.C, self.W, self.fix, self.seg, self.left, self.pmask, rw, cw,
             N=self.N, K=self.K, Q=TILE, SCALAR=self.scalar,
-            num_warps=max(TUNING["near_warps"], 8 if self.scalar else 1), **reduce,
+            **_options("near", max(TUNING["near_warps"], 8 if self.scalar else 1)), **reduce,
         )  # fmt: skip
 
 
@@ -891,7 +927,8 @@ class WKVTiles(_Tiles):
         _wkv_kernel[(nI, triton.cdiv(nJ, run), groups or self.n_chan)](
             out, out.stride(0), out.stride(1), r0, r1, c0, c1, I0, J0, nJ, run, self.L, self.n_chan,
             per_group, self.row, self.col, self.diag, self.rate, self.left, self.right, self.pmask, rw, cw,
-            Q=TILE, REDUCE=groups > 0, TRANSFORM=TRANSFORMS[transform], num_warps=TUNING["wkv_warps"],
+            Q=TILE, REDUCE=groups > 0, TRANSFORM=TRANSFORMS[transform],
+            **_options("wkv", TUNING["wkv_warps"]),
         )  # fmt: skip
 
 
@@ -949,10 +986,11 @@ class HeadTiles(_Tiles):
                 ) -> None:  # fmt: skip
         r0, r1, c0, c1 = span
         I0, J0, nI, nJ = _tile_grid(*span)
-        # a head's channels split over G programs, for about four programs an SM (two under the interpreter,
-        # so that tests take the split too)
+        # a head's channels split over G programs, for about TUNING["head_programs_per_sm"] programs an SM
+        # (two under the interpreter, so that tests take the split too)
         if self.device.type == "cuda":
-            want = 4 * torch.cuda.get_device_properties(self.device).multi_processor_count
+            sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+            want = TUNING["head_programs_per_sm"] * sms
             G = -(-want // (nI * self.n_heads))
         else:
             G = 2
@@ -962,7 +1000,7 @@ class HeadTiles(_Tiles):
             out, out.stride(0), out.stride(1), r0, r1, c0, c1, I0, J0, nJ, self.L, int(self.ssm),
             self.n_heads, self.P, scratch, self.cum, self.A, self.delta, self.B, self.C, self.table,
             self.shift, self.right, self.left, self.dr, self.pmask, N=self.N, Q=TILE, H=HEAD_HALO, NC=16,
-            num_warps=TUNING["head_warps"],
+            **_options("head", TUNING["head_warps"]),
         )  # fmt: skip
 
     def reduce(self, *args: Any, **kwargs: Any) -> Tensor:

@@ -79,9 +79,9 @@ class Core:
         """
         return None
 
-    def tile_parts(self, chans: Tensor) -> list[Tensor]:
-        """Positions into ``chans`` that one :meth:`tiles` call can take together (default: all)."""
-        return [torch.arange(len(chans), device=chans.device)]
+    def tile_parts(self, chans: Tensor) -> list[Tensor] | None:
+        """Positions into ``chans`` that one :meth:`tiles` call can take together; None: all at once."""
+        return None
 
 
 class DenseCore(Core):
@@ -379,13 +379,13 @@ class AttentionView:
         return 1, max(1, self.tile_elements // per_row)
 
     # --- the fused path -------------------------------------------------------------------------
-    def _fused(self, rows: Tensor, cols: Tensor) -> tuple[int, int, int, int] | None:
+    def _fused(self, rows: _Axis, cols: _Axis) -> tuple[int, int, int, int] | None:
         """``(r0, r1, c0, c1)`` when the fused kernel serves this read, else None (torch path)."""
         if self.backend == "torch" or (self.backend == "auto" and self.device.type != "cuda"):
             return None  # and on CPU, not even an import of Triton on every read
         from . import kernels
 
-        rspan, cspan = _span(rows), _span(cols)
+        rspan, cspan = rows.span, cols.span
         why = None
         if self.dtype != torch.float32:
             why = f"it assembles float32 views, this one is {self.dtype}"
@@ -426,13 +426,20 @@ class AttentionView:
         work = core.fused_dense_work if dense else core.fused_work
         return max(1, FUSED_PREP_ELEMENTS // (work * self.shape[-1]))
 
-    def _fused_parts(self, cs: Tensor, *, dense: bool):
-        """Positions into ``cs``, chunk by chunk (the preparation budget) and part by part (the core's)."""
+    def _fused_parts(self, cs: _Axis, *, dense: bool):
+        """The channels of one :meth:`Core.tiles` call at a time, chunk by chunk (the preparation budget)
+        and part by part (the core's): ``(chans, pos, run)``, ``pos`` their positions in ``cs`` on the
+        device, ``run`` the same as ``(start, stop)`` where they are one run (known on the host)."""
         step = self._fused_chunks(dense)
-        for c0 in range(0, len(cs), step):
-            chunk = torch.arange(c0, min(c0 + step, len(cs)), device=cs.device)
-            for part in self.factors.core.tile_parts(cs[chunk]):
-                yield chunk[part]
+        for c0 in range(0, len(cs.host), step):
+            c1 = min(c0 + step, len(cs.host))
+            chans = cs.index[c0:c1]
+            parts = self.factors.core.tile_parts(chans)
+            if parts is None:
+                yield chans, None, (c0, c1)
+                continue
+            for part in parts:
+                yield chans[part], part + c0, None
 
     def _no_kernel(self, b: int, chans: Tensor) -> None:
         """The core declined these channels: the torch path serves them, unless Triton was asked for."""
@@ -442,25 +449,27 @@ class AttentionView:
                 f"for channels {chans.tolist()[:4]}… of batch row {b} (see its tiles())"
             )
 
-    def _compute(self, bs: Tensor, cs: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    def _compute(self, bs: _Axis, cs: _Axis, rows: _Axis, cols: _Axis) -> Tensor:
         span = self._fused(rows, cols)
-        if span is not None:
-            out = torch.empty(len(bs), len(cs), len(rows), len(cols), dtype=self.dtype, device=self.device)
-            for i, b in enumerate(bs.tolist()):
-                for pos in self._fused_parts(cs, dense=True):
-                    chans, run = cs[pos], _span(pos)
-                    tiles = self._fused_tiles(b, chans)
-                    if tiles is None:
-                        self._no_kernel(b, chans)
-                        part = self._compute_torch(bs[i : i + 1], chans, rows, cols)[0]
-                    elif run is not None:  # contiguous channels: written in place
-                        tiles.dense(*span, out=out[i, run[0] : run[1]])
-                        continue
-                    else:
-                        part = tiles.dense(*span)
+        if span is None:
+            return self._compute_torch(bs.index, cs.index, rows.index, cols.index)
+        out = torch.empty(len(bs), len(cs), len(rows), len(cols), dtype=self.dtype, device=self.device)
+        for i, b in enumerate(bs.host.tolist()):
+            for chans, pos, run in self._fused_parts(cs, dense=True):
+                tiles = self._fused_tiles(b, chans)
+                if tiles is None:
+                    self._no_kernel(b, chans)
+                    part = self._compute_torch(bs.index[i : i + 1], chans, rows.index, cols.index)[0]
+                elif run is not None:  # one run of channels: written in place
+                    tiles.dense(*span, out=out[i, run[0] : run[1]])
+                    continue
+                else:
+                    part = tiles.dense(*span)
+                if run is not None:
+                    out[i, run[0] : run[1]] = part
+                else:
                     out[i].index_copy_(0, pos, part)
-            return out
-        return self._compute_torch(bs, cs, rows, cols)
+        return out
 
     def _compute_torch(self, bs: Tensor, cs: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
         out = torch.zeros(len(bs), len(cs), len(rows), len(cols), dtype=self.dtype, device=self.device)
@@ -476,8 +485,8 @@ class AttentionView:
     def __getitem__(self, key: Any) -> Tensor:
         index = _parse_key(key, self.shape, self.device)
         with self._grad_mode():
-            out = self._compute(*(t for t, _ in index))
-        squeeze = [d for d, (_, is_int) in enumerate(index) if is_int]
+            out = self._compute(*index)
+        squeeze = [d for d, axis in enumerate(index) if axis.scalar]
         for d in reversed(squeeze):
             out = out.squeeze(d)
         return out
@@ -519,19 +528,17 @@ class AttentionView:
             if w is not None and tuple(w.shape) != tuple(self.factors.values.shape):
                 raise ValueError(f"{name} must have shape (B, C, L) = {tuple(self.factors.values.shape)}")
         B, C, L, _ = self.shape
-        bs, _ = _parse_index(batch, B, "batch", self.device)
-        cs, _ = _parse_index(channels, C, "channels", self.device)
-        rs, _ = _parse_index(rows, L, "rows", self.device)
-        js, _ = _parse_index(cols, L, "cols", self.device)
+        keys = ((batch, B, "batch"), (channels, C, "channels"), (rows, L, "rows"), (cols, L, "cols"))
+        axes = [_parse_index(*key, self.device) for key in keys]
+        span = self._fused(axes[2], axes[3]) if by is None else None
+        bs, cs, rs, js = (axis.index for axis in axes)
         group = self._group_index(by)
         n_groups = 1 if group is None else int(group.max()) + 1
         member = torch.zeros(len(cs), dtype=torch.long, device=self.device) if group is None else group[cs]
-        span = self._fused(rs, js) if group is None else None
         if span is not None:
             out = torch.zeros(len(bs), len(rs), len(js), dtype=self.dtype, device=self.device)
-            for i, b in enumerate(bs.tolist()):
-                for pos in self._fused_parts(cs, dense=False):
-                    chans = cs[pos]
+            for i, b in enumerate(axes[0].host.tolist()):
+                for chans, _, _ in self._fused_parts(axes[1], dense=False):
                     tiles = self._fused_tiles(b, chans)
                     if tiles is None:
                         self._no_kernel(b, chans)
@@ -689,8 +696,23 @@ class AttentionView:
         return self.apply(self.values) + self.bias
 
 
+@dataclass(frozen=True)
+class _Axis:
+    """One parsed index: ``index`` on the view's device, ``host`` the same on the CPU, ``span`` as
+    ``(start, stop)`` where it is one increasing run, ``scalar`` when it was an int (dropped from the
+    result). Parsed on the host, so that deciding how to serve a read never waits for the device."""
+
+    index: Tensor
+    host: Tensor
+    span: tuple[int, int] | None
+    scalar: bool
+
+    def __len__(self) -> int:
+        return len(self.host)
+
+
 def _span(index: Tensor) -> tuple[int, int] | None:
-    """``(start, stop)`` when ``index`` is ``start, start + 1, …, stop − 1`` (non-empty), else None."""
+    """``(start, stop)`` when the CPU tensor ``index`` is ``start, start + 1, …, stop − 1`` (non-empty)."""
     if len(index) == 0:
         return None
     start, stop = int(index[0]), int(index[-1]) + 1
@@ -701,36 +723,40 @@ def _span(index: Tensor) -> tuple[int, int] | None:
     return start, stop
 
 
-def _parse_index(index: Any, size: int, axis: str, device: torch.device) -> tuple[Tensor, bool]:
-    """An int, slice, list or 1-D tensor (integer or boolean) as a long index tensor, plus 'was an int'."""
+def _parse_index(index: Any, size: int, axis: str, device: torch.device) -> _Axis:
+    """An int, slice, list or 1-D tensor (integer or boolean) as an :class:`_Axis`."""
     if isinstance(index, bool):
         raise TypeError(f"{axis}: a bool is not an index")
-    if isinstance(index, int) or (isinstance(index, Tensor) and index.dim() == 0):
+    scalar = isinstance(index, int) or (isinstance(index, Tensor) and index.dim() == 0)
+    if scalar:
         i = int(index)
         if not -size <= i < size:
             raise IndexError(f"{axis} index {i} is out of range for size {size}")
-        return torch.tensor([i % size], device=device), True
-    if isinstance(index, slice):
-        return torch.arange(*index.indices(size), device=device), False
-    t = torch.as_tensor(index, device=device)
-    if t.dim() != 1:
-        raise IndexError(f"{axis}: index lists must be 1-D, got shape {tuple(t.shape)}")
-    if t.dtype == torch.bool:
-        if len(t) != size:
-            raise IndexError(f"{axis}: boolean mask of length {len(t)} for size {size}")
-        return t.nonzero().flatten(), False
-    if t.is_floating_point():
-        raise TypeError(f"{axis}: indices must be integers, got {t.dtype}")
-    t = t.long()
-    if len(t) and (t.min() < -size or t.max() >= size):
-        raise IndexError(f"{axis}: indices {t.tolist()} out of range for size {size}")
-    return t % size, False
+        t = torch.tensor([i % size])
+    elif isinstance(index, slice):
+        t = torch.arange(*index.indices(size))
+    else:
+        t = torch.as_tensor(index).cpu()  # a device tensor is read once, here
+        if t.dim() != 1:
+            raise IndexError(f"{axis}: index lists must be 1-D, got shape {tuple(t.shape)}")
+        if t.dtype == torch.bool:
+            if len(t) != size:
+                raise IndexError(f"{axis}: boolean mask of length {len(t)} for size {size}")
+            t = t.nonzero().flatten()
+        elif t.is_floating_point():
+            raise TypeError(f"{axis}: indices must be integers, got {t.dtype}")
+        else:
+            t = t.long()
+            if len(t) and (t.min() < -size or t.max() >= size):
+                raise IndexError(f"{axis}: indices {t.tolist()} out of range for size {size}")
+            t = t % size
+    return _Axis(t.to(device, non_blocking=True), t, _span(t), scalar)
 
 
 _AXES = ("batch", "channels", "rows", "cols")
 
 
-def _parse_key(key: Any, shape: torch.Size, device: torch.device) -> list[tuple[Tensor, bool]]:
+def _parse_key(key: Any, shape: torch.Size, device: torch.device) -> list[_Axis]:
     key = key if isinstance(key, tuple) else (key,)
     if any(k is Ellipsis for k in key):
         at = key.index(Ellipsis)

@@ -11,9 +11,11 @@ import torch
 from conftest import randomize, rel_err
 from mamba_reference import impulse_matrix, reference
 from transformers import MambaConfig, MambaForCausalLM
+from view_checks import cuda_syncs
 
 import implicit_hooks as ih
 from implicit_hooks import kernels
+from implicit_hooks.view import _parse_index
 
 pytestmark = pytest.mark.skipif(kernels.triton is None, reason="Triton is not installed")
 
@@ -460,7 +462,8 @@ def test_cuda_kernel_against_the_torch_path(L, state, conv, channels):
     torch.backends.cuda.matmul.allow_tf32 = False  # the torch path in true float32
     try:
         view = rec.attention
-        assert view.with_backend("auto")._fused(torch.arange(L), torch.arange(L)) is not None
+        every = _parse_index(slice(None), L, "rows", torch.device("cuda"))
+        assert view.with_backend("auto")._fused(every, every) is not None
         fused, plain = both(view)
         assert rel_err(fused.dense(), plain.dense()) < SAME_CUDA
         for key in [
@@ -480,3 +483,21 @@ def test_cuda_kernel_against_the_torch_path(L, state, conv, channels):
             )
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+@pytest.mark.parametrize("family", ["mamba", "rglru", "rwkv4"])
+def test_cuda_fused_reads_never_wait_for_the_device(family):
+    """Indices are parsed and every launch decided on the host: dense, block and mean reads queue their
+    work without one synchronising call, so the host prepares while the device computes."""
+    if family == "mamba":
+        rec = record(model("cuda"), 200, "cuda")[0]
+    elif family == "rglru":
+        rec = rglru_record(200, "cuda")[0]
+    else:
+        rec = rwkv4_record(200, "cuda")
+    view = rec.attention.with_backend("triton")
+    view.dense(), view.mean()  # compiled before counting (compiling may synchronise)
+    assert cuda_syncs(view.dense) == 0
+    assert cuda_syncs(lambda: view[:, 1:3, 70:190, 5:150]) == 0
+    assert cuda_syncs(lambda: view.mean(absolute=True)) == 0

@@ -107,8 +107,10 @@ class SSDCore(Core):
         # by head: the left, right and skip factors; the core's tiles live in a small scratch
         return 8 if TUNING["HEAD_TILES"] else self.fused_work
 
-    def tile_parts(self, chans: Tensor) -> list[Tensor]:
-        """Channels of one group of ``B``/``C`` at a time."""
+    def tile_parts(self, chans: Tensor) -> list[Tensor] | None:
+        """Channels of one group of ``B``/``C`` at a time (all at once where there is one group)."""
+        if self.heads_per_group == self.delta.shape[1]:
+            return None
         group = self.head_of.index_select(0, chans) // self.heads_per_group
         return [(group == g).nonzero().flatten() for g in torch.unique(group)]
 
@@ -122,9 +124,10 @@ class SSDCore(Core):
         head = self.head_of.index_select(0, chans)
         group = head // self.heads_per_group
         N = self.B.shape[-1]
-        if bool((group != group[0]).any()) or N < 16 or N & (N - 1):
+        one_group = self.heads_per_group == self.delta.shape[1]  # known without reading the device
+        if N < 16 or N & (N - 1) or (not one_group and bool((group != group[0]).any())):
             return None
-        g = int(group[0])
+        g = 0 if one_group else int(group[0])
         D = None if self.D is None else self.D.index_select(0, head)
 
         def by_channel() -> DiagonalTiles:

@@ -1,0 +1,108 @@
+"""Launch settings of the fused kernels, swept on the dense read of one layer of each family.
+
+Each variant is a change of ``kernels.TUNING`` (warps, register caps, programs an SM); it is timed through
+the view (``view.dense()``, median of 5 synchronised reads after a warm-up that compiles) and compared with
+the default setting's matrix, so that a faster setting is also shown to be the same matrix. Same models and
+widths as ``bench_gpu.py``; results as JSON lines and, with ``--out``, one file.
+
+    python benchmarks/sweep_dense.py --repeat 3 --out sweep.json      # on the GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import torch
+from bench_gpu import build, configs, record, timer, write_bandwidth
+
+from implicit_hooks import kernels
+
+#: family → variant name → TUNING changes (``maxnreg`` entries merge into the default caps)
+VARIANTS = {
+    "mamba": {
+        "far regs 168": {"maxnreg": {"far": 168}},
+        "far regs 192": {"maxnreg": {"far": 192}},
+        "far regs 168, strip regs 64": {"maxnreg": {"far": 168, "strip": 64}},
+    },
+    "mamba2": {
+        "head regs 128": {"maxnreg": {"head": 128}},
+        "head regs 168": {"maxnreg": {"head": 168}},
+        "head 8 programs/SM": {"head_programs_per_sm": 8},
+        "head 2 programs/SM": {"head_programs_per_sm": 2},
+    },
+    "rglru": {
+        "near regs 168": {"maxnreg": {"near": 168}},
+        "near regs 128": {"maxnreg": {"near": 128}},
+        "far_outer regs 192": {"maxnreg": {"far_outer": 192}},
+    },
+    "rwkv4": {
+        "wkv regs 168": {"maxnreg": {"wkv": 168}},
+        "wkv regs 192": {"maxnreg": {"wkv": 192}},
+    },
+}
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``‖a − b‖ / ‖b‖``, channel by channel (no second full-size temporary)."""
+    num = sum(float((a[:, c] - b[:, c]).double().square().sum()) for c in range(a.shape[1]))
+    den = sum(float(b[:, c].double().square().sum()) for c in range(b.shape[1]))
+    return (num / den) ** 0.5
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
+    parser.add_argument("--repeat", type=int, default=1, help="passes over the variants, interleaved")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    timed = timer(device)
+    bandwidth = write_bandwidth(device, timed)
+    default = copy.deepcopy(kernels.TUNING)
+    rows = []
+    for family, cfg in configs(False, 2).items():
+        if family not in args.families:
+            continue
+        model = build(cfg, 2, device)
+        for L in args.lengths:
+            ids = torch.randint(0, 1024, (1, L), device=device)
+            view = record(model, ids, layers=[0])[0].attention.with_backend("triton")
+            floor = view.shape[0] * view.shape[1] * L * L * 4 / bandwidth
+            reference = view.dense()
+            named = {"default": {}, **VARIANTS[family]}.items()
+            variants = [(p, *v) for p in range(args.repeat) for v in named]
+            for repeat, name, change in variants:
+                kernels.TUNING.clear()
+                kernels.TUNING.update(copy.deepcopy(default))
+                for key, value in change.items():
+                    if key == "maxnreg":
+                        kernels.TUNING["maxnreg"] = {**default["maxnreg"], **value}
+                    else:
+                        kernels.TUNING[key] = value
+                try:
+                    seconds = timed(view.dense, 5)
+                    error = relative(view.dense(), reference)
+                except Exception as e:  # a setting this Triton rejects: reported, not fatal to the sweep
+                    seconds, error = None, f"{type(e).__name__}: {str(e)[:200]}"
+                row = {"family": family, "L": L, "variant": name, "repeat": repeat, "s": seconds}
+                row["floor_s"], row["vs_default_rel"] = floor, error
+                row["over_floor"] = seconds / floor if seconds else None
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            kernels.TUNING.clear()
+            kernels.TUNING.update(copy.deepcopy(default))
+            del view, reference
+            torch.cuda.empty_cache()
+        if args.out:
+            meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                    "triton": kernels.triton.__version__, "default": default}  # fmt: skip
+            Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
