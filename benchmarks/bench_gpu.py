@@ -1,7 +1,9 @@
 """The GPU figures of the performance issue in one run, for Mamba, Mamba-2, RG-LRU and RWKV-4 at the widths
 of 130M-class layers (random weights):
 
-1. recording overhead: forward time with ``record`` over without, whole models of 24 layers, batch 1 and 8;
+1. recording overhead: forward time with ``record`` over without, whole models of 24 layers, batch 1 and 8,
+   and the same part by part (set-up, time inside our hooks, torch's hook dispatch, added device work:
+   :func:`overhead_parts`), which stays measurable where launch-bound forwards swing by ±20 %;
 2. dense assembly of one layer against the floor set by writing its output (bytes / measured write
    bandwidth), with the fused Triton kernel (``backend="triton"``: Mamba-1, Mamba-2, RG-LRU, RWKV-4; for
    Mamba-2 also by channel, ``kernels.TUNING["HEAD_TILES"] = False``) and the torch path;
@@ -137,11 +139,112 @@ def record(model: torch.nn.Module, ids: torch.Tensor, layers: list[int] | None =
     return rec
 
 
+def hook_cost(device: torch.device, calls: int = 2000) -> float:
+    """Seconds torch's module call adds when a module has a forward pre-hook and a forward hook (both
+    no-ops): what every hooked module call pays before our hooks run (the smallest of 5 timings)."""
+    layer = torch.nn.Linear(4, 4, device=device)
+    x = torch.zeros(1, 4, device=device)
+
+    def run() -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            for _ in range(calls):
+                layer(x)
+        return time.perf_counter() - start
+
+    plain = min(run() for _ in range(5))
+    handles = [
+        layer.register_forward_pre_hook(lambda m, a: None),
+        layer.register_forward_hook(lambda m, a, o: None),
+    ]
+    try:
+        hooked = min(run() for _ in range(5))
+    finally:
+        for h in handles:
+            h.remove()
+    return max(0.0, hooked - plain) / calls
+
+
+def device_busy(fn: Callable[[], Any], device: torch.device) -> tuple[float, int]:
+    """Seconds of device kernels ``fn`` runs and how many kernels (torch.profiler; CUDA only)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels_ = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.device_time for e in kernels_) * 1e-6, len(kernels_)
+
+
+def overhead_parts(model, ids, device, forward_s: float, per_call: float) -> dict:
+    """What recording adds to one forward, measured part by part (each is stable where the forward's own
+    time swings by ±20 %): entering and leaving ``record`` (``setup_s``), the host time inside our hooks
+    (``hooks_s``, timed by wrapping each hook as it is registered), torch's extra work per hooked module
+    call (``dispatch_s`` = calls × :func:`hook_cost`), and the device time of kernels the recording adds
+    (``extra_device_s``, by the profiler; copies of taps the model overwrites in place). Their sum over the
+    forward bounds the overhead from above, as host and device work overlap."""
+    spent = [0.0, 0]
+    registers = {
+        name: getattr(torch.nn.Module, name)
+        for name in ("register_forward_hook", "register_forward_pre_hook")
+    }
+
+    def timed_hook(hook):
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            try:
+                return hook(*a, **k)
+            finally:
+                spent[0] += time.perf_counter() - start
+                spent[1] += 1
+
+        return wrapper
+
+    def patched(name):
+        return lambda module, hook, *a, **k: registers[name](module, timed_hook(hook), *a, **k)
+
+    def recorded():
+        with torch.no_grad(), ih.record(model):
+            model(ids, use_cache=False)
+
+    def plain():
+        with torch.no_grad():
+            model(ids, use_cache=False)
+
+    setup = []
+    for _ in range(5):
+        start = time.perf_counter()
+        with ih.record(model):
+            pass
+        setup.append(time.perf_counter() - start)
+    for name in registers:
+        setattr(torch.nn.Module, name, patched(name))
+    try:
+        recorded()
+    finally:
+        for name, fn in registers.items():
+            setattr(torch.nn.Module, name, fn)
+    modules = {id(m) for m in model.modules() if m._forward_hooks or m._forward_pre_hooks}
+    parts = {"setup_s": min(setup), "hooks_s": spent[0], "hook_calls": spent[1]}
+    parts["dispatch_s"] = spent[1] * per_call  # at most one hooked module call per hook call
+    if device.type == "cuda":
+        busy_plain, n_plain = device_busy(plain, device)
+        busy_rec, n_rec = device_busy(recorded, device)
+        parts["extra_device_s"], parts["extra_kernels"] = busy_rec - busy_plain, n_rec - n_plain
+    parts["left_hooked_modules"] = len(modules)  # after record exited: must be 0
+    added = (
+        parts["setup_s"] + parts["hooks_s"] + parts["dispatch_s"] + max(0.0, parts.get("extra_device_s", 0))
+    )
+    parts["overhead_bound"] = 1 + added / forward_s
+    return parts
+
+
 def overhead(family, cfg, args, device, timed) -> list[dict]:
     """Forward with and without ``record``, whole 24-layer models: alternating runs (7, so that drifts hit
     both alike), ``overhead`` the ratio of the fastest runs (launch-bound forwards, such as HF's slow
     Mamba path, swing by ±20 % from run to run), ``overhead_median`` that of the medians."""
     model = build(cfg, args.layers, device)
+    per_call = hook_cost(device)
     rows = []
     for L in args.overhead_lengths:
         for batch in (1, 8):
@@ -165,6 +268,7 @@ def overhead(family, cfg, args, device, timed) -> list[dict]:
             row["overhead"] = row["recorded_s"] / row["forward_s"]
             median = sorted(recorded_s)[len(recorded_s) // 2] / sorted(plain_s)[len(plain_s) // 2]
             row["overhead_median"] = median
+            row.update(overhead_parts(model, ids, device, row["forward_s"], per_call))
             if batch == 1:
                 rec = record(model, ids)
                 row["all_layers_last_row_s"] = timed(lambda rec=rec: [r.attention[0, :, -1] for r in rec])

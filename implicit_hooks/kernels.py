@@ -92,16 +92,18 @@ TUNING: dict = {
     "NEAR_STRIPS": True,
     # a head's channels split over programs until about this many programs an SM (HeadTiles)
     "head_programs_per_sm": 4,
-    # ptxas register caps by kernel ("far": tile products, "far_outer": N < 16, "near", "strip", "wkv",
-    # "head"; none: ptxas chooses, up to 255), traded against spills for more programs an SM
-    # (benchmarks/sweep_dense.py)
-    "maxnreg": {},
+    # ptxas register caps of dense launches by kernel ("far": tile products of N < 64 states, "far_wide",
+    # "far_outer": N < 16, "near", "near_scalar" (Mamba-2), "strip", "wkv", "head"; reductions: the same
+    # names + "_reduce"; none: ptxas chooses, up to 255), traded against spills for more programs an SM.
+    # On the H200, 168 registers (3 programs of 4 warps an SM) made dense reads 6–9 % faster at L = 2048,
+    # the same matrices bit for bit (benchmarks/sweep_dense.py); reductions would spill 160–1500 bytes.
+    "maxnreg": {"far": 168, "near": 168, "wkv": 168},
 }
 
 
-def _options(kernel: str, warps: int) -> dict:
+def _options(kernel: str, warps: int, reduce: bool) -> dict:
     """Launch options of ``kernel``: its warps and, where ``TUNING["maxnreg"]`` caps it, its registers."""
-    cap = TUNING["maxnreg"].get(kernel)
+    cap = TUNING["maxnreg"].get(kernel + "_reduce" if reduce else kernel)
     return {"num_warps": warps} if cap is None else {"num_warps": warps, "maxnreg": cap}
 
 
@@ -865,7 +867,8 @@ class DiagonalTiles(_Tiles):
         span = 1 if groups else nJ  # dense: one program per row tile; reduce: per tile, for parallelism
         # wide states (Mamba-2's N = 128) take 8 warps whatever TUNING says: 4 spill registers
         far_warps = max(TUNING["far_warps"], 8 if self.NP >= 64 else 1)
-        far_options = _options("far" if self.far_dot else "far_outer", far_warps)
+        far_kind = "far_outer" if not self.far_dot else "far_wide" if self.NP >= 64 else "far"
+        far_options = _options(far_kind, far_warps, groups > 0)
         _far_kernel[(nI, triton.cdiv(nJ, span), slabs)](
             *head, I0, J0, nJ, span, self.L, int(self.ssm), self.n_chan, per_group,
             self.sb, self.sref, self.A, self.U, self.V, self.left, self.pmask, self.seg, self.seg_ref, rw, cw,
@@ -879,14 +882,16 @@ class DiagonalTiles(_Tiles):
                 self.sloc, self.tot, self.growth, self.A, self.C, self.W, self.fix, self.seg, self.left,
                 self.pmask, rw, cw,
                 N=self.N, NP=self.NP, K=self.K, Q=TILE, SQ=STRIP, SPLIT=bool(TUNING["FAR_SPLIT_TF32"]),
-                **_options("strip", TUNING["near_warps"]), **reduce,
+                **_options("strip", TUNING["near_warps"], groups > 0), **reduce,
             )  # fmt: skip
             return
+        near_warps = max(TUNING["near_warps"], 8 if self.scalar else 1)
+        near_options = _options("near_scalar" if self.scalar else "near", near_warps, groups > 0)
         _near_kernel[(nI, 2, slabs)](
             *head, I0, self.L, int(self.ssm), self.n_chan, per_group,
             self.sloc, self.tot, self.A, self.C, self.W, self.fix, self.seg, self.left, self.pmask, rw, cw,
             N=self.N, K=self.K, Q=TILE, SCALAR=self.scalar,
-            **_options("near", max(TUNING["near_warps"], 8 if self.scalar else 1)), **reduce,
+            **near_options, **reduce,
         )  # fmt: skip
 
 
@@ -928,7 +933,7 @@ class WKVTiles(_Tiles):
             out, out.stride(0), out.stride(1), r0, r1, c0, c1, I0, J0, nJ, run, self.L, self.n_chan,
             per_group, self.row, self.col, self.diag, self.rate, self.left, self.right, self.pmask, rw, cw,
             Q=TILE, REDUCE=groups > 0, TRANSFORM=TRANSFORMS[transform],
-            **_options("wkv", TUNING["wkv_warps"]),
+            **_options("wkv", TUNING["wkv_warps"], groups > 0),
         )  # fmt: skip
 
 
@@ -1000,7 +1005,7 @@ class HeadTiles(_Tiles):
             out, out.stride(0), out.stride(1), r0, r1, c0, c1, I0, J0, nJ, self.L, int(self.ssm),
             self.n_heads, self.P, scratch, self.cum, self.A, self.delta, self.B, self.C, self.table,
             self.shift, self.right, self.left, self.dr, self.pmask, N=self.N, Q=TILE, H=HEAD_HALO, NC=16,
-            **_options("head", TUNING["head_warps"]),
+            **_options("head", TUNING["head_warps"], False),
         )  # fmt: skip
 
     def reduce(self, *args: Any, **kwargs: Any) -> Tensor:
