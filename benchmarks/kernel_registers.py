@@ -48,6 +48,8 @@ CASES = [
     ("near strips, Mamba-1", "strip", kernels._strip_kernel,
      dict(N=16, NP=16, K=4, Q=64, SQ=16, SPLIT=True, REDUCE=False, TRANSFORM=0)),
     ("by head, Mamba-2", "head", kernels._head_kernel, dict(N=128, Q=64, H=16, NC=16)),
+    ("by head, sums", "head_reduce", kernels._head_reduce_kernel,
+     dict(N=128, Q=64, H=16, NC=16, TRANSFORM=1)),
 ]  # fmt: skip
 
 

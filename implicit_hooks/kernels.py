@@ -58,8 +58,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -367,6 +365,21 @@ if triton is not None:
         "_strip_kernel": _SPAN + ["ssm", "n_chan", "per_group", "max_growth"],
         "_wkv_kernel": _SPAN + ["J0", "nJ", "span", "n_chan", "per_group"],
         "_head_kernel": _SPAN + ["J0", "nJ", "ssm", "n_heads", "P"],
+        "_head_reduce_kernel": [
+            "stride_t",
+            "r0",
+            "r1",
+            "c0",
+            "c1",
+            "I0",
+            "J0",
+            "nI",
+            "nJ",
+            "L",
+            "ssm",
+            "n_heads",
+            "P",
+        ],
     }
 
     @triton.jit(do_not_specialize=UNSPECIALISED["_prep_kernel"])
@@ -607,6 +620,62 @@ if triton is not None:
         valid = (m[None, :] <= t[:, None]) & m_ok[None, :] & t_ok[:, None]
         return tl.where(valid, scores * tl.exp(a * gap) * delta[None, :], 0.0)
 
+    @triton.jit
+    def _head_windows(I, J, hh, t, t_ok, cum_t, a, L, ssm, scratch, cum_ptr, delta_ptr, B_ptr, C_ptr,
+                      N: tl.constexpr, Q: tl.constexpr, H: tl.constexpr, NC: tl.constexpr):  # fmt: skip
+        """The four shifted windows ``core[t, j + k]`` (``k < 4``) of head ``hh`` over column tile ``J``,
+        zeros above the diagonal or without the recurrence. The core over the columns and a conv halo is
+        computed once, into this program's ``scratch`` (``Q × (Q + H)``), and read back shifted."""
+        q = tl.arange(0, Q)
+        cells = scratch + q[:, None] * (Q + H) + q[None, :]
+        w0 = tl.zeros((Q, Q), dtype=tl.float32)
+        w1 = w0
+        w2 = w0
+        w3 = w0
+        if (J <= I) & (ssm != 0):
+            j = J * Q + q
+            h = (J + 1) * Q + tl.arange(0, H)
+            core = _head_core(hh, t, j, L, t_ok, cum_t, a, cum_ptr, delta_ptr, B_ptr, C_ptr, N, NC)
+            halo = _head_core(hh, t, h, L, t_ok, cum_t, a, cum_ptr, delta_ptr, B_ptr, C_ptr, N, NC)
+            tl.store(cells, core)
+            tl.store(scratch + q[:, None] * (Q + H) + (Q + tl.arange(0, H))[None, :], halo)
+            tl.debug_barrier()  # the whole tile is in the scratch before any thread reads it shifted
+            w0 = core
+            w1 = tl.load(cells + 1)
+            w2 = tl.load(cells + 2)
+            w3 = tl.load(cells + 3)
+            tl.debug_barrier()  # every thread holds its windows before the next tile overwrites them
+        return w0, w1, w2, w3
+
+    @triton.jit
+    def _head_channel(c, I, J, t, j, L, w0, w1, w2, w3, pm, shift_ptr, right_ptr, left_ptr, dr_ptr):
+        """Channel ``c``'s entries of tile ``(I, J)`` from its head's windows: ``Σ_k window_k · w_k r_{j+k}``,
+        the skip on the diagonals ``0 ≤ t − j < 4``, the gate and the input mask (``pm``)."""
+        t_ok = t < L
+        j_ok = j < L
+        acc = tl.zeros((t.shape[0], j.shape[0]), dtype=tl.float32)
+        if J <= I:
+            x0 = tl.load(shift_ptr + c * 4) * tl.load(right_ptr + c * L + j, mask=j_ok, other=0.0)
+            x1 = tl.load(shift_ptr + c * 4 + 1) * tl.load(
+                right_ptr + c * L + j + 1, mask=j + 1 < L, other=0.0
+            )
+            x2 = tl.load(shift_ptr + c * 4 + 2) * tl.load(
+                right_ptr + c * L + j + 2, mask=j + 2 < L, other=0.0
+            )
+            x3 = tl.load(shift_ptr + c * 4 + 3) * tl.load(
+                right_ptr + c * L + j + 3, mask=j + 3 < L, other=0.0
+            )
+            acc = w0 * x0[None, :] + w1 * x1[None, :] + w2 * x2[None, :] + w3 * x3[None, :]
+            if J >= I - 1:  # the skip through tap d = t − j (no scalar in the mask: Triton 3.9)
+                d = t[:, None] - j[None, :]
+                on_band = (d >= 0) & (d < 4) & t_ok[:, None] & j_ok[None, :]
+                w_d = tl.load(shift_ptr + c * 4 + d, mask=on_band, other=0.0)
+                dr = tl.load(dr_ptr + c * L + t, mask=t_ok, other=0.0)
+                acc += w_d * dr[:, None]
+            left = tl.load(left_ptr + c * L + t, mask=t_ok, other=0.0)
+            acc = acc * left[:, None] * pm[None, :]
+        return acc
+
     @triton.jit(do_not_specialize=UNSPECIALISED["_head_kernel"])
     def _head_kernel(
         out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, J0, nJ, L, ssm, n_heads, P,
@@ -615,73 +684,78 @@ if triton is not None:
         N: tl.constexpr, Q: tl.constexpr, H: tl.constexpr, NC: tl.constexpr,
     ):  # fmt: skip
         """Row tile ``I`` of head ``hh``, channels ``g, g + G, …`` of it (:class:`HeadTiles`). Per column
-        tile, the head's core over the columns and a conv halo once, into this program's scratch, read back
-        as the four shifted windows ``core[t, j + k]`` (registers); each channel then costs four
-        multiply-adds per entry and its store: ``Σ_k window_k · w_k r_{j+k}``, the skip on the diagonals
-        ``0 ≤ t − j < 4``, the gate and the input mask."""
+        tile, the head's four shifted windows (:func:`_head_windows`, registers); each channel then costs
+        four multiply-adds per entry and its store (:func:`_head_channel`)."""
         I = I0 + tl.program_id(0)
         hh = tl.program_id(1)
         g = tl.program_id(2)
         G = tl.num_programs(2)
         q = tl.arange(0, Q)
         t = I * Q + q
-        t_ok = t < L
-        cum_t = tl.load(cum_ptr + hh * L + t, mask=t_ok, other=0.0)
+        cum_t = tl.load(cum_ptr + hh * L + t, mask=t < L, other=0.0)
         a = tl.load(A_ptr + hh)
         program = (hh * tl.num_programs(0) + tl.program_id(0)) * G + g
         scratch = scratch_ptr + program.to(tl.int64) * (Q * (Q + H))
-        cells = scratch + q[:, None] * (Q + H) + q[None, :]
         J = J0
         while J < J0 + nJ:
             j = J * Q + q
-            j_ok = j < L
-            lower = J <= I
-            w0 = tl.zeros((Q, Q), dtype=tl.float32)
-            w1 = w0
-            w2 = w0
-            w3 = w0
-            if lower & (ssm != 0):
-                h = (J + 1) * Q + tl.arange(0, H)
-                core = _head_core(hh, t, j, L, t_ok, cum_t, a, cum_ptr, delta_ptr, B_ptr, C_ptr, N, NC)
-                halo = _head_core(hh, t, h, L, t_ok, cum_t, a, cum_ptr, delta_ptr, B_ptr, C_ptr, N, NC)
-                tl.store(cells, core)
-                tl.store(scratch + q[:, None] * (Q + H) + (Q + tl.arange(0, H))[None, :], halo)
-                tl.debug_barrier()  # the whole tile is in the scratch before any thread reads it shifted
-                w0 = core
-                w1 = tl.load(cells + 1)
-                w2 = tl.load(cells + 2)
-                w3 = tl.load(cells + 3)
-                tl.debug_barrier()  # every thread holds its windows before the next tile overwrites them
-            band = lower & (J >= I - 1)  # the skip's diagonals reach at most one tile back
-            pm = tl.load(pmask_ptr + j, mask=j_ok, other=0.0)
+            w0, w1, w2, w3 = _head_windows(
+                I, J, hh, t, t < L, cum_t, a, L, ssm, scratch, cum_ptr, delta_ptr, B_ptr, C_ptr, N, Q, H, NC
+            )
+            pm = tl.load(pmask_ptr + j, mask=j < L, other=0.0)
             p = g
             while p < P:
                 c = tl.load(chan_ptr + hh * P + p)
                 if c >= 0:
-                    acc = tl.zeros((Q, Q), dtype=tl.float32)
-                    if lower:
-                        x0 = tl.load(shift_ptr + c * 4) * tl.load(right_ptr + c * L + j, mask=j_ok, other=0.0)
-                        x1 = tl.load(shift_ptr + c * 4 + 1) * tl.load(
-                            right_ptr + c * L + j + 1, mask=j + 1 < L, other=0.0
-                        )
-                        x2 = tl.load(shift_ptr + c * 4 + 2) * tl.load(
-                            right_ptr + c * L + j + 2, mask=j + 2 < L, other=0.0
-                        )
-                        x3 = tl.load(shift_ptr + c * 4 + 3) * tl.load(
-                            right_ptr + c * L + j + 3, mask=j + 3 < L, other=0.0
-                        )
-                        acc = w0 * x0[None, :] + w1 * x1[None, :] + w2 * x2[None, :] + w3 * x3[None, :]
-                        if band:  # the skip through tap d = t − j (no scalar in the mask: Triton 3.9)
-                            d = t[:, None] - j[None, :]
-                            on_band = (d >= 0) & (d < 4) & t_ok[:, None] & j_ok[None, :]
-                            w_d = tl.load(shift_ptr + c * 4 + d, mask=on_band, other=0.0)
-                            dr = tl.load(dr_ptr + c * L + t, mask=t_ok, other=0.0)
-                            acc += w_d * dr[:, None]
-                        left = tl.load(left_ptr + c * L + t, mask=t_ok, other=0.0)
-                        acc = acc * left[:, None] * pm[None, :]
+                    acc = _head_channel(
+                        c, I, J, t, j, L, w0, w1, w2, w3, pm, shift_ptr, right_ptr, left_ptr, dr_ptr
+                    )
                     _store(out_ptr, c, stride_slab, stride_t, I, J, r0, r1, c0, c1, acc, Q, J >= 0)
                 p += G
             J += 1
+
+    @triton.jit(do_not_specialize=UNSPECIALISED["_head_reduce_kernel"])
+    def _head_reduce_kernel(
+        out_ptr, stride_t, r0, r1, c0, c1, I0, J0, nI, nJ, L, ssm, n_heads, P,
+        scratch_ptr, cum_ptr, A_ptr, delta_ptr, B_ptr, C_ptr, chan_ptr, shift_ptr, right_ptr, left_ptr,
+        dr_ptr, pmask_ptr, rw_ptr, cw_ptr,
+        N: tl.constexpr, Q: tl.constexpr, H: tl.constexpr, NC: tl.constexpr, TRANSFORM: tl.constexpr,
+    ):  # fmt: skip
+        """The channel sum of tiles ``I0 + tile // nJ, J0 + tile % nJ`` for ``tile = program, program +
+        programs, …`` (tiles above the diagonal are zero: skipped): per head, its windows once
+        (:func:`_head_windows`), then each of its channels' entries (:func:`_head_channel`) weighted,
+        transformed and summed in registers (:func:`_reduce_at`); one store per tile."""
+        q = tl.arange(0, Q)
+        scratch = scratch_ptr + tl.program_id(0).to(tl.int64) * (Q * (Q + H))
+        tile = tl.program_id(0)
+        while tile < nI * nJ:
+            I = I0 + tile // nJ
+            J = J0 + tile % nJ
+            if J <= I:
+                t = I * Q + q
+                j = J * Q + q
+                pm = tl.load(pmask_ptr + j, mask=j < L, other=0.0)
+                total = tl.zeros((Q, Q), dtype=tl.float32)
+                hh = 0
+                while hh < n_heads:
+                    cum_t = tl.load(cum_ptr + hh * L + t, mask=t < L, other=0.0)
+                    a = tl.load(A_ptr + hh)
+                    w0, w1, w2, w3 = _head_windows(
+                        I, J, hh, t, t < L, cum_t, a, L, ssm, scratch, cum_ptr, delta_ptr, B_ptr, C_ptr,
+                        N, Q, H, NC,
+                    )  # fmt: skip
+                    p = 0
+                    while p < P:
+                        c = tl.load(chan_ptr + hh * P + p)
+                        if c >= 0:
+                            acc = _head_channel(
+                                c, I, J, t, j, L, w0, w1, w2, w3, pm, shift_ptr, right_ptr, left_ptr, dr_ptr
+                            )
+                            total = _reduce_at(total, acc, c, t, j, L, rw_ptr, cw_ptr, TRANSFORM)
+                        p += 1
+                    hh += 1
+                _store(out_ptr, tile * 0, 0, stride_t, I, J, r0, r1, c0, c1, total, Q, J >= 0)  # one slab
+            tile += tl.num_programs(0)
 
 
 def _tile_grid(r0: int, r1: int, c0: int, c1: int) -> tuple[int, int, int, int]:
@@ -942,21 +1016,20 @@ class HeadTiles(_Tiles):
     ``R_h[t, m] = C_t · B_m · exp(a_h Σ_{m<k≤t} Δ_k) · Δ_m`` and differ only by their conv taps, right,
     left and skip factors, so each tile of ``R_h`` (with a halo of 16 columns) is computed once, with one
     product over the states, and every channel applies its conv (up to ``HEAD_TAPS = 4`` taps) as four
-    multiply-adds of shifted windows of it held in registers (:func:`_head_kernel`). Channel sums go to
-    :class:`DiagonalTiles` (``reducer``), which never holds ``channels × L × L`` either.
+    multiply-adds of shifted windows of it held in registers (:func:`_head_kernel`). Channel sums take the
+    same windows and sum the channels' entries in registers, one store per tile
+    (:func:`_head_reduce_kernel`), so they never hold ``channels × L × L`` either.
 
     Args:
         cum: ``(nh, L)`` float64 ``Σ_{k≤t} Δ_k`` of each head; ``A``: ``(nh,)``; ``delta``: ``(nh, L)``;
             ``B``, ``C``: ``(L, N)`` of the heads' group; ``head_index``: ``(nc,)`` the head of each
             channel (rows of ``cum``); ``D``: ``(nc,)`` or None.
         left, right, taps, input_mask, ssm, skip: the view's factors (see :meth:`Core.tiles`).
-        reducer: builds the :class:`DiagonalTiles` of the same channels, for :meth:`reduce`.
     """
 
     def __init__(self, cum: Tensor, A: Tensor, delta: Tensor, B: Tensor, C: Tensor, head_index: Tensor,
                  D: Tensor | None, *, left: Tensor | None, right: Tensor | None, taps: Tensor | None,
-                 input_mask: Tensor | None, ssm: bool, skip: bool,
-                 reducer: Callable[[], _Tiles]):  # fmt: skip
+                 input_mask: Tensor | None, ssm: bool, skip: bool):  # fmt: skip
         f32, device = torch.float32, cum.device
         n_heads, L = cum.shape
         nc = len(head_index)
@@ -972,7 +1045,7 @@ class HeadTiles(_Tiles):
         self.P = int(counts.max()) if nc else 0
         self.table = torch.full((n_heads, max(self.P, 1)), -1, dtype=torch.int32, device=device)
         self.table[head_index[order], rank] = order.to(torch.int32)
-        ones = torch.ones(nc, L, device=device, dtype=f32)
+        self.ones = ones = torch.ones(nc, L, device=device, dtype=f32)
         self.left = ones if left is None else left.to(f32).contiguous()
         self.right = ones if right is None else right.to(f32).contiguous()
         taps = torch.ones(nc, 1, device=device, dtype=f32) if taps is None else taps.to(f32)
@@ -984,21 +1057,24 @@ class HeadTiles(_Tiles):
         self.dr = self.dr.contiguous()
         self.pmask = ones[0] if input_mask is None else input_mask.to(f32).contiguous()
         self.n_heads, self.N = n_heads, B.shape[1]
-        self._reducer = reducer
+
+    def _programs(self) -> int:
+        """Programs the device runs well at once: ``TUNING["head_programs_per_sm"]`` an SM (two under the
+        interpreter, so that tests take the splits and strides too)."""
+        if self.device.type != "cuda":
+            return 2
+        return (
+            TUNING["head_programs_per_sm"]
+            * torch.cuda.get_device_properties(self.device).multi_processor_count
+        )
 
     def _launch(self, out: Tensor, span: tuple[int, int, int, int], groups: int, per_group: int,
                 row_weight: Tensor | None = None, col_weight: Tensor | None = None, transform: str = "signed",
                 ) -> None:  # fmt: skip
         r0, r1, c0, c1 = span
         I0, J0, nI, nJ = _tile_grid(*span)
-        # a head's channels split over G programs, for about TUNING["head_programs_per_sm"] programs an SM
-        # (two under the interpreter, so that tests take the split too)
-        if self.device.type == "cuda":
-            sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-            want = TUNING["head_programs_per_sm"] * sms
-            G = -(-want // (nI * self.n_heads))
-        else:
-            G = 2
+        # a head's channels split over G programs
+        G = 2 if self.device.type != "cuda" else -(-self._programs() // (nI * self.n_heads))
         G = max(1, min(self.P, G))
         scratch = torch.empty(nI * self.n_heads * G, TILE, TILE + HEAD_HALO, device=self.device)
         _head_kernel[(nI, self.n_heads, G)](
@@ -1008,5 +1084,31 @@ class HeadTiles(_Tiles):
             **_options("head", TUNING["head_warps"], False),
         )  # fmt: skip
 
-    def reduce(self, *args: Any, **kwargs: Any) -> Tensor:
-        return self._reducer().reduce(*args, **kwargs)
+    def reduce(
+        self,
+        r0: int,
+        r1: int,
+        c0: int,
+        c1: int,
+        *,
+        row_weight: Tensor | None = None,
+        col_weight: Tensor | None = None,
+        transform: str = "signed",
+    ) -> Tensor:
+        """The channel sum of (weighted, transformed) entries ``[r0:r1, c0:c1]``, by head, one program a
+        tile at a time (:func:`_head_reduce_kernel`): ``(r1 − r0, c1 − c0)``."""
+        out = torch.zeros(r1 - r0, c1 - c0, device=self.device, dtype=torch.float32)
+        if out.numel() == 0 or self.n_chan == 0:
+            return out
+        I0, J0, nI, nJ = _tile_grid(r0, r1, c0, c1)
+        rw = self.ones if row_weight is None else row_weight.to(torch.float32).contiguous()
+        cw = self.ones if col_weight is None else col_weight.to(torch.float32).contiguous()
+        programs = max(1, min(nI * nJ, self._programs()))
+        scratch = torch.empty(programs, TILE, TILE + HEAD_HALO, device=self.device)
+        _head_reduce_kernel[(programs,)](
+            out, out.stride(0), r0, r1, c0, c1, I0, J0, nI, nJ, self.L, int(self.ssm), self.n_heads, self.P,
+            scratch, self.cum, self.A, self.delta, self.B, self.C, self.table, self.shift, self.right,
+            self.left, self.dr, self.pmask, rw, cw, N=self.N, Q=TILE, H=HEAD_HALO, NC=16,
+            TRANSFORM=TRANSFORMS[transform], **_options("head", TUNING["head_warps"], True),
+        )  # fmt: skip
+        return out

@@ -58,11 +58,6 @@ class Core:
     #: elements per channel and position that :meth:`tiles` prepares (guides the channel chunks)
     fused_work: int = 64  # U, V, W of 16 states and a few per-position arrays (Mamba-1)
 
-    @property
-    def fused_dense_work(self) -> int:
-        """:attr:`fused_work` of dense reads, where a core prepares less for them (Mamba-2 by head)."""
-        return self.fused_work
-
     def block(self, b: int, chans: Tensor, rows: Tensor, cols: Tensor, *, ssm: bool, skip: bool) -> Tensor:
         """Entries ``[chans, rows, cols]`` of batch row ``b``: shape ``(len(chans), len(rows), len(cols))``.
 
@@ -420,17 +415,15 @@ class AttentionView:
             skip="skip" in keep,
         )
 
-    def _fused_chunks(self, dense: bool) -> int:
+    def _fused_chunks(self) -> int:
         """Channels whose kernel preparation (``fused_work · L`` elements each) fits the budget."""
-        core = self.factors.core
-        work = core.fused_dense_work if dense else core.fused_work
-        return max(1, FUSED_PREP_ELEMENTS // (work * self.shape[-1]))
+        return max(1, FUSED_PREP_ELEMENTS // (self.factors.core.fused_work * self.shape[-1]))
 
-    def _fused_parts(self, cs: _Axis, *, dense: bool):
+    def _fused_parts(self, cs: _Axis):
         """The channels of one :meth:`Core.tiles` call at a time, chunk by chunk (the preparation budget)
         and part by part (the core's): ``(chans, pos, run)``, ``pos`` their positions in ``cs`` on the
         device, ``run`` the same as ``(start, stop)`` where they are one run (known on the host)."""
-        step = self._fused_chunks(dense)
+        step = self._fused_chunks()
         for c0 in range(0, len(cs.host), step):
             c1 = min(c0 + step, len(cs.host))
             chans = cs.index[c0:c1]
@@ -455,7 +448,7 @@ class AttentionView:
             return self._compute_torch(bs.index, cs.index, rows.index, cols.index)
         out = torch.empty(len(bs), len(cs), len(rows), len(cols), dtype=self.dtype, device=self.device)
         for i, b in enumerate(bs.host.tolist()):
-            for chans, pos, run in self._fused_parts(cs, dense=True):
+            for chans, pos, run in self._fused_parts(cs):
                 tiles = self._fused_tiles(b, chans)
                 if tiles is None:
                     self._no_kernel(b, chans)
@@ -538,7 +531,7 @@ class AttentionView:
         if span is not None:
             out = torch.zeros(len(bs), len(rs), len(js), dtype=self.dtype, device=self.device)
             for i, b in enumerate(axes[0].host.tolist()):
-                for chans, _, _ in self._fused_parts(axes[1], dense=False):
+                for chans, _, _ in self._fused_parts(axes[1]):
                     tiles = self._fused_tiles(b, chans)
                     if tiles is None:
                         self._no_kernel(b, chans)

@@ -301,8 +301,9 @@ def mamba2_impulses(mixer, hidden, mask):
 
 @pytest.mark.parametrize("by_head", [False, True])
 def test_mamba2_scalar_decay_kernel(monkeypatch, by_head):
-    """``by_head``: dense blocks through ``HeadTiles`` (one core per head, the conv as shifted
-    multiply-adds); channel sums stay with the scalar-decay ``DiagonalTiles``."""
+    """``by_head``: dense blocks and channel sums through ``HeadTiles`` (one core per head, the conv as
+    shifted multiply-adds; sums in registers, one program a tile at a time); else the scalar-decay
+    ``DiagonalTiles``, channel by channel."""
     monkeypatch.setitem(kernels.TUNING, "HEAD_TILES", by_head)
     rec, impulses = mamba2_record(140, "cpu")
     fused, plain = both(rec.attention)
@@ -314,6 +315,12 @@ def test_mamba2_scalar_decay_kernel(monkeypatch, by_head):
     assert rel_err(fused.mean(absolute=True), plain.mean(absolute=True)) < SAME
     key = (1, slice(10, 30), slice(70, 140), slice(0, 100))
     assert rel_err(fused[key], plain[key]) < SAME
+    gen = torch.Generator().manual_seed(5)
+    w_rows, w_cols = (torch.randn(rec.attention.values.shape, generator=gen) for _ in range(2))
+    for transform in ("signed", "positive"):  # weighted sums of a block that cuts the tiles
+        options = dict(transform=transform, row_weight=w_rows, col_weight=w_cols, rows=slice(30, 140))
+        options["cols"] = slice(5, 131)
+        assert rel_err(fused.sum(**options), plain.sum(**options)) < SAME
     for parts in (("skip",), ("gate", "conv", "skip"), ("ssm", "act"), ("gate",)):
         a, b = fused.only(*parts)[0], plain.only(*parts)[0]
         assert torch.allclose(a, b, rtol=0, atol=SAME * b.abs().max().clamp_min(1e-30)), parts
@@ -346,8 +353,12 @@ def test_mamba2_by_head_conv_widths(monkeypatch, conv, by_head):
     fused, plain = both(rec.attention)
     tiles = fused._fused_tiles(0, torch.arange(8))
     assert isinstance(tiles, kernels.HeadTiles) == by_head and isinstance(tiles, kernels._Tiles)
+    # the preparation budget follows the path: a few arrays by head, U, V and W of every state by channel
+    N = rec.attention.factors.core.B.shape[-1]
+    assert rec.attention.factors.core.fused_work == (8 if by_head else 3 * N + 12)
     assert rel_err(fused.dense(), plain.dense()) < SAME
     assert rel_err(fused.dense(), impulses()) < TOL
+    assert rel_err(fused.mean(absolute=True), plain.mean(absolute=True)) < SAME
 
 
 def rwkv4_record(L, device, *, key_scale=1.0, slow=True):

@@ -50,7 +50,16 @@ class SSDCore(Core):
     work_per_entry = 4
     has_skip = True
 
-    def __init__(self, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, head_of: Tensor):
+    def __init__(
+        self,
+        delta: Tensor,
+        A: Tensor,
+        B: Tensor,
+        C: Tensor,
+        D: Tensor | None,
+        head_of: Tensor,
+        conv_width: int = 1,
+    ):
         H, G = delta.shape[1], B.shape[2]
         if H % G != 0 or tuple(A.shape) != (H,) or C.shape != B.shape or B.shape[:2] != delta.shape[::2]:
             raise ValueError(
@@ -58,6 +67,7 @@ class SSDCore(Core):
                 f"C {tuple(C.shape)} do not describe (batch, heads, L) with heads in groups"
             )
         self.delta, self.A, self.B, self.C, self.D, self.head_of = delta, A, B, C, D, head_of
+        self.conv_width = conv_width  # the block's conv taps: wider than HEAD_TAPS goes by channel
         self.heads_per_group = H // G
         self.has_skip = D is not None
         self.cumdelta = segsum(delta)  # (B, H, L) float64
@@ -98,14 +108,11 @@ class SSDCore(Core):
 
     @property
     def fused_work(self) -> int:
-        return 3 * self.B.shape[-1] + 12  # U, V and W of N states, and a few per-position arrays
+        from ..kernels import HEAD_TAPS, TUNING
 
-    @property
-    def fused_dense_work(self) -> int:
-        from ..kernels import TUNING
-
-        # by head: the left, right and skip factors; the core's tiles live in a small scratch
-        return 8 if TUNING["HEAD_TILES"] else self.fused_work
+        if TUNING["HEAD_TILES"] and self.conv_width <= HEAD_TAPS:
+            return 8  # by head: the left, right and skip factors; the core's tiles live in a small scratch
+        return 3 * self.B.shape[-1] + 12  # by channel: U, V and W of N states, a few per-position arrays
 
     def tile_parts(self, chans: Tensor) -> list[Tensor] | None:
         """Channels of one group of ``B``/``C`` at a time (all at once where there is one group)."""
@@ -116,8 +123,9 @@ class SSDCore(Core):
 
     def tiles(self, b: int, chans: Tensor, **parts: Any) -> Any:
         """The fused Triton assembler (:mod:`implicit_hooks.kernels`) for channels of one group of
-        ``B``/``C``: the scalar-decay variant of ``DiagonalTiles``, or with ``kernels.TUNING["HEAD_TILES"]``
-        dense blocks by head (``HeadTiles``: one core per head, the conv as shifted multiply-adds). None
+        ``B``/``C``: with ``kernels.TUNING["HEAD_TILES"]`` (and convs of up to ``HEAD_TAPS`` taps) by head
+        (``HeadTiles``: one core per head, the conv as shifted multiply-adds, dense blocks and channel
+        sums), else by channel (the scalar-decay variant of ``DiagonalTiles``). None
         (the torch path) when ``chans`` spans several groups or the state size is not a power of two ≥ 16."""
         from ..kernels import HEAD_TAPS, TUNING, DiagonalTiles, HeadTiles
 
@@ -130,15 +138,12 @@ class SSDCore(Core):
         g = 0 if one_group else int(group[0])
         D = None if self.D is None else self.D.index_select(0, head)
 
-        def by_channel() -> DiagonalTiles:
+        taps = parts["taps"]
+        if not TUNING["HEAD_TILES"] or (taps is not None and taps.shape[1] > HEAD_TAPS):  # by channel
             S = F.pad(self.cumdelta[b].index_select(0, head), (1, 0))  # (nc, L + 1), S[p + 1] = Σ_{k ≤ p} Δ_k
             A = self.A.index_select(0, head)[:, None].expand(-1, N)
             B, C, delta = self.B[b, :, g], self.C[b, :, g], self.delta[b].index_select(0, head)
             return DiagonalTiles(S, A, B, C, delta, D, scalar=True, **parts)
-
-        taps = parts["taps"]
-        if not TUNING["HEAD_TILES"] or (taps is not None and taps.shape[1] > HEAD_TAPS):
-            return by_channel()
         heads, which = torch.unique(head, return_inverse=True)
         return HeadTiles(
             self.cumdelta[b].index_select(0, heads),
@@ -148,7 +153,6 @@ class SSDCore(Core):
             self.C[b, :, g],
             which,
             D,
-            reducer=by_channel,
             **parts,
         )
 
@@ -376,7 +380,7 @@ class Mamba2Patcher(Patcher):
         d = self.derive(record, dtype)
         return Factors(
             values=d["values"],
-            core=SSDCore(d["delta"], d["A"], d["B"], d["C"], d["D"], d["head_of"]),
+            core=SSDCore(d["delta"], d["A"], d["B"], d["C"], d["D"], d["head_of"], d["conv"].shape[1]),
             left=dict(d["left"]),
             right={"act": d["act"]},
             conv=d["conv"],
