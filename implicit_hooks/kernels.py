@@ -364,22 +364,8 @@ if triton is not None:
         "_near_kernel": _SPAN + ["ssm", "n_chan", "per_group"],
         "_strip_kernel": _SPAN + ["ssm", "n_chan", "per_group", "max_growth"],
         "_wkv_kernel": _SPAN + ["J0", "nJ", "span", "n_chan", "per_group"],
-        "_head_kernel": _SPAN + ["J0", "nJ", "ssm", "n_heads", "P"],
-        "_head_reduce_kernel": [
-            "stride_t",
-            "r0",
-            "r1",
-            "c0",
-            "c1",
-            "I0",
-            "J0",
-            "nI",
-            "nJ",
-            "L",
-            "ssm",
-            "n_heads",
-            "P",
-        ],
+        "_head_kernel": _SPAN + ["J0", "nJ", "ssm"],
+        "_head_reduce_kernel": _SPAN[1:] + ["J0", "nI", "nJ", "ssm", "n_heads"],  # one slab: no stride_slab
     }
 
     @triton.jit(do_not_specialize=UNSPECIALISED["_prep_kernel"])
@@ -678,47 +664,51 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=UNSPECIALISED["_head_kernel"])
     def _head_kernel(
-        out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, J0, nJ, L, ssm, n_heads, P,
-        scratch_ptr, cum_ptr, A_ptr, delta_ptr, B_ptr, C_ptr, chan_ptr, shift_ptr, right_ptr, left_ptr,
-        dr_ptr, pmask_ptr,
+        out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, J0, nJ, L, ssm,
+        scratch_ptr, cum_ptr, A_ptr, delta_ptr, B_ptr, C_ptr, chan_ptr, start_ptr, shift_ptr, right_ptr,
+        left_ptr, dr_ptr, pmask_ptr,
         N: tl.constexpr, Q: tl.constexpr, H: tl.constexpr, NC: tl.constexpr,
     ):  # fmt: skip
-        """Row tile ``I`` of head ``hh``, channels ``g, g + G, …`` of it (:class:`HeadTiles`). Per column
-        tile, the head's four shifted windows (:func:`_head_windows`, registers); each channel then costs
-        four multiply-adds per entry and its store (:func:`_head_channel`)."""
+        """Row tile ``I`` of head ``hh``, its channels ``chan[start + g], chan[start + g + G], …`` up to
+        ``start_{hh+1}`` (:class:`HeadTiles`; programs past them have nothing to do). Per column tile, the
+        head's four shifted windows (:func:`_head_windows`, registers); each channel then costs four
+        multiply-adds per entry and its store (:func:`_head_channel`)."""
         I = I0 + tl.program_id(0)
         hh = tl.program_id(1)
         g = tl.program_id(2)
         G = tl.num_programs(2)
-        q = tl.arange(0, Q)
-        t = I * Q + q
-        cum_t = tl.load(cum_ptr + hh * L + t, mask=t < L, other=0.0)
-        a = tl.load(A_ptr + hh)
-        program = (hh * tl.num_programs(0) + tl.program_id(0)) * G + g
-        scratch = scratch_ptr + program.to(tl.int64) * (Q * (Q + H))
-        J = J0
-        while J < J0 + nJ:
-            j = J * Q + q
-            w0, w1, w2, w3 = _head_windows(
-                I, J, hh, t, t < L, cum_t, a, L, ssm, scratch, cum_ptr, delta_ptr, B_ptr, C_ptr, N, Q, H, NC
-            )
-            pm = tl.load(pmask_ptr + j, mask=j < L, other=0.0)
-            p = g
-            while p < P:
-                c = tl.load(chan_ptr + hh * P + p)
-                if c >= 0:
+        first = tl.load(start_ptr + hh) + g
+        end = tl.load(start_ptr + hh + 1)
+        if first < end:
+            q = tl.arange(0, Q)
+            t = I * Q + q
+            cum_t = tl.load(cum_ptr + hh * L + t, mask=t < L, other=0.0)
+            a = tl.load(A_ptr + hh)
+            program = (hh * tl.num_programs(0) + tl.program_id(0)) * G + g
+            scratch = scratch_ptr + program.to(tl.int64) * (Q * (Q + H))
+            J = J0
+            while J < J0 + nJ:
+                j = J * Q + q
+                w0, w1, w2, w3 = _head_windows(
+                    I, J, hh, t, t < L, cum_t, a, L, ssm, scratch, cum_ptr, delta_ptr, B_ptr, C_ptr,
+                    N, Q, H, NC,
+                )  # fmt: skip
+                pm = tl.load(pmask_ptr + j, mask=j < L, other=0.0)
+                p = first
+                while p < end:
+                    c = tl.load(chan_ptr + p)
                     acc = _head_channel(
                         c, I, J, t, j, L, w0, w1, w2, w3, pm, shift_ptr, right_ptr, left_ptr, dr_ptr
                     )
                     _store(out_ptr, c, stride_slab, stride_t, I, J, r0, r1, c0, c1, acc, Q, J >= 0)
-                p += G
-            J += 1
+                    p += G
+                J += 1
 
     @triton.jit(do_not_specialize=UNSPECIALISED["_head_reduce_kernel"])
     def _head_reduce_kernel(
-        out_ptr, stride_t, r0, r1, c0, c1, I0, J0, nI, nJ, L, ssm, n_heads, P,
-        scratch_ptr, cum_ptr, A_ptr, delta_ptr, B_ptr, C_ptr, chan_ptr, shift_ptr, right_ptr, left_ptr,
-        dr_ptr, pmask_ptr, rw_ptr, cw_ptr,
+        out_ptr, stride_t, r0, r1, c0, c1, I0, J0, nI, nJ, L, ssm, n_heads,
+        scratch_ptr, cum_ptr, A_ptr, delta_ptr, B_ptr, C_ptr, chan_ptr, start_ptr, shift_ptr, right_ptr,
+        left_ptr, dr_ptr, pmask_ptr, rw_ptr, cw_ptr,
         N: tl.constexpr, Q: tl.constexpr, H: tl.constexpr, NC: tl.constexpr, TRANSFORM: tl.constexpr,
     ):  # fmt: skip
         """The channel sum of tiles ``I0 + tile // nJ, J0 + tile % nJ`` for ``tile = program, program +
@@ -738,21 +728,22 @@ if triton is not None:
                 total = tl.zeros((Q, Q), dtype=tl.float32)
                 hh = 0
                 while hh < n_heads:
-                    cum_t = tl.load(cum_ptr + hh * L + t, mask=t < L, other=0.0)
-                    a = tl.load(A_ptr + hh)
-                    w0, w1, w2, w3 = _head_windows(
-                        I, J, hh, t, t < L, cum_t, a, L, ssm, scratch, cum_ptr, delta_ptr, B_ptr, C_ptr,
-                        N, Q, H, NC,
-                    )  # fmt: skip
-                    p = 0
-                    while p < P:
-                        c = tl.load(chan_ptr + hh * P + p)
-                        if c >= 0:
+                    p = tl.load(start_ptr + hh)
+                    end = tl.load(start_ptr + hh + 1)
+                    if p < end:  # heads without channels in this read are skipped
+                        cum_t = tl.load(cum_ptr + hh * L + t, mask=t < L, other=0.0)
+                        a = tl.load(A_ptr + hh)
+                        w0, w1, w2, w3 = _head_windows(
+                            I, J, hh, t, t < L, cum_t, a, L, ssm, scratch, cum_ptr, delta_ptr, B_ptr, C_ptr,
+                            N, Q, H, NC,
+                        )  # fmt: skip
+                        while p < end:
+                            c = tl.load(chan_ptr + p)
                             acc = _head_channel(
                                 c, I, J, t, j, L, w0, w1, w2, w3, pm, shift_ptr, right_ptr, left_ptr, dr_ptr
                             )
                             total = _reduce_at(total, acc, c, t, j, L, rw_ptr, cw_ptr, TRANSFORM)
-                        p += 1
+                            p += 1
                     hh += 1
                 _store(out_ptr, tile * 0, 0, stride_t, I, J, r0, r1, c0, c1, total, Q, J >= 0)  # one slab
             tile += tl.num_programs(0)
@@ -1037,14 +1028,13 @@ class HeadTiles(_Tiles):
         self.cum = cum.to(torch.float64).contiguous()
         self.A, self.delta = A.to(f32).contiguous(), delta.to(f32).contiguous()
         self.B, self.C = B.to(f32).contiguous(), C.to(f32).contiguous()
-        # head → its channels (positions into the read), padded with −1
-        counts = torch.bincount(head_index, minlength=n_heads)
+        # the read's channels (positions into it) head by head: head h's are chans[starts[h] : starts[h + 1]]
+        # (sorted and searched on the device: nothing here waits for it)
+        head_index = head_index.long()
         order = torch.argsort(head_index, stable=True)
-        first = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(nc, device=device) - first[head_index[order]]
-        self.P = int(counts.max()) if nc else 0
-        self.table = torch.full((n_heads, max(self.P, 1)), -1, dtype=torch.int32, device=device)
-        self.table[head_index[order], rank] = order.to(torch.int32)
+        self.chans = order.to(torch.int32).contiguous()
+        bounds = torch.arange(n_heads + 1, device=device)
+        self.starts = torch.searchsorted(head_index[order], bounds).to(torch.int32).contiguous()
         self.ones = ones = torch.ones(nc, L, device=device, dtype=f32)
         self.left = ones if left is None else left.to(f32).contiguous()
         self.right = ones if right is None else right.to(f32).contiguous()
@@ -1075,11 +1065,11 @@ class HeadTiles(_Tiles):
         I0, J0, nI, nJ = _tile_grid(*span)
         # a head's channels split over G programs
         G = 2 if self.device.type != "cuda" else -(-self._programs() // (nI * self.n_heads))
-        G = max(1, min(self.P, G))
+        G = max(1, min(self.n_chan, G))  # programs past a head's channels return at once
         scratch = torch.empty(nI * self.n_heads * G, TILE, TILE + HEAD_HALO, device=self.device)
         _head_kernel[(nI, self.n_heads, G)](
             out, out.stride(0), out.stride(1), r0, r1, c0, c1, I0, J0, nJ, self.L, int(self.ssm),
-            self.n_heads, self.P, scratch, self.cum, self.A, self.delta, self.B, self.C, self.table,
+            scratch, self.cum, self.A, self.delta, self.B, self.C, self.chans, self.starts,
             self.shift, self.right, self.left, self.dr, self.pmask, N=self.N, Q=TILE, H=HEAD_HALO, NC=16,
             **_options("head", TUNING["head_warps"], False),
         )  # fmt: skip
@@ -1106,9 +1096,9 @@ class HeadTiles(_Tiles):
         programs = max(1, min(nI * nJ, self._programs()))
         scratch = torch.empty(programs, TILE, TILE + HEAD_HALO, device=self.device)
         _head_reduce_kernel[(programs,)](
-            out, out.stride(0), r0, r1, c0, c1, I0, J0, nI, nJ, self.L, int(self.ssm), self.n_heads, self.P,
-            scratch, self.cum, self.A, self.delta, self.B, self.C, self.table, self.shift, self.right,
-            self.left, self.dr, self.pmask, rw, cw, N=self.N, Q=TILE, H=HEAD_HALO, NC=16,
+            out, out.stride(0), r0, r1, c0, c1, I0, J0, nI, nJ, self.L, int(self.ssm), self.n_heads,
+            scratch, self.cum, self.A, self.delta, self.B, self.C, self.chans, self.starts, self.shift,
+            self.right, self.left, self.dr, self.pmask, rw, cw, N=self.N, Q=TILE, H=HEAD_HALO, NC=16,
             TRANSFORM=TRANSFORMS[transform], **_options("head", TUNING["head_warps"], True),
         )  # fmt: skip
         return out

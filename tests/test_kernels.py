@@ -422,6 +422,7 @@ def test_arguments_left_unspecialised_are_arguments_of_each_kernel():
         "_strip_kernel",
         "_wkv_kernel",
         "_head_kernel",
+        "_head_reduce_kernel",
     }
     for name, unspecialised in kernels.UNSPECIALISED.items():
         parameters = inspect.signature(getattr(kernels, name).fn).parameters
@@ -497,12 +498,14 @@ def test_cuda_kernel_against_the_torch_path(L, state, conv, channels):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
-@pytest.mark.parametrize("family", ["mamba", "rglru", "rwkv4"])
+@pytest.mark.parametrize("family", ["mamba", "mamba2", "rglru", "rwkv4"])
 def test_cuda_fused_reads_never_wait_for_the_device(family):
     """Indices are parsed and every launch decided on the host: dense, block and mean reads queue their
     work without one synchronising call, so the host prepares while the device computes."""
     if family == "mamba":
         rec = record(model("cuda"), 200, "cuda")[0]
+    elif family == "mamba2":  # by head, one group of B/C
+        rec = mamba2_record(200, "cuda")[0]
     elif family == "rglru":
         rec = rglru_record(200, "cuda")[0]
     else:

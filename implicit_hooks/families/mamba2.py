@@ -144,16 +144,9 @@ class SSDCore(Core):
             A = self.A.index_select(0, head)[:, None].expand(-1, N)
             B, C, delta = self.B[b, :, g], self.C[b, :, g], self.delta[b].index_select(0, head)
             return DiagonalTiles(S, A, B, C, delta, D, scalar=True, **parts)
-        heads, which = torch.unique(head, return_inverse=True)
+        # every head (those without channels in this read are skipped by the kernels): no device read here
         return HeadTiles(
-            self.cumdelta[b].index_select(0, heads),
-            self.A.index_select(0, heads),
-            self.delta[b].index_select(0, heads),
-            self.B[b, :, g],
-            self.C[b, :, g],
-            which,
-            D,
-            **parts,
+            self.cumdelta[b], self.A, self.delta[b], self.B[b, :, g], self.C[b, :, g], head, D, **parts
         )
 
     def matvec(self, b: int, v: Tensor, *, ssm: bool, skip: bool) -> Tensor:
