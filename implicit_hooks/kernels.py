@@ -1003,7 +1003,7 @@ class WKVTiles(_Tiles):
 
 
 class HeadTiles(_Tiles):
-    """Dense blocks of Mamba-2 channels by head: the channels of a head share their core
+    """Dense blocks and channel sums of Mamba-2 channels by head: the channels of a head share their core
     ``R_h[t, m] = C_t · B_m · exp(a_h Σ_{m<k≤t} Δ_k) · Δ_m`` and differ only by their conv taps, right,
     left and skip factors, so each tile of ``R_h`` (with a halo of 16 columns) is computed once, with one
     product over the states, and every channel applies its conv (up to ``HEAD_TAPS = 4`` taps) as four
@@ -1014,7 +1014,8 @@ class HeadTiles(_Tiles):
     Args:
         cum: ``(nh, L)`` float64 ``Σ_{k≤t} Δ_k`` of each head; ``A``: ``(nh,)``; ``delta``: ``(nh, L)``;
             ``B``, ``C``: ``(L, N)`` of the heads' group; ``head_index``: ``(nc,)`` the head of each
-            channel (rows of ``cum``); ``D``: ``(nc,)`` or None.
+            channel (rows of ``cum``; heads without channels in the read cost nothing); ``D``: ``(nc,)``
+            or None.
         left, right, taps, input_mask, ssm, skip: the view's factors (see :meth:`Core.tiles`).
     """
 
