@@ -450,12 +450,12 @@ class AttentionView:
         for i, b in enumerate(bs.host.tolist()):
             for chans, pos, run in self._fused_parts(cs):
                 tiles = self._fused_tiles(b, chans)
+                if tiles is not None and run is not None:  # one run of channels: written in place
+                    tiles.dense(*span, out=out[i, run[0] : run[1]])
+                    continue
                 if tiles is None:
                     self._no_kernel(b, chans)
                     part = self._compute_torch(bs.index[i : i + 1], chans, rows.index, cols.index)[0]
-                elif run is not None:  # one run of channels: written in place
-                    tiles.dense(*span, out=out[i, run[0] : run[1]])
-                    continue
                 else:
                     part = tiles.dense(*span)
                 if run is not None:
@@ -522,16 +522,16 @@ class AttentionView:
                 raise ValueError(f"{name} must have shape (B, C, L) = {tuple(self.factors.values.shape)}")
         B, C, L, _ = self.shape
         keys = ((batch, B, "batch"), (channels, C, "channels"), (rows, L, "rows"), (cols, L, "cols"))
-        axes = [_parse_index(*key, self.device) for key in keys]
-        span = self._fused(axes[2], axes[3]) if by is None else None
-        bs, cs, rs, js = (axis.index for axis in axes)
+        batch_axis, chan_axis, row_axis, col_axis = (_parse_index(*key, self.device) for key in keys)
+        span = self._fused(row_axis, col_axis) if by is None else None
+        bs, cs, rs, js = batch_axis.index, chan_axis.index, row_axis.index, col_axis.index
         group = self._group_index(by)
         n_groups = 1 if group is None else int(group.max()) + 1
         member = torch.zeros(len(cs), dtype=torch.long, device=self.device) if group is None else group[cs]
         if span is not None:
             out = torch.zeros(len(bs), len(rs), len(js), dtype=self.dtype, device=self.device)
-            for i, b in enumerate(axes[0].host.tolist()):
-                for chans, _, _ in self._fused_parts(axes[1]):
+            for i, b in enumerate(batch_axis.host.tolist()):
+                for chans, _, _ in self._fused_parts(chan_axis):
                     tiles = self._fused_tiles(b, chans)
                     if tiles is None:
                         self._no_kernel(b, chans)

@@ -68,7 +68,7 @@ class SSDCore(Core):
             )
         self.delta, self.A, self.B, self.C, self.D, self.head_of = delta, A, B, C, D, head_of
         self.conv_width = conv_width  # the block's conv taps: wider than HEAD_TAPS goes by channel
-        self.heads_per_group = H // G
+        self.heads_per_group, self.n_groups = H // G, G
         self.has_skip = D is not None
         self.cumdelta = segsum(delta)  # (B, H, L) float64
 
@@ -116,7 +116,7 @@ class SSDCore(Core):
 
     def tile_parts(self, chans: Tensor) -> list[Tensor] | None:
         """Channels of one group of ``B``/``C`` at a time (all at once where there is one group)."""
-        if self.heads_per_group == self.delta.shape[1]:
+        if self.n_groups == 1:
             return None
         group = self.head_of.index_select(0, chans) // self.heads_per_group
         return [(group == g).nonzero().flatten() for g in torch.unique(group)]
@@ -129,13 +129,16 @@ class SSDCore(Core):
         (the torch path) when ``chans`` spans several groups or the state size is not a power of two ≥ 16."""
         from ..kernels import HEAD_TAPS, TUNING, DiagonalTiles, HeadTiles
 
-        head = self.head_of.index_select(0, chans)
-        group = head // self.heads_per_group
         N = self.B.shape[-1]
-        one_group = self.heads_per_group == self.delta.shape[1]  # known without reading the device
-        if N < 16 or N & (N - 1) or (not one_group and bool((group != group[0]).any())):
+        if N < 16 or N & (N - 1):
             return None
-        g = 0 if one_group else int(group[0])
+        head = self.head_of.index_select(0, chans)
+        g = 0  # one group of B/C: known without reading the device
+        if self.n_groups > 1:
+            group = head // self.heads_per_group
+            if bool((group != group[0]).any()):
+                return None
+            g = int(group[0])
         D = None if self.D is None else self.D.index_select(0, head)
 
         taps = parts["taps"]
