@@ -98,7 +98,8 @@ class Patcher:
         def keep(key: str, tensor: Any) -> Any:
             if not isinstance(tensor, torch.Tensor):
                 return tensor
-            tensor = tensor if grad else tensor.detach()
+            if not grad and tensor.requires_grad:  # under no_grad nothing needs detaching
+                tensor = tensor.detach()
             return tensor.clone() if key in self.copy_taps else tensor
 
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -197,9 +197,9 @@ class MambaPatcher(Patcher):
         record.raw["attention_mask"] = self.argument("attention_mask", args, kwargs)
         cache = self.argument("cache", args, kwargs) or self.argument("cache_params", args, kwargs)
         conv_state, recurrent_state = cache_states(cache, self.module.layer_idx)
-        K = self.module.conv1d.weight.shape[-1]
         # The forward updates the cache in place: keep copies of what this call starts from.
-        if conv_state is not None and K > 1:
+        K = 0 if conv_state is None else self.module.conv1d.weight.shape[-1]
+        if K > 1:
             record.raw["conv_context"] = conv_state[..., -(K - 1) :].clone()
         # Mamba-1 reads the recurrent state only on single-token steps (longer calls start from zero).
         if recurrent_state is not None and hidden is not None and hidden.shape[1] == 1:

@@ -273,9 +273,9 @@ class Mamba2Patcher(Patcher):
     def on_call(self, record: BlockRecord, args: tuple, kwargs: dict) -> None:
         record.raw["attention_mask"] = self.argument("attention_mask", args, kwargs)
         conv_state, recurrent_state = cache_states(cache_of(self, args, kwargs), self.module.layer_idx)
-        K = self.module.conv1d.weight.shape[-1]
         # The forward updates the cache in place: keep copies of what this call starts from.
-        if conv_state is not None and K > 1:
+        K = 0 if conv_state is None else self.module.conv1d.weight.shape[-1]
+        if K > 1:
             record.raw["conv_context"] = conv_state[..., -(K - 1) :].clone()  # (B, conv_dim, K-1): x, B, C
         if recurrent_state is not None:  # Mamba-2 continues from it on every path (initial_states)
             record.raw["initial_state"] = recurrent_state.clone()  # (B, H, P, N)

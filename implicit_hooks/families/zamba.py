@@ -109,9 +109,9 @@ class ZambaMambaPatcher(Patcher):
         hidden = self.argument("hidden_states", args, kwargs)
         record.raw["attention_mask"] = self.argument("attention_mask", args, kwargs)
         conv_state, recurrent_state = cache_states(cache_of(self, args, kwargs), self.module.layer_idx)
-        K = self.module.conv1d.weight.shape[-1]
         # The forward updates the cache in place: keep copies of what this call starts from.
-        if conv_state is not None and K > 1:
+        K = 0 if conv_state is None else self.module.conv1d.weight.shape[-1]
+        if K > 1:
             record.raw["conv_context"] = conv_state[..., -(K - 1) :].clone()
         # The scan reads the recurrent state only on single-token steps (longer calls start from zero).
         if recurrent_state is not None and hidden is not None and hidden.shape[1] == 1:
