@@ -689,16 +689,24 @@ class AttentionView:
         return self.apply(self.values) + self.bias
 
 
-@dataclass(frozen=True)
 class _Axis:
-    """One parsed index: ``index`` on the view's device, ``host`` the same on the CPU, ``span`` as
-    ``(start, stop)`` where it is one increasing run, ``scalar`` when it was an int (dropped from the
-    result). Parsed on the host, so that deciding how to serve a read never waits for the device."""
+    """One parsed index: ``host`` on the CPU, ``span`` as ``(start, stop)`` where it is one increasing run,
+    ``scalar`` when it was an int (dropped from the result), and ``index``, the same on the view's device,
+    made on first use (a fused read of whole ranges never needs its rows, columns or batch rows there).
+    Parsed on the host, so that deciding how to serve a read never waits for the device."""
 
-    index: Tensor
-    host: Tensor
-    span: tuple[int, int] | None
-    scalar: bool
+    def __init__(self, host: Tensor, span: tuple[int, int] | None, scalar: bool, device: torch.device):
+        self.host, self.span, self.scalar, self.device = host, span, scalar, device
+        self._index: Tensor | None = None
+
+    @property
+    def index(self) -> Tensor:
+        if self._index is None:  # a run is made where it is needed; a list is copied once
+            if self.span is not None:
+                self._index = torch.arange(*self.span, device=self.device)
+            else:
+                self._index = self.host.to(self.device, non_blocking=True)
+        return self._index
 
     def __len__(self) -> int:
         return len(self.host)
@@ -725,25 +733,27 @@ def _parse_index(index: Any, size: int, axis: str, device: torch.device) -> _Axi
         i = int(index)
         if not -size <= i < size:
             raise IndexError(f"{axis} index {i} is out of range for size {size}")
-        t = torch.tensor([i % size])
-    elif isinstance(index, slice):
-        t = torch.arange(*index.indices(size))
+        return _Axis(torch.tensor([i % size]), (i % size, i % size + 1), True, device)
+    if isinstance(index, slice):
+        start, stop, step = index.indices(size)
+        t = torch.arange(start, stop, step)
+        run = (start, stop) if step == 1 and stop > start else _span(t)
+        return _Axis(t, run, False, device)
+    t = torch.as_tensor(index).cpu()  # a device tensor is read once, here
+    if t.dim() != 1:
+        raise IndexError(f"{axis}: index lists must be 1-D, got shape {tuple(t.shape)}")
+    if t.dtype == torch.bool:
+        if len(t) != size:
+            raise IndexError(f"{axis}: boolean mask of length {len(t)} for size {size}")
+        t = t.nonzero().flatten()
+    elif t.is_floating_point():
+        raise TypeError(f"{axis}: indices must be integers, got {t.dtype}")
     else:
-        t = torch.as_tensor(index).cpu()  # a device tensor is read once, here
-        if t.dim() != 1:
-            raise IndexError(f"{axis}: index lists must be 1-D, got shape {tuple(t.shape)}")
-        if t.dtype == torch.bool:
-            if len(t) != size:
-                raise IndexError(f"{axis}: boolean mask of length {len(t)} for size {size}")
-            t = t.nonzero().flatten()
-        elif t.is_floating_point():
-            raise TypeError(f"{axis}: indices must be integers, got {t.dtype}")
-        else:
-            t = t.long()
-            if len(t) and (t.min() < -size or t.max() >= size):
-                raise IndexError(f"{axis}: indices {t.tolist()} out of range for size {size}")
-            t = t % size
-    return _Axis(t.to(device, non_blocking=True), t, _span(t), scalar)
+        t = t.long()
+        if len(t) and (t.min() < -size or t.max() >= size):
+            raise IndexError(f"{axis}: indices {t.tolist()} out of range for size {size}")
+        t = t % size
+    return _Axis(t, _span(t), False, device)
 
 
 _AXES = ("batch", "channels", "rows", "cols")
