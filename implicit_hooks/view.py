@@ -36,7 +36,8 @@ DEFAULT_TILE_ELEMENTS = 1 << 24
 BACKENDS = ("auto", "torch", "triton")
 #: Elements of the per-channel arrays a fused kernel's preparation may hold at once (256 MB in float32).
 FUSED_PREP_ELEMENTS = 1 << 26
-#: Reads of fewer rows go to the torch path under ``backend="auto"`` (rows cost O(L) per channel there).
+#: Reads of fewer rows go to the torch path under ``backend="auto"`` (rows cost O(L) per channel there),
+#: unless the core says its kernel serves them faster (``Core.fused_rows``).
 FUSED_MIN_ROWS = 16
 
 
@@ -55,6 +56,9 @@ class Core:
     #: whether ``backend="auto"`` uses :meth:`tiles` on CUDA (a kernel that has not run on a GPU yet says
     #: False; ``backend="triton"`` still uses it)
     fused_by_default: bool = True
+    #: whether ``backend="auto"`` also takes :meth:`tiles` for reads of fewer than ``FUSED_MIN_ROWS`` rows
+    #: (a last-token row): where the torch path's rows cost more than whole 64-row tiles in the kernel
+    fused_rows: bool = False
     #: elements per channel and position that :meth:`tiles` prepares (guides the channel chunks)
     fused_work: int = 64  # U, V, W of 16 states and a few per-position arrays (Mamba-1)
 
@@ -393,8 +397,9 @@ class AttentionView:
         elif type(self.factors.core).tiles is Core.tiles:
             why = f"{type(self.factors.core).__name__} has no fused kernel"
         if why is None and self.backend == "auto":
-            # a few rows: the kernel would compute whole 64-row tiles, the torch path only those rows
-            if rspan[1] - rspan[0] < FUSED_MIN_ROWS or not self.factors.core.fused_by_default:
+            # a few rows: the kernel computes whole 64-row tiles, the torch path only those rows
+            core = self.factors.core
+            if not core.fused_by_default or (rspan[1] - rspan[0] < FUSED_MIN_ROWS and not core.fused_rows):
                 return None
         if why is None:
             return (*rspan, *cspan)

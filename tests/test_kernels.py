@@ -454,6 +454,8 @@ def test_cuda_rglru_mamba2_rwkv4_kernels_against_the_torch_path(monkeypatch, fam
     if family == "mamba2 by head":
         tiles = rec.attention.with_backend("triton")._fused_tiles(0, torch.arange(4, device="cuda"))
         assert isinstance(tiles, kernels.HeadTiles)
+    last, every = (_parse_index(s, L, "rows", torch.device("cuda")) for s in (slice(-1, None), slice(None)))
+    assert rec.attention._fused(last, every) is None  # their rows: the torch path is as fast or faster
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
@@ -476,6 +478,8 @@ def test_cuda_kernel_against_the_torch_path(L, state, conv, channels):
         view = rec.attention
         every = _parse_index(slice(None), L, "rows", torch.device("cuda"))
         assert view.with_backend("auto")._fused(every, every) is not None
+        last = _parse_index(slice(-1, None), L, "rows", torch.device("cuda"))  # Mamba-1's rows: the kernel
+        assert view.with_backend("auto")._fused(last, every) is not None
         fused, plain = both(view)
         assert rel_err(fused.dense(), plain.dense()) < SAME_CUDA
         for key in [
