@@ -202,10 +202,14 @@ class AttentionView:
         keep: frozenset[str] | None = None,
         tile_elements: int = DEFAULT_TILE_ELEMENTS,
         backend: str = "auto",
+        output_dtype: torch.dtype | None = None,
         _cache: dict | None = None,
     ):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if output_dtype is not None and not output_dtype.is_floating_point:
+            raise ValueError(f"the output dtype must be a floating dtype (bfloat16, …), got {output_dtype}")
+        self.output_dtype = output_dtype
         self._build = build
         self._cache = _cache if _cache is not None else {}
         self.name = name
@@ -255,16 +259,11 @@ class AttentionView:
     def _grad_mode(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext() if self.grad else torch.no_grad()
 
-    def _derive(self, keep: frozenset[str]) -> AttentionView:
-        return AttentionView(
-            self._build,
-            name=self.name,
-            grad=self.grad,
-            keep=keep,
-            tile_elements=self.tile_elements,
-            backend=self.backend,
-            _cache=self._cache,
-        )
+    def _derive(self, keep: frozenset[str] | None, **changes: Any) -> AttentionView:
+        """The same factors (shared, computed once) with ``keep`` and any of the settings ``changes``."""
+        settings = dict(name=self.name, grad=self.grad, tile_elements=self.tile_elements,
+                        backend=self.backend, output_dtype=self.output_dtype)  # fmt: skip
+        return AttentionView(self._build, keep=keep, _cache=self._cache, **{**settings, **changes})
 
     # --- ablations ------------------------------------------------------------------------------
     def _check_names(self, names: tuple[str, ...]) -> None:
@@ -289,17 +288,22 @@ class AttentionView:
         """The same view assembled by ``backend``: ``"auto"`` (the fused Triton kernel where the core has
         one, the device is CUDA and the view is float32 without autograd; torch elsewhere), ``"torch"``
         or ``"triton"`` (an error where the kernel cannot serve)."""
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        view = self._derive(self._keep)  # type: ignore[arg-type]
-        view.backend = backend
-        return view
+        return self._derive(self._keep, backend=backend)
+
+    def with_output_dtype(self, dtype: torch.dtype | None) -> AttentionView:
+        """The same view whose entries (``view[...]``, :meth:`dense`) are stored in ``dtype``, e.g.
+        ``torch.bfloat16``: computed in the view's dtype as always and rounded once, as they are written,
+        so a dense read takes half the memory and half the write time. ``None``: the view's dtype.
+        Reductions and products (:meth:`mean`, :meth:`apply`, …) keep the view's dtype."""
+        return self._derive(self._keep, output_dtype=dtype)
+
+    @property
+    def _out_dtype(self) -> torch.dtype:
+        return self.output_dtype or self.dtype
 
     def with_tiles(self, tile_elements: int) -> AttentionView:
         """The same view computed with tiles of at most ``tile_elements`` temporary elements."""
-        view = self._derive(self._keep)  # type: ignore[arg-type]
-        view.tile_elements = int(tile_elements)
-        return view
+        return self._derive(self._keep, tile_elements=tile_elements)
 
     # --- the entries ----------------------------------------------------------------------------
     def _block(
@@ -451,7 +455,7 @@ class AttentionView:
         span = self._fused(rows, cols)
         if span is None:
             return self._compute_torch(bs.index, cs.index, rows.index, cols.index)
-        out = torch.empty(len(bs), len(cs), len(rows), len(cols), dtype=self.dtype, device=self.device)
+        out = torch.empty(len(bs), len(cs), len(rows), len(cols), dtype=self._out_dtype, device=self.device)
         for i, b in enumerate(bs.host.tolist()):
             for chans, pos, run in self._fused_parts(cs):
                 tiles = self._fused_tiles(b, chans)
@@ -470,7 +474,7 @@ class AttentionView:
         return out
 
     def _compute_torch(self, bs: Tensor, cs: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-        out = torch.zeros(len(bs), len(cs), len(rows), len(cols), dtype=self.dtype, device=self.device)
+        out = torch.zeros(len(bs), len(cs), len(rows), len(cols), dtype=self._out_dtype, device=self.device)
         ct, rt = self._tiles(len(cs), len(rows), len(cols))
         for i, b in enumerate(bs.tolist()):
             for c0 in range(0, len(cs), ct):
@@ -489,9 +493,10 @@ class AttentionView:
             out = out.squeeze(d)
         return out
 
-    def dense(self) -> Tensor:
-        """The whole matrix, ``(B, C, L, L)``."""
-        return self[:, :, :, :]
+    def dense(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The whole matrix, ``(B, C, L, L)``; ``dtype`` (e.g. ``torch.bfloat16``) stores it in that dtype
+        (:meth:`with_output_dtype`)."""
+        return (self if dtype is None else self.with_output_dtype(dtype))[:, :, :, :]
 
     def reduce(
         self,

@@ -132,6 +132,25 @@ def test_blocks(rows, cols):
     assert a.shape == b.shape and rel_err(a, b) < SAME
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reads_stored_in_a_narrower_dtype_round_the_float32_entries_once(dtype):
+    """The kernels compute in float32 and round as they store: every entry is within one unit in the last
+    place of ``dtype`` of the float32 read (to nearest on the GPU; Triton's interpreter truncates), dense
+    and in blocks that cut the tiles."""
+    rec, _, _ = record(model("cpu", channels=4), 140, "cpu")
+    fused = rec.attention.with_backend("triton")
+    info = torch.finfo(dtype)
+
+    def rounded(narrow, wide):
+        step = info.eps * wide.abs() + info.tiny * info.eps  # one ulp, subnormals included
+        return narrow.dtype == dtype and bool(((narrow.float() - wide).abs() <= step).all())
+
+    A = fused.dense()
+    assert rounded(fused.dense(dtype), A) and fused.dense(dtype).abs().max() > 0
+    key = (1, slice(1, 3), slice(70, 139), slice(5, 131))
+    assert rounded(fused.with_output_dtype(dtype)[key], A[key])
+
+
 @pytest.mark.parametrize("transform", ["signed", "abs", "positive"])
 @pytest.mark.parametrize("weights", [False, True])
 def test_channel_reductions(transform, weights):
@@ -460,8 +479,11 @@ def test_cuda_rglru_mamba2_rwkv4_kernels_against_the_torch_path(monkeypatch, fam
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
         fused, plain = both(rec.attention)
-        assert rel_err(fused.dense(), plain.dense()) < SAME_CUDA
+        A = fused.dense()
+        assert rel_err(A, plain.dense()) < SAME_CUDA
         assert rel_err(fused.mean(absolute=True), plain.mean(absolute=True)) < SAME_CUDA
+        narrow = fused.dense(torch.bfloat16)  # rounded as stored: within rounding of the float32 read
+        assert narrow.dtype == torch.bfloat16 and rel_err(narrow.float(), A) < 2**-8
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
 
@@ -481,7 +503,10 @@ def test_cuda_kernel_against_the_torch_path(L, state, conv, channels):
         last = _parse_index(slice(-1, None), L, "rows", torch.device("cuda"))  # Mamba-1's rows: the kernel
         assert view.with_backend("auto")._fused(last, every) is not None
         fused, plain = both(view)
-        assert rel_err(fused.dense(), plain.dense()) < SAME_CUDA
+        A = fused.dense()
+        assert rel_err(A, plain.dense()) < SAME_CUDA
+        narrow = fused.dense(torch.bfloat16)  # rounded as stored: within rounding of the float32 read
+        assert narrow.dtype == torch.bfloat16 and rel_err(narrow.float(), A) < 2**-8
         for key in [
             (slice(None), slice(None), slice(-1, None)),
             (0, slice(3, 9), slice(L // 3, L), slice(5, L - 2)),
@@ -515,7 +540,8 @@ def test_cuda_fused_reads_never_wait_for_the_device(family):
     else:
         rec = rwkv4_record(200, "cuda")
     view = rec.attention.with_backend("triton")
-    view.dense(), view.mean()  # compiled before counting (compiling may synchronise)
+    view.dense(), view.mean(), view.dense(torch.bfloat16)  # compiled before counting (may synchronise)
     assert cuda_syncs(view.dense) == 0
+    assert cuda_syncs(lambda: view.dense(torch.bfloat16)) == 0
     assert cuda_syncs(lambda: view[:, 1:3, 70:190, 5:150]) == 0
     assert cuda_syncs(lambda: view.mean(absolute=True)) == 0

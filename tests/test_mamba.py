@@ -210,6 +210,25 @@ def test_rows_blocks_and_channel_reductions_equal_the_dense_matrix(device):
         view.apply(torch.zeros(3, 24, L + 1, device=device))
 
 
+def test_reads_stored_in_bfloat16(device):
+    """``dense(torch.bfloat16)`` and ``with_output_dtype``: the float32 entries, rounded once as they are
+    stored, for the dense matrix, rows and blocks; reductions keep the view's dtype."""
+    model = mamba(device)
+    ids, mask = padded_batch(device)
+    with torch.no_grad(), ih.record(model) as rec:
+        model(ids, attention_mask=mask)
+    view = rec[1].attention.with_tiles(200)  # several tiles, each rounded as it is written
+    A = view.dense()
+    assert torch.equal(view.dense(torch.bfloat16), A.to(torch.bfloat16))
+    narrow = view.with_output_dtype(torch.bfloat16)
+    for key in [(0, slice(None), -1), (slice(None), slice(3, 9), slice(4, 11), slice(2, 7))]:
+        assert narrow[key].dtype == torch.bfloat16 and torch.equal(narrow[key], A[key].to(torch.bfloat16))
+    assert narrow.mean().dtype == torch.float32 and torch.equal(narrow.mean(), view.mean())
+    assert narrow.only("ssm").dense().dtype == torch.bfloat16  # derived views keep the setting
+    with pytest.raises(ValueError, match="floating dtype"):
+        view.with_output_dtype(torch.int32)
+
+
 def test_reads_only_compute_what_they_return(device):
     """A last-token row asks the core for one row; a channel mean never for more than a tile."""
     model = mamba(device, layers=1)
