@@ -303,6 +303,13 @@ def assembly(family, cfg, args, device, timed, bandwidth) -> list[dict]:
                 row[f"dense_{backend}_s"] = seconds
                 row[f"dense_{backend}_over_floor"] = seconds / row["dense_floor_s"]
                 torch.cuda.empty_cache() if device.type == "cuda" else None
+            if "triton" in backends:  # stored in bfloat16: half the bytes, against its own floor
+                v = view.with_backend("triton")
+                seconds = timed(lambda v=v: v.dense(torch.bfloat16), 3)
+                row["dense_bf16_floor_s"] = row["dense_floor_s"] / 2
+                row["dense_triton_bf16_s"] = seconds
+                row["dense_triton_bf16_over_floor"] = seconds / row["dense_bf16_floor_s"]
+                torch.cuda.empty_cache()
             if family == "mamba2" and "triton" in backends:  # the default is by head: also by channel
                 kernels.TUNING["HEAD_TILES"] = False
                 try:
@@ -338,15 +345,43 @@ def assembly(family, cfg, args, device, timed, bandwidth) -> list[dict]:
     return rows
 
 
+def last_rows(family, cfg, args, device, timed) -> list[dict]:
+    """The last token's row of every channel of one layer (``view[0, :, -1]``), by each backend: time and
+    peak memory above what was allocated before (``backend="auto"`` takes the torch path for reads of
+    fewer than ``FUSED_MIN_ROWS`` rows)."""
+    model = build(cfg, 2, device)
+    fused = kernels.available(device) and family in ("mamba", "mamba2", "rglru", "rwkv4")
+    out = []
+    for L in args.row_lengths:
+        ids = torch.randint(0, 1024, (1, L), device=device)
+        view = record(model, ids, layers=[0])[0].attention
+        _ = view.factors
+        row = {"family": family, "part": "row", "L": L, "channels": view.shape[1]}
+        reference = view.with_backend("torch")[0, :, -1]
+        for backend in ["torch"] + (["triton"] if fused else []):
+            v = view.with_backend(backend)
+            v[0, :, -1]  # compiled, allocated
+            row[f"row_{backend}_s"] = timed(lambda v=v: v[0, :, -1], 5)
+            row[f"row_{backend}_peak_bytes"] = peak(lambda v=v: v[0, :, -1], device)[1]
+            got = v[0, :, -1]
+            row[f"row_{backend}_vs_torch_rel"] = float((got - reference).norm() / reference.norm())
+        out.append(row)
+        print(json.dumps(row), flush=True)
+        del view
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU")
     parser.add_argument("--families", nargs="+", default=None)
-    parser.add_argument("--parts", nargs="+", default=["overhead", "assembly"])
+    parser.add_argument("--parts", nargs="+", default=["overhead", "assembly", "rows"])
     parser.add_argument("--layers", type=int, default=None, help="model depth for the overhead (24)")
     parser.add_argument("--overhead-lengths", type=int, nargs="+", default=None)
     parser.add_argument("--dense-lengths", type=int, nargs="+", default=None)
     parser.add_argument("--mean-lengths", type=int, nargs="+", default=None)
+    parser.add_argument("--row-lengths", type=int, nargs="+", default=None)
     parser.add_argument("--torch-dense-max", type=int, default=1024, help="longest torch-path dense")
     parser.add_argument("--torch-mean-max", type=int, default=1024, help="longest full torch-path mean")
     parser.add_argument("--slice", type=int, default=64, help="channels of longer torch-path means")
@@ -357,6 +392,7 @@ def main() -> None:
     args.overhead_lengths = args.overhead_lengths or ([16] if args.smoke else [512, 1024])
     args.dense_lengths = args.dense_lengths or ([16, 80] if args.smoke else [512, 1024, 2048])
     args.mean_lengths = args.mean_lengths or ([80, 200] if args.smoke else [1024, 4096, 16384])
+    args.row_lengths = args.row_lengths or ([16, 80] if args.smoke else [512, 2048, 16384])
     timed = timer(device)
     bandwidth = write_bandwidth(device, timed)
     torch.backends.cuda.matmul.allow_tf32 = False  # every figure in true float32
@@ -378,6 +414,8 @@ def main() -> None:
             rows += overhead(family, cfg, args, device, timed)
         if "assembly" in args.parts:
             rows += assembly(family, cfg, args, device, timed, bandwidth)
+        if "rows" in args.parts:
+            rows += last_rows(family, cfg, args, device, timed)
         if not args.smoke:  # after every family: a run cut short by a time limit keeps what it measured
             out.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
     if not args.smoke:

@@ -59,7 +59,7 @@ def report(kernel, constants: dict, warps: int, maxnreg: int | None = None) -> s
         if name in constants:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):
-            integer = name.startswith(("seg", "chan"))
+            integer = name.startswith(("seg", "chan", "start"))
             signature[name] = "*i32" if integer else "*fp64" if name in FLOAT64 else "*fp32"
         else:
             signature[name] = "fp32" if name == "max_growth" else "i32"

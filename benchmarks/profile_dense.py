@@ -1,8 +1,9 @@
 """Where the time of one dense read goes: ``view.dense()`` of one layer under ``torch.profiler``.
 
-For each family and length: the wall time of a read, the time the device is busy during it (the sum of its
-kernels), and the kernels that take it, so that short-L overheads (preparation, torch glue, launch gaps) can
-be told apart from the fused kernel's own time. Same models and widths as ``bench_gpu.py``.
+For each family and length: the wall time of a read, the time the host takes to issue it (``host_s``: until
+``dense()`` returns, which never waits for the device), the time the device is busy during it (the sum of
+its kernels), and the kernels that take it, so that short-L overheads (preparation, torch glue, launch
+gaps) can be told apart from the fused kernel's own time. Same models and widths as ``bench_gpu.py``.
 
     python benchmarks/profile_dense.py --out profile.json     # on the GPU machine
     python benchmarks/profile_dense.py --smoke                # tiny shapes on CPU: checks that it runs
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -27,7 +29,7 @@ def kernels_of(prof: profile, reads: int, device: torch.device) -> dict[str, flo
         if device.type == "cuda":
             seconds = event.self_device_time_total * 1e-6
             if seconds > 0 and event.device_type == torch.autograd.DeviceType.CUDA:
-                total[event.key] += seconds / reads
+                total[event.key[:100]] += seconds / reads
         elif event.self_cpu_time_total > 0:
             total[event.key] += event.self_cpu_time_total * 1e-6 / reads
     return dict(sorted(total.items(), key=lambda kv: -kv[1]))
@@ -55,6 +57,12 @@ def main() -> None:
             view = record(model, ids, layers=[0])[0].attention.with_backend("auto")
             view.dense()  # compile, allocate
             wall = sorted(once(view.dense, device) for _ in range(args.reads))[args.reads // 2]
+            host = []
+            for _ in range(args.reads):
+                torch.cuda.synchronize() if device.type == "cuda" else None
+                start = time.perf_counter()
+                view.dense()
+                host.append(time.perf_counter() - start)
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
             with profile(activities=activities) as prof:
                 for _ in range(args.reads):
@@ -66,6 +74,7 @@ def main() -> None:
                 "family": family,
                 "L": L,
                 "wall_s": wall,
+                "host_s": sorted(host)[args.reads // 2],
                 "busy_s": sum(per_kernel.values()),
                 "top": dict(list(per_kernel.items())[: args.top]),
             }

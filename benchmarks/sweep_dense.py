@@ -23,9 +23,8 @@ from implicit_hooks import kernels
 #: family → variant name → TUNING changes (``maxnreg`` entries merge into the default caps)
 VARIANTS = {
     "mamba": {
-        "far regs 168": {"maxnreg": {"far": 168}},
-        "far regs 192": {"maxnreg": {"far": 192}},
-        "far regs 168, strip regs 64": {"maxnreg": {"far": 168, "strip": 64}},
+        "strip 8 warps": {"near_warps": 8},
+        "strip 2 warps": {"near_warps": 2},
     },
     "mamba2": {
         "head regs 128": {"maxnreg": {"head": 128}},
