@@ -46,6 +46,10 @@ class Patcher:
     real_output_key: ClassVar[str | None] = None
     #: taps whose tensors the model may later change in place: these are cloned when recorded.
     copy_taps: ClassVar[frozenset[str]] = frozenset()
+    #: ``key -> path`` of the parameters and buffers the maths reads, relative to the block
+    #: (``"conv1d.weight"``); the default :meth:`weights` returns those that exist (an absent bias is left
+    #: out).
+    weight_paths: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self, module: nn.Module, name: str):
         self.module = module
@@ -62,8 +66,9 @@ class Patcher:
         """Read the block's own arguments at the start of a call (no host synchronisation here)."""
 
     def weights(self) -> Mapping[str, torch.Tensor]:
-        """The parameters and buffers the maths reads; a view refuses to build if they change later."""
-        return {}
+        """The parameters and buffers the maths reads (:attr:`weight_paths`); a view refuses to build if they
+        change in place later."""
+        return tensors_at(self.module, self.weight_paths)
 
     def factors(self, record: BlockRecord, dtype: torch.dtype) -> Factors:
         """The factors of one recorded call, computed in ``dtype``."""
@@ -161,6 +166,32 @@ def _signature_of(module: nn.Module) -> dict[str, int]:
         kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
         _SIGNATURES[key] = {name: i for i, (name, p) in enumerate(params) if p.kind in kinds}
     return dict(_SIGNATURES[key])
+
+
+def tensors_at(module: nn.Module, paths: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """``{key: module.<path>}`` for the ``paths`` that name a tensor (a parameter, a buffer or a plain tensor
+    attribute); the others are left out.
+
+    Read from the module tree's own dictionaries: every ``record`` looks up each block's weights, and
+    attribute access on a module costs about a microsecond a name (``nn.Module.__getattr__`` runs after a
+    failed lookup), 20× these dictionary reads.
+    """
+    found = {}
+    for key, path in paths.items():
+        *parents, name = path.split(".")
+        owner: nn.Module | None = module
+        for parent in parents:
+            owner = owner._modules.get(parent) if owner is not None else None
+        if owner is None:
+            continue
+        tensor = owner._parameters.get(name)
+        if tensor is None:
+            tensor = owner._buffers.get(name)
+        if tensor is None:
+            tensor = owner.__dict__.get(name)
+        if isinstance(tensor, torch.Tensor):
+            found[key] = tensor
+    return found
 
 
 def require(condition: bool, message: str) -> None:

@@ -125,3 +125,28 @@ def test_argument_positions_survive_a_wrapped_instance_forward():
     x = torch.randn(1, 2, 3)
     assert patcher.argument("x", (x,), {}) is x
     assert patcher.argument("x", (), {"x": x}) is x
+
+
+def test_weight_paths_name_parameters_buffers_and_tensor_attributes():
+    """The default ``Patcher.weights``: each path that names a tensor, whatever holds it; an absent bias, a
+    missing sub-module or a non-tensor attribute is left out rather than failing the ``record``."""
+    block = nn.Module()
+    block.conv = nn.Conv1d(2, 2, 3, bias=False)
+    block.register_buffer("decay", torch.ones(2))
+    block.scale = torch.full((2,), 0.5)  # a plain tensor attribute
+    block.eps = 1e-6
+
+    class Paths(ih.Patcher):
+        weight_paths = {
+            "conv.weight": "conv.weight",
+            "conv.bias": "conv.bias",
+            "decay": "decay",
+            "scale": "scale",
+            "eps": "eps",
+            "norm.weight": "norm.weight",
+        }
+
+    found = Paths(block, "block").weights()
+    assert list(found) == ["conv.weight", "decay", "scale"]
+    assert found["conv.weight"] is block.conv.weight and found["decay"] is block.decay
+    assert found["scale"] is block.scale

@@ -120,17 +120,12 @@ class RGLRUPatcher(Patcher):
             "linear_out_input": (m.linear_out, "input"),
         }
 
-    def weights(self):
-        m, lru = self.module, self.module.rg_lru
-        return {
-            "conv.weight": m.conv_1d.weight,
-            "conv.bias": m.conv_1d.bias,
-            "recurrent_param": lru.recurrent_param,
-            "input_gate_weight": lru.input_gate_weight,
-            "input_gate_bias": lru.input_gate_bias,
-            "recurrent_gate_weight": lru.recurrent_gate_weight,
-            "recurrent_gate_bias": lru.recurrent_gate_bias,
-        }
+    weight_paths = {
+        "conv.weight": "conv_1d.weight",
+        "conv.bias": "conv_1d.bias",
+        **{k: f"rg_lru.{k}" for k in ("recurrent_param", "input_gate_weight", "input_gate_bias")},
+        **{k: f"rg_lru.{k}" for k in ("recurrent_gate_weight", "recurrent_gate_bias")},
+    }
 
     def on_call(self, record: BlockRecord, args: tuple, kwargs: dict) -> None:
         m = self.module

@@ -178,22 +178,11 @@ class MambaPatcher(Patcher):
     def taps(self):
         return {"in_proj": (self.module.in_proj, "output"), "out_proj_input": (self.module.out_proj, "input")}
 
-    def weights(self):
-        m = self.module
-        w = {
-            "conv.weight": m.conv1d.weight,
-            "x_proj.weight": m.x_proj.weight,
-            "dt_proj.weight": m.dt_proj.weight,
-            "dt_proj.bias": m.dt_proj.bias,
-            "A_log": m.A_log,
-            "D": m.D,
-        }
-        if m.conv1d.bias is not None:
-            w["conv.bias"] = m.conv1d.bias
-        if self.bcdt_norm == "weighted":
-            for part in ("dt", "b", "c"):
-                w[f"{part}_layernorm.weight"] = getattr(m, f"{part}_layernorm").weight
-        return w
+    weight_paths = {
+        "conv.weight": "conv1d.weight",
+        "conv.bias": "conv1d.bias",
+        **{k: k for k in ("x_proj.weight", "dt_proj.weight", "dt_proj.bias", "A_log", "D")},
+    }
 
     def on_call(self, record: BlockRecord, args: tuple, kwargs: dict) -> None:
         hidden = self.argument("hidden_states", args, kwargs)
@@ -338,6 +327,10 @@ class JambaMambaPatcher(MambaPatcher):
 
     kind = "mamba"
     bcdt_norm = "weighted"
+    weight_paths = {
+        **MambaPatcher.weight_paths,
+        **{f"{part}_layernorm.weight": f"{part}_layernorm.weight" for part in ("dt", "b", "c")},
+    }
 
 
 def selective_matvec(delta: Tensor, A: Tensor, B: Tensor, C: Tensor, v: Tensor, chunk: int = 64) -> Tensor:

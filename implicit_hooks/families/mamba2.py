@@ -259,16 +259,12 @@ class Mamba2Patcher(Patcher):
     def taps(self):
         return {"in_proj": (self.module.in_proj, "output"), "out_proj_input": (self.module.out_proj, "input")}
 
-    def weights(self):
-        m = self.module
-        w = {"conv.weight": m.conv1d.weight, "dt_bias": m.dt_bias, "A_log": m.A_log, "D": m.D}
-        if m.conv1d.bias is not None:
-            w["conv.bias"] = m.conv1d.bias
-        if isinstance(getattr(getattr(m, "norm", None), "weight", None), torch.Tensor):
-            w["norm.weight"] = m.norm.weight  # its layout is checked when a view is built, not here
-        if getattr(m, "mup_vector", None) is not None:
-            w["mup_vector"] = m.mup_vector
-        return w
+    weight_paths = {
+        "conv.weight": "conv1d.weight",
+        "conv.bias": "conv1d.bias",
+        "norm.weight": "norm.weight",  # its layout is checked when a view is built, not here
+        **{k: k for k in ("dt_bias", "A_log", "D", "mup_vector")},
+    }
 
     def on_call(self, record: BlockRecord, args: tuple, kwargs: dict) -> None:
         record.raw["attention_mask"] = self.argument("attention_mask", args, kwargs)

@@ -130,8 +130,7 @@ class RWKV4Patcher(Patcher):
             "output_input": (m.output, "input"),
         }
 
-    def weights(self):
-        return {"time_decay": self.module.time_decay, "time_first": self.module.time_first}
+    weight_paths = {"time_decay": "time_decay", "time_first": "time_first"}
 
     def on_call(self, record: BlockRecord, args: tuple, kwargs: dict) -> None:
         hidden = self.argument("hidden", args, kwargs)

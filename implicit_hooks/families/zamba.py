@@ -90,20 +90,11 @@ class ZambaMambaPatcher(Patcher):
     def taps(self):
         return {"in_proj": (self.module.in_proj, "output"), "out_proj_input": (self.module.out_proj, "input")}
 
-    def weights(self):
-        m = self.module
-        w = {
-            "conv.weight": m.conv1d.weight,
-            "x_proj_weight": m.x_proj_weight,
-            "dt_proj_weight": m.dt_proj_weight,
-            "A_log": m.A_log,
-            "D": m.D,
-        }
-        if m.conv1d.bias is not None:
-            w["conv.bias"] = m.conv1d.bias
-        if m.dt_proj_bias is not None:
-            w["dt_proj_bias"] = m.dt_proj_bias
-        return w
+    weight_paths = {
+        "conv.weight": "conv1d.weight",
+        "conv.bias": "conv1d.bias",
+        **{k: k for k in ("x_proj_weight", "dt_proj_weight", "dt_proj_bias", "A_log", "D")},
+    }
 
     def on_call(self, record: BlockRecord, args: tuple, kwargs: dict) -> None:
         hidden = self.argument("hidden_states", args, kwargs)
