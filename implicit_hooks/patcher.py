@@ -26,7 +26,7 @@ class Patcher:
     """Records the calls of one block and turns each call into factors.
 
     Subclasses set :attr:`kind`, say which sub-module inputs or outputs to keep in :meth:`taps`, read the
-    block's own arguments in :meth:`on_call`, list the weights the maths reads in :meth:`weights`, and
+    block's own arguments in :meth:`on_call`, name the weights the maths reads in :attr:`weight_paths`, and
     implement :meth:`factors`. Example (a block ``y = sigmoid(g) * cumsum(v)`` of your own)::
 
         class CumsumPatcher(implicit_hooks.Patcher):

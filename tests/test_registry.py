@@ -35,8 +35,7 @@ class EmaPatcher(ih.Patcher):
     def taps(self):
         return {"v": (self.module.value, "output"), "g": (self.module.gate, "output")}
 
-    def weights(self):
-        return {"log_a": self.module.log_a}
+    weight_paths = {"log_a": "log_a"}  # weights the maths reads (guarded against later changes)
 
     def factors(self, record, dtype):
         v = record.raw["v"].to(dtype).transpose(1, 2)  # (B, C, L)
