@@ -69,6 +69,13 @@ class Core:
         """
         raise NotImplementedError
 
+    def block_range(
+        self, b: int, chans: Tensor, rows: Tensor, c0: int, c1: int, *, ssm: bool, skip: bool
+    ) -> Tensor:
+        """:meth:`block` for the columns ``c0 … c1 − 1``, a range the caller knows on the host (so that a core
+        with a faster path for ranges need not read its columns back from the device to find out)."""
+        return self.block(b, chans, rows, torch.arange(c0, c1, device=rows.device), ssm=ssm, skip=skip)
+
     def tiles(self, b: int, chans: Tensor, **parts: Any) -> Any:
         """A fused assembler for whole tiles (``.dense(r0, r1, c0, c1)``, ``.reduce(...)``), or None.
 
@@ -312,29 +319,36 @@ class AttentionView:
         chans: Tensor,
         rows: Tensor,
         cols: Tensor,
+        span: tuple[int, int] | None = None,
         *,
         left: bool = True,
         conv: bool = True,
         input_mask: bool = True,
     ) -> Tensor:
-        """Entries ``[b, chans, rows, cols]`` of the (possibly ablated) product."""
+        """Entries ``[b, chans, rows, cols]`` of the (possibly ablated) product; ``span`` is ``(c0, c1)``
+        where the caller knows on the host that ``cols`` is that range (ranges take plain slices: the conv,
+        and the core's :meth:`Core.block_range`)."""
         f, keep = self.factors, self.kept
         L = f.values.shape[-1]
         use_conv = conv and f.conv is not None and "conv" in keep
-        span = None  # (c0, c1) when the columns are one contiguous range: the conv is then plain slicing
+        core_span = span
         if use_conv:
             K = f.conv.shape[1]
             # x[j] reaches the conv outputs j, …, j+K-1: the core is needed at those columns.
-            if len(cols) == 1 or bool((cols[1:] - cols[:-1] == 1).all()):
-                span = (int(cols[0]), int(cols[-1]) + 1)
-                core_cols = torch.arange(span[0], min(span[1] + K - 1, L), device=cols.device)
+            if span is not None:
+                core_span = (span[0], min(span[1] + K - 1, L))
+                core_cols = torch.arange(*core_span, device=cols.device)
             else:
                 shifted = cols[None, :] + torch.arange(K, device=cols.device)[:, None]  # (K, ncol)
                 valid = shifted < L
                 core_cols, where = torch.unique(shifted.clamp(max=L - 1), return_inverse=True)
         else:
             core_cols = cols
-        core = f.core.block(b, chans, rows, core_cols, ssm="ssm" in keep, skip="skip" in keep)
+        ssm, skip = "ssm" in keep, "skip" in keep
+        if core_span is not None:
+            core = f.core.block_range(b, chans, rows, *core_span, ssm=ssm, skip=skip)
+        else:
+            core = f.core.block(b, chans, rows, core_cols, ssm=ssm, skip=skip)
         right = self._diagonal(f.right, b, chans, extra=f.mid_mask)
         if right is not None:
             core = core * right.index_select(1, core_cols)[:, None, :]
@@ -454,7 +468,7 @@ class AttentionView:
     def _compute(self, bs: _Axis, cs: _Axis, rows: _Axis, cols: _Axis) -> Tensor:
         span = self._fused(rows, cols)
         if span is None:
-            return self._compute_torch(bs.index, cs.index, rows.index, cols.index)
+            return self._compute_torch(bs.host.tolist(), cs.index, rows.index, cols)
         out = torch.empty(len(bs), len(cs), len(rows), len(cols), dtype=self._out_dtype, device=self.device)
         for i, b in enumerate(bs.host.tolist()):
             for chans, pos, run in self._fused_parts(cs):
@@ -464,7 +478,7 @@ class AttentionView:
                     continue
                 if tiles is None:
                     self._no_kernel(b, chans)
-                    part = self._compute_torch(bs.index[i : i + 1], chans, rows.index, cols.index)[0]
+                    part = self._compute_torch([b], chans, rows.index, cols)[0]
                 else:
                     part = tiles.dense(*span)
                 if run is not None:
@@ -473,14 +487,14 @@ class AttentionView:
                     out[i].index_copy_(0, pos, part)
         return out
 
-    def _compute_torch(self, bs: Tensor, cs: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    def _compute_torch(self, bs: list[int], cs: Tensor, rows: Tensor, cols: _Axis) -> Tensor:
         out = torch.zeros(len(bs), len(cs), len(rows), len(cols), dtype=self._out_dtype, device=self.device)
         ct, rt = self._tiles(len(cs), len(rows), len(cols))
-        for i, b in enumerate(bs.tolist()):
+        for i, b in enumerate(bs):
             for c0 in range(0, len(cs), ct):
                 for r0 in range(0, len(rows), rt):
                     out[i, c0 : c0 + ct, r0 : r0 + rt] = self._block(
-                        b, cs[c0 : c0 + ct], rows[r0 : r0 + rt], cols
+                        b, cs[c0 : c0 + ct], rows[r0 : r0 + rt], cols.index, cols.span
                     )
         return out
 
@@ -534,12 +548,9 @@ class AttentionView:
         keys = ((batch, B, "batch"), (channels, C, "channels"), (rows, L, "rows"), (cols, L, "cols"))
         batch_axis, chan_axis, row_axis, col_axis = (_parse_index(*key, self.device) for key in keys)
         span = self._fused(row_axis, col_axis) if by is None else None
-        bs, cs, rs, js = batch_axis.index, chan_axis.index, row_axis.index, col_axis.index
-        group = self._group_index(by)
-        n_groups = 1 if group is None else int(group.max()) + 1
-        member = torch.zeros(len(cs), dtype=torch.long, device=self.device) if group is None else group[cs]
+        B = len(batch_axis)
         if span is not None:
-            out = torch.zeros(len(bs), len(rs), len(js), dtype=self.dtype, device=self.device)
+            out = torch.zeros(B, len(row_axis), len(col_axis), dtype=self.dtype, device=self.device)
             for i, b in enumerate(batch_axis.host.tolist()):
                 for chans, _, _ in self._fused_parts(chan_axis):
                     tiles = self._fused_tiles(b, chans)
@@ -547,7 +558,7 @@ class AttentionView:
                         self._no_kernel(b, chans)
                         out[i] += self.with_backend("torch").reduce(
                             "sum", transform=transform, row_weight=row_weight, col_weight=col_weight,
-                            batch=[b], rows=rs, cols=js, channels=chans,
+                            batch=[b], rows=rows, cols=cols, channels=chans,
                         )[0]  # fmt: skip
                         continue
                     out[i] += tiles.reduce(
@@ -556,15 +567,19 @@ class AttentionView:
                         col_weight=None if col_weight is None else col_weight[b].index_select(0, chans),
                         transform=transform,
                     )
-            return out / len(cs) if op == "mean" else out
+            return out / len(chan_axis) if op == "mean" else out
+        cs, rs, js = chan_axis.index, row_axis.index, col_axis.index
+        group = self._group_index(by)
+        n_groups = 1 if group is None else int(group.max()) + 1
+        member = torch.zeros(len(cs), dtype=torch.long, device=self.device) if group is None else group[cs]
         with self._grad_mode():
-            out = torch.zeros(len(bs), n_groups, len(rs), len(js), dtype=self.dtype, device=self.device)
+            out = torch.zeros(B, n_groups, len(rs), len(js), dtype=self.dtype, device=self.device)
             ct, rt = self._tiles(len(cs), len(rs), len(js))
-            for i, b in enumerate(bs.tolist()):
+            for i, b in enumerate(batch_axis.host.tolist()):
                 for c0 in range(0, len(cs), ct):
                     for r0 in range(0, len(rs), rt):
                         chans, rows_ = cs[c0 : c0 + ct], rs[r0 : r0 + rt]
-                        part = self._block(b, chans, rows_, js)
+                        part = self._block(b, chans, rows_, js, col_axis.span)
                         if row_weight is not None:
                             part = part * row_weight[b].to(part.dtype)[chans][:, rows_, None]
                         if col_weight is not None:
@@ -630,7 +645,7 @@ class AttentionView:
                 for r0 in range(0, L, rt):
                     rows = positions[r0 : r0 + rt]
                     cols = positions[: r0 + len(rows)]  # A is causal: columns past the last row are zero
-                    blk = self._block(b, chans, rows, cols, **parts)
+                    blk = self._block(b, chans, rows, cols, (0, len(cols)), **parts)
                     out[b, c0 : c0 + ct, r0 : r0 + rt] = torch.einsum(
                         "crj,cj->cr", blk, x[b, c0 : c0 + ct, : len(cols)]
                     )

@@ -9,7 +9,7 @@ import torch
 from conftest import randomize, rel_err
 from griffin_reference import bias_reference, impulse_matrix, reference
 from transformers import DynamicCache, RecurrentGemmaConfig, RecurrentGemmaForCausalLM
-from view_checks import cuda_syncs, reads_are_bounded
+from view_checks import cuda_syncs, reads_are_bounded, rows_read_nothing_back
 
 import implicit_hooks as ih
 from implicit_hooks.families.griffin import RGLRUCore
@@ -379,6 +379,7 @@ def test_reads_only_compute_what_they_return(device):
         model(torch.randint(0, 64, (1, 40), device=device))
     view = rglru(rec)[0].attention.with_tiles(8000)
     assert reads_are_bounded(view)
+    assert rows_read_nothing_back(view)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")

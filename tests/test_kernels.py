@@ -530,7 +530,8 @@ def test_cuda_kernel_against_the_torch_path(L, state, conv, channels):
 @pytest.mark.parametrize("family", ["mamba", "mamba2", "rglru", "rwkv4"])
 def test_cuda_fused_reads_never_wait_for_the_device(family):
     """Indices are parsed and every launch decided on the host: dense, block and mean reads queue their
-    work without one synchronising call, so the host prepares while the device computes."""
+    work without one synchronising call, so the host prepares while the device computes; last-token rows
+    neither, on the torch path or the kernel (whichever ``"auto"`` takes)."""
     if family == "mamba":
         rec = record(model("cuda"), 200, "cuda")[0]
     elif family == "mamba2":  # by head, one group of B/C
@@ -545,3 +546,7 @@ def test_cuda_fused_reads_never_wait_for_the_device(family):
     assert cuda_syncs(lambda: view.dense(torch.bfloat16)) == 0
     assert cuda_syncs(lambda: view[:, 1:3, 70:190, 5:150]) == 0
     assert cuda_syncs(lambda: view.mean(absolute=True)) == 0
+    for backend in ("torch", "auto"):
+        row = rec.attention.with_backend(backend)
+        row[0, :, -1]
+        assert cuda_syncs(lambda row=row: row[0, :, -1]) == 0

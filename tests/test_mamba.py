@@ -15,7 +15,7 @@ from transformers import (
     MambaConfig,
     MambaForCausalLM,
 )
-from view_checks import cuda_syncs, reads_are_bounded
+from view_checks import cuda_syncs, reads_are_bounded, rows_read_nothing_back
 
 import implicit_hooks as ih
 
@@ -237,6 +237,7 @@ def test_reads_only_compute_what_they_return(device):
         model(ids)
     view = rec[0].attention.with_tiles(4000)
     assert reads_are_bounded(view)
+    assert rows_read_nothing_back(view)
 
 
 def test_falcon_mamba_rms_normed_b_c_delta(device):

@@ -19,7 +19,7 @@ from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
 from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMamba2Mixer
 from transformers.models.zamba.modeling_zamba import ZambaMambaMixer
 from transformers.models.zamba2.modeling_zamba2 import Zamba2MambaMixer
-from view_checks import cuda_syncs
+from view_checks import cuda_syncs, rows_read_nothing_back
 
 import implicit_hooks as ih
 
@@ -438,6 +438,8 @@ def test_reads_compute_each_head_once_per_tile_and_stay_in_their_tiles(device):
     assert max(c * r * k * core.work_per_entry for c, _, r, k in asked) <= 20000  # never H·P × L × L
     assert all(h <= -(-c // 8) + 1 for c, h, _, _ in asked)  # each head of a tile once, not per channel
     assert sum(h for _, h, _, _ in asked) < sum(c for c, _, _, _ in asked)
+    del core.block, core.heads
+    assert rows_read_nothing_back(view)  # rows take each channel's head as it is: no unique to read back
 
 
 def test_zamba_matvec_carries_the_state_across_chunks(device, monkeypatch):

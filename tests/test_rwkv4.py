@@ -12,7 +12,7 @@ from conftest import randomize, rel_err
 from rwkv4_reference import bias_reference, impulse_matrix, reference
 from transformers import RwkvConfig, RwkvForCausalLM
 from transformers.models.rwkv import modeling_rwkv
-from view_checks import cuda_syncs, reads_are_bounded
+from view_checks import cuda_syncs, reads_are_bounded, rows_read_nothing_back
 
 import implicit_hooks as ih
 
@@ -390,6 +390,7 @@ def test_reads_only_compute_what_they_return(device):
         model(tokens(device, batch=1, length=40))
     view = wkv(rec)[0].attention.with_tiles(4000)
     assert reads_are_bounded(view)
+    assert rows_read_nothing_back(view)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")

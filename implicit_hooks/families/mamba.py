@@ -54,16 +54,28 @@ class SelectiveCore(Core):
         self.cumdelta = F.pad(delta.double().cumsum(-1), (1, 0))
 
     def block(self, b: int, chans: Tensor, rows: Tensor, cols: Tensor, *, ssm: bool, skip: bool) -> Tensor:
+        if ssm and len(cols) > 1 and bool((cols[1:] - cols[:-1] == 1).all()):
+            return self.block_range(b, chans, rows, int(cols[0]), int(cols[-1]) + 1, ssm=ssm, skip=skip)
         dtype = self.delta.dtype
-        if not ssm:
-            out = torch.zeros(len(chans), len(rows), len(cols), dtype=dtype, device=self.delta.device)
-        elif len(cols) > 1 and bool((cols[1:] - cols[:-1] == 1).all()):
-            out = self.chunked(b, chans, rows, int(cols[0]), int(cols[-1]) + 1)
-        else:
+        if ssm:
             out = self.direct(b, chans, rows, cols)
+        else:
+            out = torch.zeros(len(chans), len(rows), len(cols), dtype=dtype, device=self.delta.device)
+        return self._with_skip(out, chans, rows, cols, skip)
+
+    def block_range(
+        self, b: int, chans: Tensor, rows: Tensor, c0: int, c1: int, *, ssm: bool, skip: bool
+    ) -> Tensor:
+        """:meth:`block` of the columns ``c0 … c1 − 1``: the chunked products (:meth:`chunked`)."""
+        cols = torch.arange(c0, c1, device=rows.device)
+        if not ssm or c1 - c0 == 1:
+            return self.block(b, chans, rows, cols, ssm=ssm, skip=skip)
+        return self._with_skip(self.chunked(b, chans, rows, c0, c1), chans, rows, cols, skip)
+
+    def _with_skip(self, out: Tensor, chans: Tensor, rows: Tensor, cols: Tensor, skip: bool) -> Tensor:
         if skip and self.D is not None:
-            eye = (rows[:, None] == cols[None, :]).to(dtype)
-            out = out + self.D.index_select(0, chans).to(dtype)[:, None, None] * eye
+            eye = (rows[:, None] == cols[None, :]).to(out.dtype)
+            out = out + self.D.index_select(0, chans).to(out.dtype)[:, None, None] * eye
         return out
 
     def tiles(self, b: int, chans: Tensor, **parts: Any) -> Any:
@@ -161,9 +173,9 @@ class SelectiveCore(Core):
             .view(len(chans), *band.shape)
         )
         near = near * delta_band * keep
-        slot = row_chunk - J0  # the padded chunk that holds row t's own chunk
-        ok = (slot >= 0) & (slot < nJ)
-        out[:, ok.nonzero().flatten(), slot[ok]] += near[:, ok]
+        slot = row_chunk - J0  # the padded chunk that holds row t's own chunk (rows outside add nothing)
+        ok = ((slot >= 0) & (slot < nJ)).to(dtype)
+        out[:, torch.arange(len(rows), device=device), slot.clamp(0, nJ - 1)] += near * ok[None, :, None]
         return out.reshape(len(chans), len(rows), nJ * Q)[:, :, c0 - J0 * Q : c1 - J0 * Q]
 
 

@@ -49,6 +49,9 @@ class SSDCore(Core):
     # expanded channels (1); heads shared by several channels of a tile cost less.
     work_per_entry = 4
     has_skip = True
+    #: blocks of at most this many rows compute each channel's head as it is (no ``unique``, which reads
+    #: back from the device); taller blocks compute each head once, a head serving its ``P`` channels
+    rows_per_channel = 16
 
     def __init__(
         self,
@@ -85,7 +88,13 @@ class SSDCore(Core):
         )
         decay = torch.exp(A * gap)
         del gap  # keeps the peak at three temporaries per entry
-        groups, which = torch.unique(heads // self.heads_per_group, return_inverse=True)
+        if self.n_groups == 1:  # every head reads group 0: nothing to find out (no read-back)
+            groups = torch.zeros(1, dtype=torch.long, device=heads.device)
+            which = torch.zeros(len(heads), dtype=torch.long, device=heads.device)
+        elif len(rows) <= self.rows_per_channel:  # a few rows: each head's group as it is (no read-back)
+            groups, which = heads // self.heads_per_group, torch.arange(len(heads), device=heads.device)
+        else:  # each group's scores once
+            groups, which = torch.unique(heads // self.heads_per_group, return_inverse=True)
         C_rows = self.C[b].index_select(0, rows).index_select(1, groups).to(dtype)  # (nr, ng, N)
         B_cols = self.B[b].index_select(0, cols).index_select(1, groups).to(dtype)  # (ncol, ng, N)
         scores = torch.einsum("tgn,jgn->gtj", C_rows, B_cols)  # (ng, nr, ncol): C_t · B_j, once per group
@@ -96,8 +105,11 @@ class SSDCore(Core):
     def block(self, b: int, chans: Tensor, rows: Tensor, cols: Tensor, *, ssm: bool, skip: bool) -> Tensor:
         dtype = self.delta.dtype
         head = self.head_of.index_select(0, chans)
-        if ssm:
-            heads, which = torch.unique(head, return_inverse=True)
+        if ssm and len(rows) <= self.rows_per_channel:
+            # a few rows (a last-token row): each channel's head as it is, no read-back to share heads
+            out = self.heads(b, head, rows, cols)
+        elif ssm:
+            heads, which = torch.unique(head, return_inverse=True)  # each head once, then to its channels
             out = self.heads(b, heads, rows, cols).index_select(0, which)
         else:
             out = torch.zeros(len(chans), len(rows), len(cols), dtype=dtype, device=self.delta.device)
