@@ -300,7 +300,8 @@ class AttentionView:
     def with_output_dtype(self, dtype: torch.dtype | None) -> AttentionView:
         """The same view whose entries (``view[...]``, :meth:`dense`) are stored in ``dtype``, e.g.
         ``torch.bfloat16``: computed in the view's dtype as always and rounded once, as they are written,
-        so a dense read takes half the memory and half the write time. ``None``: the view's dtype.
+        so a dense read takes half the memory (about the same time: the kernels are bound by their
+        arithmetic, not by the writes). ``None``: the view's dtype.
         Reductions and products (:meth:`mean`, :meth:`apply`, …) keep the view's dtype."""
         return self._derive(self._keep, output_dtype=dtype)
 
