@@ -40,8 +40,9 @@ class SelectiveCore(Core):
 
     work_per_entry = 6
     has_skip = True
-    # a last-token row of 1536 channels on the H200: 0.94 / 3.7 / 18 ms by the kernel against 4.5 / 10 /
-    # 31 ms by the torch path at L = 512 / 2048 / 16384, at the same peak memory (benchmarks/results)
+    # a last-token row of 1536 channels on the H200: 0.9–1.3 / 2.6–3.7 / 18 ms by the kernel against
+    # 4.5–4.7 / 9.3–10 / 31 ms by the torch path at L = 512 / 2048 / 16384, at the same peak memory
+    # (benchmarks/results/gpu.md, runs Q and R)
     fused_rows = True
 
     def __init__(self, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, chunk: int = 64):
