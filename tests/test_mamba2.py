@@ -19,7 +19,7 @@ from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
 from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMamba2Mixer
 from transformers.models.zamba.modeling_zamba import ZambaMambaMixer
 from transformers.models.zamba2.modeling_zamba2 import Zamba2MambaMixer
-from view_checks import cuda_syncs, rows_read_nothing_back
+from view_checks import cuda_syncs, device_read_backs, rows_read_nothing_back
 
 import implicit_hooks as ih
 
@@ -440,6 +440,8 @@ def test_reads_compute_each_head_once_per_tile_and_stay_in_their_tiles(device):
     assert sum(h for _, h, _, _ in asked) < sum(c for c, _, _, _ in asked)
     del core.block, core.heads
     assert rows_read_nothing_back(view)  # rows take each channel's head as it is: no unique to read back
+    # the watch sees read-backs where there are some: a mean by heads asks how many groups there are
+    assert device_read_backs(lambda: view.with_backend("torch").mean(by="heads"))
 
 
 def test_zamba_matvec_carries_the_state_across_chunks(device, monkeypatch):
