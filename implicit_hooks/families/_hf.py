@@ -26,6 +26,16 @@ def cache_states(cache: Any, layer_idx: int) -> tuple[torch.Tensor | None, torch
     return None, None
 
 
+def keep_conv_context(record: Any, conv_state: torch.Tensor | None, conv: torch.nn.Module) -> None:
+    """Keep a copy of the last ``K − 1`` inputs of the conv state the call starts from (the forward updates
+    the cache in place) in ``record.raw["conv_context"]``; nothing without a state or with one tap."""
+    if conv_state is None:
+        return
+    K = conv.weight.shape[-1]
+    if K > 1:
+        record.raw["conv_context"] = conv_state[..., -(K - 1) :].clone()
+
+
 def activation_slope(name: str, u: torch.Tensor) -> torch.Tensor:
     """``act(u) / u`` for activations with ``act(0) = 0`` that are ``u`` times a smooth slope."""
     name = name.lower()

@@ -106,6 +106,11 @@ class RGLRUCore(Core):
         return DiagonalTiles(S, A, ones, ones, weight, None, self.segment[b], **parts)
 
 
+#: the RG-LRU's own parameters (``block.rg_lru.<name>``)
+_LRU_WEIGHTS = ("recurrent_param", "input_gate_weight", "input_gate_bias", "recurrent_gate_weight",
+                "recurrent_gate_bias")  # fmt: skip
+
+
 class RGLRUPatcher(Patcher):
     """transformers' ``RecurrentGemmaRecurrentBlock`` with its ``RecurrentGemmaRglru``."""
 
@@ -123,8 +128,7 @@ class RGLRUPatcher(Patcher):
     weight_paths = {
         "conv.weight": "conv_1d.weight",
         "conv.bias": "conv_1d.bias",
-        **{k: f"rg_lru.{k}" for k in ("recurrent_param", "input_gate_weight", "input_gate_bias")},
-        **{k: f"rg_lru.{k}" for k in ("recurrent_gate_weight", "recurrent_gate_bias")},
+        **{k: f"rg_lru.{k}" for k in _LRU_WEIGHTS},
     }
 
     def on_call(self, record: BlockRecord, args: tuple, kwargs: dict) -> None:

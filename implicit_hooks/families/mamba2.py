@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..patcher import Patcher, require
 from ..recording import BlockRecord
 from ..view import Core, Factors
-from ._hf import activation_slope, cache_states
+from ._hf import activation_slope, cache_states, keep_conv_context
 
 
 def segsum(delta: Tensor) -> Tensor:
@@ -282,9 +282,7 @@ class Mamba2Patcher(Patcher):
         record.raw["attention_mask"] = self.argument("attention_mask", args, kwargs)
         conv_state, recurrent_state = cache_states(cache_of(self, args, kwargs), self.module.layer_idx)
         # The forward updates the cache in place: keep copies of what this call starts from.
-        K = 0 if conv_state is None else self.module.conv1d.weight.shape[-1]
-        if K > 1:
-            record.raw["conv_context"] = conv_state[..., -(K - 1) :].clone()  # (B, conv_dim, K-1): x, B, C
+        keep_conv_context(record, conv_state, self.module.conv1d)  # (B, conv_dim, K − 1): x, B, C
         if recurrent_state is not None:  # Mamba-2 continues from it on every path (initial_states)
             record.raw["initial_state"] = recurrent_state.clone()  # (B, H, P, N)
 

@@ -23,7 +23,7 @@ from torch import Tensor
 from ..patcher import Patcher, require
 from ..recording import BlockRecord
 from ..view import Core, Factors
-from ._hf import activation_slope, cache_states
+from ._hf import activation_slope, cache_states, keep_conv_context
 from .mamba import selective_matvec
 from .mamba2 import cache_of, causal_conv, padding_mask, segsum
 
@@ -101,9 +101,7 @@ class ZambaMambaPatcher(Patcher):
         record.raw["attention_mask"] = self.argument("attention_mask", args, kwargs)
         conv_state, recurrent_state = cache_states(cache_of(self, args, kwargs), self.module.layer_idx)
         # The forward updates the cache in place: keep copies of what this call starts from.
-        K = 0 if conv_state is None else self.module.conv1d.weight.shape[-1]
-        if K > 1:
-            record.raw["conv_context"] = conv_state[..., -(K - 1) :].clone()
+        keep_conv_context(record, conv_state, self.module.conv1d)
         # The scan reads the recurrent state only on single-token steps (longer calls start from zero).
         if recurrent_state is not None and hidden is not None and hidden.shape[1] == 1:
             record.raw["initial_state"] = recurrent_state.clone()  # (B, H, P, N)
