@@ -1,9 +1,10 @@
 """Registers and spills of the fused kernels (implicit_hooks/kernels.py), without a GPU.
 
 Compiles each kernel for sm_90 (the H200) with Triton's own compiler and ``ptxas -v`` from the Triton
-wheel, and prints registers per thread, bytes spilled and the fast exponentials in the PTX (per thread,
-loops not unrolled). A spill or 255 registers is what made the near tiles 10× slower than their
-exponentials allow before (``benchmarks/results/gpu.md``); check here before spending GPU time.
+wheel, its pointers 16-byte aligned as at a launch, and prints registers per thread, bytes spilled, the
+fast exponentials and the vectorised global stores in the PTX (per thread, loops not unrolled; launches
+of aligned reads, ``ALIGNED``). A spill or 255 registers is what made the near tiles 10× slower than
+their exponentials allow before (``benchmarks/results/gpu.md``); check here before spending GPU time.
 
     python benchmarks/kernel_registers.py          # any machine with triton installed (Linux)
 
@@ -31,25 +32,26 @@ FLOAT64 = {"sb_ptr", "sref_ptr", "row_ptr", "col_ptr", "diag_ptr", "rate_ptr", "
 #: (name, kernel, constexprs): Mamba-1 (N = 16, K = 4), Mamba-2 (N = 128, scalar rate), RG-LRU, RWKV-4
 CASES = [
     ("far, Mamba-1", "far", kernels._far_kernel,
-     dict(N=16, NP=16, Q=64, FAR_DOT=True, SPLIT=False, REDUCE=False, TRANSFORM=0)),
+     dict(N=16, NP=16, Q=64, FAR_DOT=True, SPLIT=False, REDUCE=False, TRANSFORM=0, ALIGNED=True)),
     ("far, split TF32", "far", kernels._far_kernel,
-     dict(N=16, NP=16, Q=64, FAR_DOT=True, SPLIT=True, REDUCE=False, TRANSFORM=0)),
+     dict(N=16, NP=16, Q=64, FAR_DOT=True, SPLIT=True, REDUCE=False, TRANSFORM=0, ALIGNED=True)),
     ("far, Mamba-2", "far_wide", kernels._far_kernel,
-     dict(N=128, NP=128, Q=64, FAR_DOT=True, SPLIT=False, REDUCE=False, TRANSFORM=0)),
+     dict(N=128, NP=128, Q=64, FAR_DOT=True, SPLIT=False, REDUCE=False, TRANSFORM=0, ALIGNED=True)),
     ("far, reduce", "far_reduce", kernels._far_kernel,
-     dict(N=16, NP=16, Q=64, FAR_DOT=True, SPLIT=False, REDUCE=True, TRANSFORM=1)),
+     dict(N=16, NP=16, Q=64, FAR_DOT=True, SPLIT=False, REDUCE=True, TRANSFORM=1, ALIGNED=True)),
     ("near, Mamba-1", "near", kernels._near_kernel,
-     dict(N=16, K=4, Q=64, SCALAR=False, REDUCE=False, TRANSFORM=0)),
+     dict(N=16, K=4, Q=64, SCALAR=False, REDUCE=False, TRANSFORM=0, ALIGNED=True)),
     ("near, Mamba-2", "near_scalar", kernels._near_kernel,
-     dict(N=128, K=4, Q=64, SCALAR=True, REDUCE=False, TRANSFORM=0)),
+     dict(N=128, K=4, Q=64, SCALAR=True, REDUCE=False, TRANSFORM=0, ALIGNED=True)),
     ("near, RG-LRU", "near", kernels._near_kernel,
-     dict(N=1, K=4, Q=64, SCALAR=False, REDUCE=False, TRANSFORM=0)),
-    ("WKV, RWKV-4", "wkv", kernels._wkv_kernel, dict(Q=64, REDUCE=False, TRANSFORM=0)),
+     dict(N=1, K=4, Q=64, SCALAR=False, REDUCE=False, TRANSFORM=0, ALIGNED=True)),
+    ("WKV, RWKV-4", "wkv", kernels._wkv_kernel, dict(Q=64, REDUCE=False, TRANSFORM=0, ALIGNED=True)),
     ("near strips, Mamba-1", "strip", kernels._strip_kernel,
-     dict(N=16, NP=16, K=4, Q=64, SQ=16, SPLIT=True, REDUCE=False, TRANSFORM=0)),
-    ("by head, Mamba-2", "head", kernels._head_kernel, dict(N=128, Q=64, H=16, NC=16)),
+     dict(N=16, NP=16, K=4, Q=64, SQ=16, SPLIT=True, REDUCE=False, TRANSFORM=0, ALIGNED=True)),
+    ("by head, Mamba-2", "head", kernels._head_kernel,
+     dict(N=128, Q=64, H=16, NC=16, SPLIT=True, ALIGNED=True)),
     ("by head, sums", "head_reduce", kernels._head_reduce_kernel,
-     dict(N=128, Q=64, H=16, NC=16, TRANSFORM=1)),
+     dict(N=128, Q=64, H=16, NC=16, SPLIT=True, TRANSFORM=1, ALIGNED=True)),
 ]  # fmt: skip
 
 
@@ -63,7 +65,9 @@ def report(kernel, constants: dict, warps: int, maxnreg: int | None = None) -> s
             signature[name] = "*i32" if integer else "*fp64" if name in FLOAT64 else "*fp32"
         else:
             signature[name] = "fp32" if name == "max_growth" else "i32"
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
+    # pointers 16-byte aligned, as Triton specialises them at a launch on torch's allocations
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature) if name.endswith("_ptr")}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=aligned)
     options = {"num_warps": warps} if maxnreg is None else {"num_warps": warps, "maxnreg": maxnreg}
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     ptx = compiled.asm["ptx"]
@@ -79,7 +83,12 @@ def report(kernel, constants: dict, warps: int, maxnreg: int | None = None) -> s
     registers = re.search(r"Used (\d+) registers", log).group(1)
     spilled = re.search(r"(\d+) bytes spill stores", log).group(1)
     exps = ptx.count("ex2.approx")
-    return f"{registers:>4} registers, {spilled:>6} bytes spilled, {exps:>3} ex2 in the PTX"
+    wide = len(re.findall(r"st\.global\.v[24]", ptx))
+    stores = len(re.findall(r"st\.global", ptx))
+    return (
+        f"{registers:>4} registers, {spilled:>6} bytes spilled, {exps:>3} ex2, "
+        f"{wide:>2} of {stores:>2} global stores vectorised in the PTX"
+    )
 
 
 def main() -> None:

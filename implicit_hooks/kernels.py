@@ -48,9 +48,11 @@ the diagonal too), one for the near tiles.
 For any block of rows and columns, :meth:`DiagonalTiles.dense` writes ``(channels, rows, cols)`` and
 :meth:`DiagonalTiles.reduce` sums channels inside each program (with optional row/column weights and the
 ``abs``/``positive`` transforms), writing one ``(rows, cols)`` per channel group, so a channel mean never
-holds ``channels × L × L``. Measured on the H200 (``benchmarks/results/gpu.md``), Mamba-1, 1536 channels:
-3.8× / 2.7× / 2.1× the write floor at L = 512 / 1024 / 2048 (kernel; through the view, preparation
-included, 7.0× / 4.1× / 2.6×; the torch path 1750× / 1390×).
+holds ``channels × L × L``. Reads whose columns and output strides are multiples of 16 (every dense read
+with ``L`` a multiple of 16) are launched ``ALIGNED`` and store 16 bytes at a time (:func:`_store_at`).
+Measured on the H200 (``benchmarks/results/gpu.md``), through the view, preparation included, dense reads at
+L = 512 / 1024 / 2048 / 4096 take 5.1× / 2.7× / 1.9× / 1.5× the write floor (Mamba-1, 1536 channels),
+2.8× / 1.9× / 1.2× / 1.2× (RWKV-4, 1024 channels); the torch path 1070× and 135× at L = 512.
 """
 
 from __future__ import annotations
@@ -86,7 +88,10 @@ TUNING: dict = {
     "near_warps": 4,
     "wkv_warps": 4,
     "HEAD_TILES": True,
-    "head_warps": 8,
+    # Mamba-2 by head: dense blocks at 4 warps (10 % faster than 8 at L = 2048 since the core went to the
+    # tensor cores, the same matrix bit for bit; benchmarks/results/sweep_v.json), channel sums at 8
+    "head_warps": 4,
+    "head_reduce_warps": 8,
     "NEAR_STRIPS": True,
     # a head's channels split over programs until about this many programs an SM (HeadTiles)
     "head_programs_per_sm": 4,
@@ -325,20 +330,32 @@ if triton is not None:
         return main, diag
 
     @triton.jit
-    def _store_at(out_ptr, slab, stride_slab, stride_t, t, j, r0, r1, c0, c1, acc, keep):
+    def _store_at(out_ptr, slab, stride_slab, stride_t, t, j, r0, r1, c0, c1, acc, keep,
+                  ALIGNED: tl.constexpr):  # fmt: skip
         """Entries ``(t, j)`` of ``acc`` that lie in the read ``[r0:r1, c0:c1]`` and in ``keep`` (a scalar
-        or a mask that broadcasts), into slab ``slab`` of the output."""
-        inside = ((t >= r0) & (t < r1))[:, None] & ((j >= c0) & (j < c1))[None, :]
+        or a mask that broadcasts), into slab ``slab`` of the output.
+
+        ``ALIGNED`` (:func:`_aligned`: ``c0``, ``c1`` and the output's strides are multiples of 16, and
+        every ``j`` here is a run of columns from a multiple of 16) lets the compiler store 16 bytes at a
+        time: a quarter of the store instructions and of their masks, in kernels whose issue rate, more than
+        the memory, sets their time."""
+        rows = (t - r0).to(tl.int64) * stride_t + slab.to(tl.int64) * stride_slab  # past 2^31 entries
+        cols = j - c0
+        cols_in = (j >= c0) & (j < c1)
+        if ALIGNED:
+            rows = tl.multiple_of(rows, 16)
+            cols = tl.multiple_of(cols, 16)
+            cols_in = tl.max_constancy(cols_in, 16)
+        inside = ((t >= r0) & (t < r1))[:, None] & cols_in[None, :]
         inside = tl.where(keep, inside, False)  # a scalar condition: where(), not &, for every Triton
-        rows = (t - r0).to(tl.int64)  # offsets past 2^31 elements at long lengths
-        ptr = out_ptr + slab.to(tl.int64) * stride_slab + rows[:, None] * stride_t + (j - c0)[None, :]
-        tl.store(ptr, acc, mask=inside)
+        tl.store(out_ptr + rows[:, None] + cols[None, :], acc, mask=inside)
 
     @triton.jit
-    def _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, acc, Q: tl.constexpr, keep):
+    def _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, acc, Q: tl.constexpr, keep,
+               ALIGNED: tl.constexpr):  # fmt: skip
         t = I * Q + tl.arange(0, Q)
         j = J * Q + tl.arange(0, Q)
-        _store_at(out_ptr, slab, stride_slab, stride_t, t, j, r0, r1, c0, c1, acc, keep)
+        _store_at(out_ptr, slab, stride_slab, stride_t, t, j, r0, r1, c0, c1, acc, keep, ALIGNED)
 
     @triton.jit
     def _reduce_at(total, acc, c, t, j, L, rw_ptr, cw_ptr, TRANSFORM: tl.constexpr):
@@ -447,7 +464,7 @@ if triton is not None:
         sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr, left_ptr, pmask_ptr, seg_ptr, segref_ptr, rw_ptr, cw_ptr,
         N: tl.constexpr, NP: tl.constexpr, Q: tl.constexpr, FAR_DOT: tl.constexpr, SPLIT: tl.constexpr,
         REDUCE: tl.constexpr,
-        TRANSFORM: tl.constexpr,
+        TRANSFORM: tl.constexpr, ALIGNED: tl.constexpr,
     ):  # fmt: skip
         """Every tile but the near ones: far tiles computed, tiles above the diagonal zeros. One program per
         row tile, run of ``span`` column tiles and channel (dense: the row factors loaded once per run) or
@@ -473,7 +490,7 @@ if triton is not None:
                 total = _outer(slab, I, J, L, u, left, sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr, pmask_ptr,
                                seg_ptr, segref_ptr, N, NP, Q, FAR_DOT, SPLIT)  # fmt: skip
             not_near = (I < J) | (I >= J + 2)  # the near tiles are the other launch's
-            _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, not_near)
+            _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, not_near, ALIGNED)
             J += 1
 
     @triton.jit(do_not_specialize=UNSPECIALISED["_near_kernel"])
@@ -481,7 +498,7 @@ if triton is not None:
         out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, L, ssm, n_chan, per_group,
         sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, fix_ptr, seg_ptr, left_ptr, pmask_ptr, rw_ptr, cw_ptr,
         N: tl.constexpr, K: tl.constexpr, Q: tl.constexpr, SCALAR: tl.constexpr, REDUCE: tl.constexpr,
-        TRANSFORM: tl.constexpr,
+        TRANSFORM: tl.constexpr, ALIGNED: tl.constexpr,
     ):  # fmt: skip
         """The near tiles: row tile ``I`` against column tiles ``I`` and ``I − 1``."""
         I = I0 + tl.program_id(0)
@@ -500,14 +517,14 @@ if triton is not None:
         else:
             total = _near(slab, I, J, L, ssm, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, fix_ptr, seg_ptr,
                           left_ptr, pmask_ptr, N, K, Q, SCALAR)  # fmt: skip
-        _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, J >= 0)
+        _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, J >= 0, ALIGNED)
 
     @triton.jit(do_not_specialize=UNSPECIALISED["_strip_kernel"])
     def _strip_kernel(
         out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, L, ssm, n_chan, per_group, max_growth,
         sloc_ptr, tot_ptr, growth_ptr, A_ptr, C_ptr, W_ptr, fix_ptr, seg_ptr, left_ptr, pmask_ptr,
         rw_ptr, cw_ptr, N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, Q: tl.constexpr, SQ: tl.constexpr,
-        SPLIT: tl.constexpr, REDUCE: tl.constexpr, TRANSFORM: tl.constexpr,
+        SPLIT: tl.constexpr, REDUCE: tl.constexpr, TRANSFORM: tl.constexpr, ALIGNED: tl.constexpr,
     ):  # fmt: skip
         """The near tiles by row strips (:func:`_strip`): strip ``i`` of row tile ``I`` against column
         tiles ``I`` and ``I − 1``; ``main`` written with the zeros past the strip's diagonal block, ``diag``
@@ -535,8 +552,8 @@ if triton is not None:
                                 C_ptr, W_ptr, fix_ptr, seg_ptr, left_ptr, pmask_ptr, N, NP, K, Q, SQ,
                                 SPLIT)  # fmt: skip
         outside = tl.where(J >= 0, (j < R) | (j >= R + SQ), False)  # diag's columns are the other store's
-        _store_at(out_ptr, slab, stride_slab, stride_t, t, j, r0, r1, c0, c1, main, outside[None, :])
-        _store_at(out_ptr, slab, stride_slab, stride_t, t, jd, r0, r1, c0, c1, diag, J == I)
+        _store_at(out_ptr, slab, stride_slab, stride_t, t, j, r0, r1, c0, c1, main, outside[None, :], ALIGNED)
+        _store_at(out_ptr, slab, stride_slab, stride_t, t, jd, r0, r1, c0, c1, diag, J == I, ALIGNED)
 
     @triton.jit
     def _wkv_tile(c, I, J, L, row_ptr, col_ptr, diag_ptr, rate_ptr, left_ptr, right_ptr, pmask_ptr,
@@ -549,10 +566,14 @@ if triton is not None:
         row = tl.load(row_ptr + c * L + t, mask=t_ok, other=0.0)
         col = tl.load(col_ptr + c * L + j, mask=j_ok, other=0.0)
         diag = tl.load(diag_ptr + c * L + t, mask=t_ok, other=0.0)
-        gap = (j[None, :] - t[:, None]).to(tl.float64)
-        expo = tl.where(j[None, :] == t[:, None], diag[:, None], gap * tl.load(rate_ptr + c) + col[None, :])
+        rate = tl.load(rate_ptr + c)
+        # rate · (j − t) + col + row as (row − rate t) + (col + rate j): one float64 sum an entry
+        expo = ((row - rate * t.to(tl.float64))[:, None] + (col + rate * j.to(tl.float64))[None, :]).to(
+            tl.float32
+        )
+        expo = tl.where(j[None, :] == t[:, None], (diag + row).to(tl.float32)[:, None], expo)
         inside = (j[None, :] <= t[:, None]) & t_ok[:, None] & j_ok[None, :]
-        acc = tl.exp(tl.where(inside, (expo + row[:, None]).to(tl.float32), float("-inf")))  # no overflow
+        acc = tl.exp(tl.where(inside, expo, float("-inf")))  # no overflow
         acc = acc * tl.load(left_ptr + c * L + t, mask=t_ok, other=0.0)[:, None]
         right = tl.load(right_ptr + c * L + j, mask=j_ok, other=0.0) * tl.load(
             pmask_ptr + j, mask=j_ok, other=0.0
@@ -563,7 +584,7 @@ if triton is not None:
     def _wkv_kernel(
         out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, J0, nJ, span, L, n_chan, per_group,
         row_ptr, col_ptr, diag_ptr, rate_ptr, left_ptr, right_ptr, pmask_ptr, rw_ptr, cw_ptr,
-        Q: tl.constexpr, REDUCE: tl.constexpr, TRANSFORM: tl.constexpr,
+        Q: tl.constexpr, REDUCE: tl.constexpr, TRANSFORM: tl.constexpr, ALIGNED: tl.constexpr,
     ):  # fmt: skip
         """Every tile of the read, zeros above the diagonal; programs as in :func:`_far_kernel`."""
         I = I0 + tl.program_id(0)
@@ -583,23 +604,27 @@ if triton is not None:
                 else:
                     total = _wkv_tile(slab, I, J, L, row_ptr, col_ptr, diag_ptr, rate_ptr, left_ptr,
                                       right_ptr, pmask_ptr, Q)  # fmt: skip
-            _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, J >= 0)
+            _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, J >= 0, ALIGNED)
             J += 1
 
     @triton.jit
     def _head_core(hh, t, m, L, t_ok, cum_t, a, cum_ptr, delta_ptr, B_ptr, C_ptr, N: tl.constexpr,
-                   NC: tl.constexpr):  # fmt: skip
+                   NC: tl.constexpr, SPLIT: tl.constexpr):  # fmt: skip
         """``R_h[t, m] = C_t · B_m · exp(a_h Σ_{m<k≤t} Δ_k) · Δ_m`` of head ``hh`` (zero for ``m > t``).
 
         ``C_t · B_m`` in chunks of ``NC`` states (a loop, not unrolled): one product over all ``N = 128``
-        holds each thread's operand rows in registers and spills (``benchmarks/kernel_registers.py``)."""
+        holds each thread's operand rows in registers and spills (``benchmarks/kernel_registers.py``);
+        ``SPLIT``: on the tensor cores (:func:`_split_product`), else IEEE float32 products."""
         m_ok = m < L
         scores = tl.zeros((t.shape[0], m.shape[0]), dtype=tl.float32)
         for n0 in range(0, N, NC):
             n = n0 + tl.arange(0, NC)
             c_rows = tl.load(C_ptr + t[:, None] * N + n[None, :], mask=t_ok[:, None], other=0.0)
             b_rows = tl.load(B_ptr + m[:, None] * N + n[None, :], mask=m_ok[:, None], other=0.0)
-            scores += tl.dot(c_rows, tl.trans(b_rows), input_precision="ieee")
+            if SPLIT:
+                scores += _split_product(c_rows, b_rows)
+            else:
+                scores += tl.dot(c_rows, tl.trans(b_rows), input_precision="ieee")
         cum_m = tl.load(cum_ptr + hh * L + m, mask=m_ok, other=0.0)
         gap = tl.maximum((cum_t[:, None] - cum_m[None, :]).to(tl.float32), 0.0)  # float64 difference
         delta = tl.load(delta_ptr + hh * L + m, mask=m_ok, other=0.0)
@@ -608,7 +633,8 @@ if triton is not None:
 
     @triton.jit
     def _head_windows(I, J, hh, t, t_ok, cum_t, a, L, ssm, scratch, cum_ptr, delta_ptr, B_ptr, C_ptr,
-                      N: tl.constexpr, Q: tl.constexpr, H: tl.constexpr, NC: tl.constexpr):  # fmt: skip
+                      N: tl.constexpr, Q: tl.constexpr, H: tl.constexpr, NC: tl.constexpr,
+                      SPLIT: tl.constexpr):  # fmt: skip
         """The four shifted windows ``core[t, j + k]`` (``k < 4``) of head ``hh`` over column tile ``J``,
         zeros above the diagonal or without the recurrence. The core over the columns and a conv halo is
         computed once, into this program's ``scratch`` (``Q × (Q + H)``), and read back shifted."""
@@ -621,8 +647,8 @@ if triton is not None:
         if (J <= I) & (ssm != 0):
             j = J * Q + q
             h = (J + 1) * Q + tl.arange(0, H)
-            core = _head_core(hh, t, j, L, t_ok, cum_t, a, cum_ptr, delta_ptr, B_ptr, C_ptr, N, NC)
-            halo = _head_core(hh, t, h, L, t_ok, cum_t, a, cum_ptr, delta_ptr, B_ptr, C_ptr, N, NC)
+            core = _head_core(hh, t, j, L, t_ok, cum_t, a, cum_ptr, delta_ptr, B_ptr, C_ptr, N, NC, SPLIT)
+            halo = _head_core(hh, t, h, L, t_ok, cum_t, a, cum_ptr, delta_ptr, B_ptr, C_ptr, N, NC, SPLIT)
             tl.store(cells, core)
             tl.store(scratch + q[:, None] * (Q + H) + (Q + tl.arange(0, H))[None, :], halo)
             tl.debug_barrier()  # the whole tile is in the scratch before any thread reads it shifted
@@ -651,15 +677,17 @@ if triton is not None:
             x3 = tl.load(shift_ptr + c * 4 + 3) * tl.load(
                 right_ptr + c * L + j + 3, mask=j + 3 < L, other=0.0
             )
-            acc = w0 * x0[None, :] + w1 * x1[None, :] + w2 * x2[None, :] + w3 * x3[None, :]
+            # the input mask on the column factors, not on every entry
+            acc = w0 * (x0 * pm)[None, :] + w1 * (x1 * pm)[None, :] + w2 * (x2 * pm)[None, :]
+            acc += w3 * (x3 * pm)[None, :]
             if J >= I - 1:  # the skip through tap d = t − j (no scalar in the mask: Triton 3.9)
                 d = t[:, None] - j[None, :]
                 on_band = (d >= 0) & (d < 4) & t_ok[:, None] & j_ok[None, :]
                 w_d = tl.load(shift_ptr + c * 4 + d, mask=on_band, other=0.0)
                 dr = tl.load(dr_ptr + c * L + t, mask=t_ok, other=0.0)
-                acc += w_d * dr[:, None]
+                acc += w_d * dr[:, None] * pm[None, :]
             left = tl.load(left_ptr + c * L + t, mask=t_ok, other=0.0)
-            acc = acc * left[:, None] * pm[None, :]
+            acc = acc * left[:, None]
         return acc
 
     @triton.jit(do_not_specialize=UNSPECIALISED["_head_kernel"])
@@ -667,7 +695,8 @@ if triton is not None:
         out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, J0, nJ, L, ssm,
         scratch_ptr, cum_ptr, A_ptr, delta_ptr, B_ptr, C_ptr, chan_ptr, start_ptr, shift_ptr, right_ptr,
         left_ptr, dr_ptr, pmask_ptr,
-        N: tl.constexpr, Q: tl.constexpr, H: tl.constexpr, NC: tl.constexpr,
+        N: tl.constexpr, Q: tl.constexpr, H: tl.constexpr, NC: tl.constexpr, SPLIT: tl.constexpr,
+        ALIGNED: tl.constexpr,
     ):  # fmt: skip
         """Row tile ``I`` of head ``hh``, its channels ``chan[start + g], chan[start + g + G], …`` up to
         ``start_{hh+1}`` (:class:`HeadTiles`; programs past them have nothing to do). Per column tile, the
@@ -691,7 +720,7 @@ if triton is not None:
                 j = J * Q + q
                 w0, w1, w2, w3 = _head_windows(
                     I, J, hh, t, t < L, cum_t, a, L, ssm, scratch, cum_ptr, delta_ptr, B_ptr, C_ptr,
-                    N, Q, H, NC,
+                    N, Q, H, NC, SPLIT,
                 )  # fmt: skip
                 pm = tl.load(pmask_ptr + j, mask=j < L, other=0.0)
                 p = first
@@ -700,7 +729,7 @@ if triton is not None:
                     acc = _head_channel(
                         c, I, J, t, j, L, w0, w1, w2, w3, pm, shift_ptr, right_ptr, left_ptr, dr_ptr
                     )
-                    _store(out_ptr, c, stride_slab, stride_t, I, J, r0, r1, c0, c1, acc, Q, J >= 0)
+                    _store(out_ptr, c, stride_slab, stride_t, I, J, r0, r1, c0, c1, acc, Q, J >= 0, ALIGNED)
                     p += G
                 J += 1
 
@@ -709,7 +738,8 @@ if triton is not None:
         out_ptr, stride_t, r0, r1, c0, c1, I0, J0, nI, nJ, L, ssm, n_heads,
         scratch_ptr, cum_ptr, A_ptr, delta_ptr, B_ptr, C_ptr, chan_ptr, start_ptr, shift_ptr, right_ptr,
         left_ptr, dr_ptr, pmask_ptr, rw_ptr, cw_ptr,
-        N: tl.constexpr, Q: tl.constexpr, H: tl.constexpr, NC: tl.constexpr, TRANSFORM: tl.constexpr,
+        N: tl.constexpr, Q: tl.constexpr, H: tl.constexpr, NC: tl.constexpr, SPLIT: tl.constexpr,
+        TRANSFORM: tl.constexpr, ALIGNED: tl.constexpr,
     ):  # fmt: skip
         """The channel sum of tiles ``I0 + tile // nJ, J0 + tile % nJ`` for ``tile = program, program +
         programs, …`` (tiles above the diagonal are zero: skipped): per head, its windows once
@@ -735,7 +765,7 @@ if triton is not None:
                         a = tl.load(A_ptr + hh)
                         w0, w1, w2, w3 = _head_windows(
                             I, J, hh, t, t < L, cum_t, a, L, ssm, scratch, cum_ptr, delta_ptr, B_ptr, C_ptr,
-                            N, Q, H, NC,
+                            N, Q, H, NC, SPLIT,
                         )  # fmt: skip
                         while p < end:
                             c = tl.load(chan_ptr + p)
@@ -745,8 +775,16 @@ if triton is not None:
                             total = _reduce_at(total, acc, c, t, j, L, rw_ptr, cw_ptr, TRANSFORM)
                             p += 1
                     hh += 1
-                _store(out_ptr, tile * 0, 0, stride_t, I, J, r0, r1, c0, c1, total, Q, J >= 0)  # one slab
+                # one slab: no slab stride
+                _store(out_ptr, tile * 0, 0, stride_t, I, J, r0, r1, c0, c1, total, Q, J >= 0, ALIGNED)
             tile += tl.num_programs(0)
+
+
+def _aligned(out: Tensor, c0: int, c1: int) -> bool:
+    """Whether a launch may store 16 entries at a time (``ALIGNED`` of :func:`_store_at`): the read's first
+    and last columns and the output's row and slab strides are multiples of 16 (every dense read from
+    column 0 with ``L`` a multiple of 16). Two compiled variants at most, not one per read's offsets."""
+    return c0 % 16 == 0 and c1 % 16 == 0 and all(stride % 16 == 0 for stride in out.stride()[:-1])
 
 
 def _tile_grid(r0: int, r1: int, c0: int, c1: int) -> tuple[int, int, int, int]:
@@ -923,7 +961,7 @@ class DiagonalTiles(_Tiles):
                 ) -> None:  # fmt: skip
         r0, r1, c0, c1 = span
         I0, J0, nI, nJ = _tile_grid(*span)
-        reduce = dict(REDUCE=groups > 0, TRANSFORM=TRANSFORMS[transform])
+        reduce = dict(REDUCE=groups > 0, TRANSFORM=TRANSFORMS[transform], ALIGNED=_aligned(out, c0, c1))
         slabs = groups or self.n_chan
         ones = self.ones  # no weights
         rw = ones if row_weight is None else row_weight.to(torch.float32).contiguous()
@@ -997,7 +1035,7 @@ class WKVTiles(_Tiles):
         _wkv_kernel[(nI, triton.cdiv(nJ, run), groups or self.n_chan)](
             out, out.stride(0), out.stride(1), r0, r1, c0, c1, I0, J0, nJ, run, self.L, self.n_chan,
             per_group, self.row, self.col, self.diag, self.rate, self.left, self.right, self.pmask, rw, cw,
-            Q=TILE, REDUCE=groups > 0, TRANSFORM=TRANSFORMS[transform],
+            Q=TILE, REDUCE=groups > 0, TRANSFORM=TRANSFORMS[transform], ALIGNED=_aligned(out, c0, c1),
             **_options("wkv", TUNING["wkv_warps"], groups > 0),
         )  # fmt: skip
 
@@ -1072,6 +1110,7 @@ class HeadTiles(_Tiles):
             out, out.stride(0), out.stride(1), r0, r1, c0, c1, I0, J0, nJ, self.L, int(self.ssm),
             scratch, self.cum, self.A, self.delta, self.B, self.C, self.chans, self.starts,
             self.shift, self.right, self.left, self.dr, self.pmask, N=self.N, Q=TILE, H=HEAD_HALO, NC=16,
+            SPLIT=bool(TUNING["FAR_SPLIT_TF32"]), ALIGNED=_aligned(out, c0, c1),
             **_options("head", TUNING["head_warps"], False),
         )  # fmt: skip
 
@@ -1100,6 +1139,8 @@ class HeadTiles(_Tiles):
             out, out.stride(0), r0, r1, c0, c1, I0, J0, nI, nJ, self.L, int(self.ssm), self.n_heads,
             scratch, self.cum, self.A, self.delta, self.B, self.C, self.chans, self.starts, self.shift,
             self.right, self.left, self.dr, self.pmask, rw, cw, N=self.N, Q=TILE, H=HEAD_HALO, NC=16,
-            TRANSFORM=TRANSFORMS[transform], **_options("head", TUNING["head_warps"], True),
+            SPLIT=bool(TUNING["FAR_SPLIT_TF32"]), TRANSFORM=TRANSFORMS[transform],
+            ALIGNED=_aligned(out, c0, c1),
+            **_options("head", TUNING["head_reduce_warps"], True),
         )  # fmt: skip
         return out
