@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import UnsupportedInputError
-from .recording import BlockRecord
+from .recording import BlockRecord, LazyTensors
 from .view import Factors
 
 
@@ -97,7 +97,8 @@ class Patcher:
     def attach(self, on_record: Callable[[BlockRecord], None], *, grad: bool = False) -> list:
         """Attach the hooks; returns their handles (the caller removes them)."""
         weights = dict(self.weights())
-        kept_weights = {k: (w if grad else w.detach()) for k, w in weights.items()}
+        # detached when a view first reads them, not here: six detaches a block were a tenth of the set-up
+        kept_weights = weights if grad else LazyTensors({k: w.detach for k, w in weights.items()})
         handles = []
 
         def keep(key: str, tensor: Any) -> Any:
