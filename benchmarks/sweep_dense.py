@@ -23,23 +23,25 @@ from implicit_hooks import kernels
 #: family → variant name → TUNING changes (``maxnreg`` entries merge into the default caps)
 VARIANTS = {
     "mamba": {
+        "far uncapped": {"maxnreg": {"far": None}},
+        "far 8 warps": {"far_warps": 8},
         "strip 8 warps": {"near_warps": 8},
-        "strip 2 warps": {"near_warps": 2},
     },
     "mamba2": {
-        "head regs 128": {"maxnreg": {"head": 128}},
+        "head 8 warps": {"head_warps": 8},
         "head regs 168": {"maxnreg": {"head": 168}},
         "head 8 programs/SM": {"head_programs_per_sm": 8},
         "head 2 programs/SM": {"head_programs_per_sm": 2},
     },
     "rglru": {
-        "near regs 168": {"maxnreg": {"near": 168}},
-        "near regs 128": {"maxnreg": {"near": 128}},
-        "far_outer regs 192": {"maxnreg": {"far_outer": 192}},
+        "far, near uncapped": {"maxnreg": {"far": None, "near": None}},
+        "far 8 warps": {"far_warps": 8},
+        "near 8 warps": {"near_warps": 8},
     },
     "rwkv4": {
-        "wkv regs 168": {"maxnreg": {"wkv": 168}},
-        "wkv regs 192": {"maxnreg": {"wkv": 192}},
+        "wkv uncapped": {"maxnreg": {"wkv": None}},
+        "wkv 8 warps": {"wkv_warps": 8},
+        "wkv 2 warps": {"wkv_warps": 2},
     },
 }
 
