@@ -452,6 +452,18 @@ def test_whole_tiles_of_every_kernel_go_out_unmasked_and_right(family):
     assert torch.all(A.triu(1) == 0)
 
 
+def test_aligned_launches_only_where_columns_and_strides_allow_16_byte_stores():
+    """``ALIGNED`` promises the compiler that column offsets and strides are multiples of 16: a wrong promise
+    would store entries in the wrong places on the GPU, so the host grants it only where it holds."""
+    out = torch.empty(3, 40, 192)
+    assert kernels._aligned(out, 0, 192) and kernels._aligned(out, 16, 208)
+    assert not kernels._aligned(out, 5, 197)  # the read starts inside a group of 16 columns
+    assert not kernels._aligned(out, 0, 150)  # ... or ends inside one
+    assert not kernels._aligned(torch.empty(3, 40, 150), 0, 192)  # rows 150 entries apart
+    assert not kernels._aligned(torch.empty(3, 40, 200)[:, :, :192], 0, 192)  # a view: 200 apart
+    assert kernels._aligned(torch.empty(40, 192), 0, 192)  # a channel sum (one slab, 2-D)
+
+
 def test_arguments_left_unspecialised_are_arguments_of_each_kernel():
     """Lengths and offsets are compiled once for all values; a name a kernel lacks would be a silent typo."""
     import inspect
