@@ -79,8 +79,9 @@ TRANSFORMS = {"signed": 0, "abs": 1, "positive": 2}
 #: code paths and launch settings (benchmarks/bench_kernel.py compares them): the far tiles as one tile
 #: product (``FAR_DOT``; ``N < 16`` always takes ``N`` outer products), its operands split for three TF32
 #: tensor-core products (``FAR_SPLIT_TF32``, :func:`_split_product`: 2e-8 from the IEEE float32 product on
-#: the H200, 20 % faster; Triton 3.6's own ``"tf32x3"`` faults in these kernels), Mamba-2's dense blocks by
-#: head (``HEAD_TILES``), warps.
+#: the H200, 20 % faster; Triton 3.6's own ``"tf32x3"`` faults in these kernels; the same switch takes
+#: Mamba-1's strips and Mamba-2's by-head core to the tensor cores), Mamba-2's dense blocks by head
+#: (``HEAD_TILES``), warps.
 TUNING: dict = {
     "FAR_DOT": True,
     "FAR_SPLIT_TF32": True,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import UnsupportedInputError
-from .recording import BlockRecord, LazyTensors
+from .recording import BlockRecord, kept_weights
 from .view import Factors
 
 
@@ -97,8 +97,7 @@ class Patcher:
     def attach(self, on_record: Callable[[BlockRecord], None], *, grad: bool = False) -> list:
         """Attach the hooks; returns their handles (the caller removes them)."""
         weights = dict(self.weights())
-        # detached when a view first reads them, not here: six detaches a block were a tenth of the set-up
-        kept_weights = weights if grad else LazyTensors({k: w.detach for k, w in weights.items()})
+        kept = kept_weights(weights, grad)  # six detaches a block at set-up were a tenth of it
         handles = []
 
         def keep(key: str, tensor: Any) -> Any:
@@ -110,7 +109,7 @@ class Patcher:
 
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             record = BlockRecord(self.name, self.kind, self, grad=grad)
-            record.weights = kept_weights
+            record.weights = kept
             record.weight_versions = {k: w._version for k, w in weights.items()}
             self.on_call(record, args, kwargs)
             self._open.append(record)

@@ -41,6 +41,14 @@ class LazyTensors(Mapping):
         return f"LazyTensors({sorted(self._thunks)})"
 
 
+def kept_weights(weights: Mapping[str, torch.Tensor], grad: bool) -> Mapping[str, torch.Tensor]:
+    """A call's weights as its record keeps them: as they are when recorded with grad, else detached when a
+    view first reads them (not at every call: a hook runs on every forward)."""
+    if grad:
+        return dict(weights)
+    return LazyTensors({k: w.detach for k, w in weights.items()})
+
+
 class BlockRecord:
     """One call of one supported block.
 

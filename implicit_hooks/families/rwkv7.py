@@ -41,7 +41,7 @@ from torch import Tensor
 
 from ..errors import UnsupportedInputError
 from ..patcher import Patcher, require
-from ..recording import BlockRecord
+from ..recording import BlockRecord, kept_weights
 from ..view import Factors
 from .rwkv_pkg import HeadCore, InstancePatch, freeze_group_norm, heads_to_channels
 
@@ -226,7 +226,7 @@ class RWKV7PackagePatcher(Patcher):
         z = self.module.z
         weights = [z[f"blocks.{i}.att.{name}"] for name in TMIX_WEIGHTS]
         weights = dict(zip(fns["names"][len(_TMIX_ARGS) :], weights))
-        record.weights = {k: (v if grad else v.detach()) for k, v in weights.items()}
+        record.weights = kept_weights(weights, grad)
         record.weight_versions = {k: v._version for k, v in weights.items()}
         self._open.append(record)
         return record

@@ -44,7 +44,7 @@ from torch import nn
 
 from ..errors import RecordingError, UnsupportedInputError, UnsupportedModelError
 from ..patcher import Patcher
-from ..recording import BlockRecord, Recording, _select
+from ..recording import BlockRecord, Recording, _select, kept_weights
 from ..registry import _REGISTRY, _resolve, class_path, patcher_class_for, supported_classes
 
 __all__ = ["SavedCalls", "hooks", "record", "save", "SCAN_CALLS"]
@@ -362,7 +362,7 @@ class SavedCalls:
                     f"{call.name}: weights {meta} are not on this machine (meta tensors of a remote model); "
                     "save them with the call: ihn.save(tracer, weights='saved')"
                 )
-            record.weights = {k: (w if self.grad else w.detach()) for k, w in weights.items()}
+            record.weights = kept_weights(weights, self.grad)
             record.weight_versions = dict(call.weight_versions)
         record.raw.update(call.raw)
         if call.scan is not None:
