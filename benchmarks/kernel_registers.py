@@ -2,9 +2,12 @@
 
 Compiles each kernel for sm_90 (the H200) with Triton's own compiler and ``ptxas -v`` from the Triton
 wheel, its pointers 16-byte aligned as at a launch, and prints registers per thread, bytes spilled, the
-fast exponentials and the vectorised global stores in the PTX (per thread, loops not unrolled; launches
-of aligned reads, ``ALIGNED``). A spill or 255 registers is what made the near tiles 10× slower than
-their exponentials allow before (``benchmarks/results/gpu.md``); check here before spending GPU time.
+fast exponentials, the vectorised global stores and the shared-memory stores in the PTX (per thread,
+loops not unrolled; launches of aligned reads, ``ALIGNED`` as ``kernels.TUNING["aligned_run"]`` sets it),
+for float32 output and, for dense reads, bfloat16 (where a store wider than the entries a thread holds
+makes the compiler reshuffle each tile through shared memory first: more shared stores). A spill or
+255 registers is what made the near tiles 10× slower than their exponentials allow before
+(``benchmarks/results/gpu.md``); check here before spending GPU time.
 
     python benchmarks/kernel_registers.py          # any machine with triton installed (Linux)
 
@@ -32,30 +35,30 @@ FLOAT64 = {"sb_ptr", "sref_ptr", "row_ptr", "col_ptr", "diag_ptr", "rate_ptr", "
 #: (name, kernel, constexprs): Mamba-1 (N = 16, K = 4), Mamba-2 (N = 128, scalar rate), RG-LRU, RWKV-4
 CASES = [
     ("far, Mamba-1", "far", kernels._far_kernel,
-     dict(N=16, NP=16, Q=64, FAR_DOT=True, SPLIT=False, REDUCE=False, TRANSFORM=0, ALIGNED=True)),
+     dict(N=16, NP=16, Q=64, FAR_DOT=True, SPLIT=False, REDUCE=False, TRANSFORM=0, ALIGNED=16)),
     ("far, split TF32", "far", kernels._far_kernel,
-     dict(N=16, NP=16, Q=64, FAR_DOT=True, SPLIT=True, REDUCE=False, TRANSFORM=0, ALIGNED=True)),
+     dict(N=16, NP=16, Q=64, FAR_DOT=True, SPLIT=True, REDUCE=False, TRANSFORM=0, ALIGNED=16)),
     ("far, Mamba-2", "far_wide", kernels._far_kernel,
-     dict(N=128, NP=128, Q=64, FAR_DOT=True, SPLIT=False, REDUCE=False, TRANSFORM=0, ALIGNED=True)),
+     dict(N=128, NP=128, Q=64, FAR_DOT=True, SPLIT=False, REDUCE=False, TRANSFORM=0, ALIGNED=16)),
     ("far, reduce", "far_reduce", kernels._far_kernel,
-     dict(N=16, NP=16, Q=64, FAR_DOT=True, SPLIT=False, REDUCE=True, TRANSFORM=1, ALIGNED=True)),
+     dict(N=16, NP=16, Q=64, FAR_DOT=True, SPLIT=False, REDUCE=True, TRANSFORM=1, ALIGNED=16)),
     ("near, Mamba-1", "near", kernels._near_kernel,
-     dict(N=16, K=4, Q=64, SCALAR=False, REDUCE=False, TRANSFORM=0, ALIGNED=True)),
+     dict(N=16, K=4, Q=64, SCALAR=False, REDUCE=False, TRANSFORM=0, ALIGNED=16)),
     ("near, Mamba-2", "near_scalar", kernels._near_kernel,
-     dict(N=128, K=4, Q=64, SCALAR=True, REDUCE=False, TRANSFORM=0, ALIGNED=True)),
+     dict(N=128, K=4, Q=64, SCALAR=True, REDUCE=False, TRANSFORM=0, ALIGNED=16)),
     ("near, RG-LRU", "near", kernels._near_kernel,
-     dict(N=1, K=4, Q=64, SCALAR=False, REDUCE=False, TRANSFORM=0, ALIGNED=True)),
-    ("WKV, RWKV-4", "wkv", kernels._wkv_kernel, dict(Q=64, REDUCE=False, TRANSFORM=0, ALIGNED=True)),
+     dict(N=1, K=4, Q=64, SCALAR=False, REDUCE=False, TRANSFORM=0, ALIGNED=16)),
+    ("WKV, RWKV-4", "wkv", kernels._wkv_kernel, dict(Q=64, REDUCE=False, TRANSFORM=0, ALIGNED=16)),
     ("near strips, Mamba-1", "strip", kernels._strip_kernel,
-     dict(N=16, NP=16, K=4, Q=64, SQ=16, SPLIT=True, REDUCE=False, TRANSFORM=0, ALIGNED=True)),
+     dict(N=16, NP=16, K=4, Q=64, SQ=16, SPLIT=True, REDUCE=False, TRANSFORM=0, ALIGNED=16)),
     ("by head, Mamba-2", "head", kernels._head_kernel,
-     dict(N=128, Q=64, H=16, NC=16, SPLIT=True, ALIGNED=True)),
+     dict(N=128, Q=64, H=16, NC=16, SPLIT=True, ALIGNED=4)),
     ("by head, sums", "head_reduce", kernels._head_reduce_kernel,
-     dict(N=128, Q=64, H=16, NC=16, SPLIT=True, TRANSFORM=1, ALIGNED=True)),
+     dict(N=128, Q=64, H=16, NC=16, SPLIT=True, TRANSFORM=1, ALIGNED=4)),
 ]  # fmt: skip
 
 
-def report(kernel, constants: dict, warps: int, maxnreg: int | None = None) -> str:
+def report(kernel, constants: dict, warps: int, maxnreg: int | None = None, output: str = "*fp32") -> str:
     signature = {}
     for name in inspect.signature(kernel.fn).parameters:
         if name in constants:
@@ -65,6 +68,7 @@ def report(kernel, constants: dict, warps: int, maxnreg: int | None = None) -> s
             signature[name] = "*i32" if integer else "*fp64" if name in FLOAT64 else "*fp32"
         else:
             signature[name] = "fp32" if name == "max_growth" else "i32"
+    signature["out_ptr"] = output
     # pointers 16-byte aligned, as Triton specialises them at a launch on torch's allocations
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature) if name.endswith("_ptr")}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=aligned)
@@ -85,9 +89,10 @@ def report(kernel, constants: dict, warps: int, maxnreg: int | None = None) -> s
     exps = ptx.count("ex2.approx")
     wide = len(re.findall(r"st\.global\.v[24]", ptx))
     stores = len(re.findall(r"st\.global", ptx))
+    shared = ptx.count("st.shared")  # tiles reshuffled between layouts (and tl.dot's operands)
     return (
         f"{registers:>4} registers, {spilled:>6} bytes spilled, {exps:>3} ex2, "
-        f"{wide:>2} of {stores:>2} global stores vectorised in the PTX"
+        f"{wide:>2} of {stores:>2} global stores vectorised, {shared:>3} shared stores in the PTX"
     )
 
 
@@ -98,6 +103,8 @@ def main() -> None:
             print(f"{name:20s} {warps} warps: {report(kernel, constants, warps)}", flush=True)
             if cap is not None:
                 print(f"{'':20s} capped at {cap}: {report(kernel, constants, warps, cap)}", flush=True)
+        if not constants.get("REDUCE", key.endswith("reduce")):  # dense reads stored in bfloat16
+            print(f"{'':20s} bfloat16, 4 warps: {report(kernel, constants, 4, output='*bf16')}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Launch settings of the fused kernels, swept on the dense read of one layer of each family.
 
-Each variant is a change of ``kernels.TUNING`` (warps, register caps, programs an SM); it is timed through
-the view (``view.dense()``, median of 5 synchronised reads after a warm-up that compiles) and compared with
-the default setting's matrix, so that a faster setting is also shown to be the same matrix. Same models and
-widths as ``bench_gpu.py``; results as JSON lines and, with ``--out``, one file.
+Each variant is a change of ``kernels.TUNING`` (warps, register caps, programs an SM, store widths); it is
+timed through the view (``view.dense()``, median of 5 synchronised reads after a warm-up that compiles;
+with ``--bfloat16`` also stored in bfloat16, against half the floor) and compared with the default
+setting's matrix, so that a faster setting is also shown to be the same matrix. Same models and widths as
+``bench_gpu.py``; results as JSON lines and, with ``--out``, one file.
 
     python benchmarks/sweep_dense.py --repeat 3 --out sweep.json      # on the GPU machine
 """
@@ -26,22 +27,26 @@ VARIANTS = {
         "far uncapped": {"maxnreg": {"far": None}},
         "far 8 warps": {"far_warps": 8},
         "strip 8 warps": {"near_warps": 8},
+        "stores of 4": {"aligned_run": {"tiles": 4}},
     },
     "mamba2": {
         "head 8 warps": {"head_warps": 8},
         "head regs 168": {"maxnreg": {"head": 168}},
         "head 8 programs/SM": {"head_programs_per_sm": 8},
         "head 2 programs/SM": {"head_programs_per_sm": 2},
+        "head stores of 16": {"aligned_run": {"head": 16}},
     },
     "rglru": {
         "far, near uncapped": {"maxnreg": {"far": None, "near": None}},
         "far 8 warps": {"far_warps": 8},
         "near 8 warps": {"near_warps": 8},
+        "stores of 4": {"aligned_run": {"tiles": 4}},
     },
     "rwkv4": {
         "wkv uncapped": {"maxnreg": {"wkv": None}},
         "wkv 8 warps": {"wkv_warps": 8},
         "wkv 2 warps": {"wkv_warps": 2},
+        "stores of 4": {"aligned_run": {"wkv": 4}},
     },
 }
 
@@ -58,6 +63,7 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", default=list(VARIANTS))
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--repeat", type=int, default=1, help="passes over the variants, interleaved")
+    parser.add_argument("--bfloat16", action="store_true", help="also time reads stored in bfloat16")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -73,6 +79,7 @@ def main() -> None:
         for L in args.lengths:
             ids = torch.randint(0, 1024, (1, L), device=device)
             view = record(model, ids, layers=[0])[0].attention.with_backend("triton")
+            narrow_view = view.with_output_dtype(torch.bfloat16)
             floor = view.shape[0] * view.shape[1] * L * L * 4 / bandwidth
             reference = view.dense()
             named = {"default": {}, **VARIANTS[family]}.items()
@@ -80,24 +87,24 @@ def main() -> None:
             for repeat, name, change in variants:
                 kernels.TUNING.clear()
                 kernels.TUNING.update(copy.deepcopy(default))
-                for key, value in change.items():
-                    if key == "maxnreg":
-                        kernels.TUNING["maxnreg"] = {**default["maxnreg"], **value}
-                    else:
-                        kernels.TUNING[key] = value
+                for key, value in change.items():  # dictionaries (maxnreg, aligned_run) merge
+                    kernels.TUNING[key] = {**default[key], **value} if isinstance(value, dict) else value
                 try:
                     seconds = timed(view.dense, 5)
                     error = relative(view.dense(), reference)
+                    narrow = timed(narrow_view.dense, 5) if args.bfloat16 else None
                 except Exception as e:  # a setting this Triton rejects: reported, not fatal to the sweep
-                    seconds, error = None, f"{type(e).__name__}: {str(e)[:200]}"
+                    seconds, narrow, error = None, None, f"{type(e).__name__}: {str(e)[:200]}"
                 row = {"family": family, "L": L, "variant": name, "repeat": repeat, "s": seconds}
                 row["floor_s"], row["vs_default_rel"] = floor, error
                 row["over_floor"] = seconds / floor if seconds else None
+                if narrow is not None:  # stored in bfloat16, against its own floor (half the bytes)
+                    row["bf16_s"], row["bf16_over_floor"] = narrow, narrow / (floor / 2)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             kernels.TUNING.clear()
             kernels.TUNING.update(copy.deepcopy(default))
-            del view, reference
+            del view, narrow_view, reference
             torch.cuda.empty_cache()
         if args.out:
             meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -93,6 +93,10 @@ TUNING: dict = {
     # tensor cores, the same matrix bit for bit; benchmarks/results/sweep_v.json), channel sums at 8
     "head_warps": 4,
     "head_reduce_warps": 8,
+    # entries an aligned store may take at once (ALIGNED, _store_at), by kernel ("tiles": the far, near and
+    # strip kernels): 16 stores 16 bytes of bfloat16 at a time; the by-head kernel holds 4 entries of a row
+    # a thread, and wider runs made its bfloat16 stores reshuffle each tile through shared memory first
+    "aligned_run": {"tiles": 16, "wkv": 16, "head": 4},
     "NEAR_STRIPS": True,
     # a head's channels split over programs until about this many programs an SM (HeadTiles)
     "head_programs_per_sm": 4,
@@ -336,17 +340,19 @@ if triton is not None:
         """Entries ``(t, j)`` of ``acc`` that lie in the read ``[r0:r1, c0:c1]`` and in ``keep`` (a scalar
         or a mask that broadcasts), into slab ``slab`` of the output.
 
-        ``ALIGNED`` (:func:`_aligned`: ``c0``, ``c1`` and the output's strides are multiples of 16, and
-        every ``j`` here is a run of columns from a multiple of 16) lets the compiler store 16 bytes at a
-        time: a quarter of the store instructions and of their masks, in kernels whose issue rate, more than
-        the memory, sets their time."""
+        ``ALIGNED`` (:func:`_aligned`: 0, or a run of 4 or 16 entries; ``c0``, ``c1`` and the output's
+        strides are multiples of 16, and every ``j`` here is a run of columns from a multiple of 16) lets
+        the compiler store 16 bytes at a time: a quarter of the store instructions and of their masks, in
+        kernels whose issue rate, more than the memory, sets their time. The run it is told caps the
+        vectors: 16 lets bfloat16 go 8 entries a store, where a kernel whose entries sit 4 to a thread
+        would first reshuffle every tile through shared memory (the by-head kernel: 4)."""
         rows = (t - r0).to(tl.int64) * stride_t + slab.to(tl.int64) * stride_slab  # past 2^31 entries
         cols = j - c0
         cols_in = (j >= c0) & (j < c1)
         if ALIGNED:
-            rows = tl.multiple_of(rows, 16)
-            cols = tl.multiple_of(cols, 16)
-            cols_in = tl.max_constancy(cols_in, 16)
+            rows = tl.multiple_of(rows, ALIGNED)
+            cols = tl.multiple_of(cols, ALIGNED)
+            cols_in = tl.max_constancy(cols_in, ALIGNED)
         inside = ((t >= r0) & (t < r1))[:, None] & cols_in[None, :]
         inside = tl.where(keep, inside, False)  # a scalar condition: where(), not &, for every Triton
         tl.store(out_ptr + rows[:, None] + cols[None, :], acc, mask=inside)
@@ -781,11 +787,13 @@ if triton is not None:
             tile += tl.num_programs(0)
 
 
-def _aligned(out: Tensor, c0: int, c1: int) -> bool:
-    """Whether a launch may store 16 entries at a time (``ALIGNED`` of :func:`_store_at`): the read's first
-    and last columns and the output's row and slab strides are multiples of 16 (every dense read from
-    column 0 with ``L`` a multiple of 16). Two compiled variants at most, not one per read's offsets."""
-    return c0 % 16 == 0 and c1 % 16 == 0 and all(stride % 16 == 0 for stride in out.stride()[:-1])
+def _aligned(out: Tensor, c0: int, c1: int, kernel: str) -> int:
+    """``ALIGNED`` of :func:`_store_at` for a launch of ``kernel``: its ``TUNING["aligned_run"]`` (entries a
+    store may take at once) where the read's first and last columns and the output's row and slab strides
+    are multiples of 16 (every dense read from column 0 with ``L`` a multiple of 16), else 0. Two compiled
+    variants of a kernel at most, not one per read's offsets."""
+    aligned = c0 % 16 == 0 and c1 % 16 == 0 and all(stride % 16 == 0 for stride in out.stride()[:-1])
+    return TUNING["aligned_run"][kernel] if aligned else 0
 
 
 def _tile_grid(r0: int, r1: int, c0: int, c1: int) -> tuple[int, int, int, int]:
@@ -962,7 +970,8 @@ class DiagonalTiles(_Tiles):
                 ) -> None:  # fmt: skip
         r0, r1, c0, c1 = span
         I0, J0, nI, nJ = _tile_grid(*span)
-        reduce = dict(REDUCE=groups > 0, TRANSFORM=TRANSFORMS[transform], ALIGNED=_aligned(out, c0, c1))
+        aligned = _aligned(out, c0, c1, "tiles")
+        reduce = dict(REDUCE=groups > 0, TRANSFORM=TRANSFORMS[transform], ALIGNED=aligned)
         slabs = groups or self.n_chan
         ones = self.ones  # no weights
         rw = ones if row_weight is None else row_weight.to(torch.float32).contiguous()
@@ -1036,7 +1045,8 @@ class WKVTiles(_Tiles):
         _wkv_kernel[(nI, triton.cdiv(nJ, run), groups or self.n_chan)](
             out, out.stride(0), out.stride(1), r0, r1, c0, c1, I0, J0, nJ, run, self.L, self.n_chan,
             per_group, self.row, self.col, self.diag, self.rate, self.left, self.right, self.pmask, rw, cw,
-            Q=TILE, REDUCE=groups > 0, TRANSFORM=TRANSFORMS[transform], ALIGNED=_aligned(out, c0, c1),
+            Q=TILE, REDUCE=groups > 0, TRANSFORM=TRANSFORMS[transform],
+            ALIGNED=_aligned(out, c0, c1, "wkv"),
             **_options("wkv", TUNING["wkv_warps"], groups > 0),
         )  # fmt: skip
 
@@ -1111,7 +1121,7 @@ class HeadTiles(_Tiles):
             out, out.stride(0), out.stride(1), r0, r1, c0, c1, I0, J0, nJ, self.L, int(self.ssm),
             scratch, self.cum, self.A, self.delta, self.B, self.C, self.chans, self.starts,
             self.shift, self.right, self.left, self.dr, self.pmask, N=self.N, Q=TILE, H=HEAD_HALO, NC=16,
-            SPLIT=bool(TUNING["FAR_SPLIT_TF32"]), ALIGNED=_aligned(out, c0, c1),
+            SPLIT=bool(TUNING["FAR_SPLIT_TF32"]), ALIGNED=_aligned(out, c0, c1, "head"),
             **_options("head", TUNING["head_warps"], False),
         )  # fmt: skip
 
@@ -1141,7 +1151,7 @@ class HeadTiles(_Tiles):
             scratch, self.cum, self.A, self.delta, self.B, self.C, self.chans, self.starts, self.shift,
             self.right, self.left, self.dr, self.pmask, rw, cw, N=self.N, Q=TILE, H=HEAD_HALO, NC=16,
             SPLIT=bool(TUNING["FAR_SPLIT_TF32"]), TRANSFORM=TRANSFORMS[transform],
-            ALIGNED=_aligned(out, c0, c1),
+            ALIGNED=_aligned(out, c0, c1, "head"),
             **_options("head", TUNING["head_reduce_warps"], True),
         )  # fmt: skip
         return out

@@ -449,7 +449,7 @@ def test_whole_tiles_of_every_kernel_go_out_unmasked_and_right(family):
         rec = rwkv4_record(L, "cpu")
     fused, plain = both(rec.attention)
     A = fused.dense()
-    assert kernels._aligned(A[0], 0, L) and rel_err(A, plain.dense()) < SAME
+    assert kernels._aligned(A[0], 0, L, "tiles") and rel_err(A, plain.dense()) < SAME
     if impulses is not None:
         assert rel_err(A, impulses) < TOL
     assert A[..., 128:, :64].abs().max() > 1e-3 * A.abs().max()  # the far tiles are not all underflow
@@ -457,15 +457,20 @@ def test_whole_tiles_of_every_kernel_go_out_unmasked_and_right(family):
 
 
 def test_aligned_launches_only_where_columns_and_strides_allow_16_byte_stores():
-    """``ALIGNED`` promises the compiler that column offsets and strides are multiples of 16: a wrong promise
-    would store entries in the wrong places on the GPU, so the host grants it only where it holds."""
+    """``ALIGNED`` promises the compiler that column offsets and strides are multiples of a run of entries:
+    a wrong promise would store entries in the wrong places on the GPU, so the host grants it only where
+    columns and strides are multiples of 16, and then the run each kernel is tuned for."""
     out = torch.empty(3, 40, 192)
-    assert kernels._aligned(out, 0, 192) and kernels._aligned(out, 16, 208)
-    assert not kernels._aligned(out, 5, 197)  # the read starts inside a group of 16 columns
-    assert not kernels._aligned(out, 0, 150)  # ... or ends inside one
-    assert not kernels._aligned(torch.empty(3, 40, 150), 0, 192)  # rows 150 entries apart
-    assert not kernels._aligned(torch.empty(3, 40, 200)[:, :, :192], 0, 192)  # a view: 200 apart
-    assert kernels._aligned(torch.empty(40, 192), 0, 192)  # a channel sum (one slab, 2-D)
+    for kernel, run in kernels.TUNING["aligned_run"].items():
+        assert run in (4, 8, 16)  # at most the 16 the host checks
+        assert kernels._aligned(out, 0, 192, kernel) == run and kernels._aligned(out, 16, 208, kernel) == run
+        assert kernels._aligned(out, 5, 197, kernel) == 0  # the read starts inside a group of 16 columns
+        assert kernels._aligned(out, 0, 150, kernel) == 0  # ... or ends inside one
+        assert kernels._aligned(torch.empty(3, 40, 150), 0, 192, kernel) == 0  # rows 150 entries apart
+        assert kernels._aligned(torch.empty(3, 40, 200)[:, :, :192], 0, 192, kernel) == 0  # a view
+        assert kernels._aligned(torch.empty(40, 192), 0, 192, kernel) == run  # a channel sum (2-D)
+    # the by-head kernel holds four entries of a row a thread: runs of 4 spare bfloat16 stores a reshuffle
+    assert kernels.TUNING["aligned_run"]["head"] == 4
 
 
 def test_arguments_left_unspecialised_are_arguments_of_each_kernel():
