@@ -12,7 +12,9 @@ gaps) can be told apart from the fused kernel's own time. Same models and widths
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -35,6 +37,22 @@ def kernels_of(prof: profile, reads: int, device: torch.device) -> dict[str, flo
     return dict(sorted(total.items(), key=lambda kv: -kv[1]))
 
 
+def host_functions(read, reads: int, top: int) -> dict[str, list[float]]:
+    """``[own seconds, cumulative seconds]`` per read of the ``top`` functions with the most own time, under
+    ``cProfile`` (which slows Python down: compare them with each other, not with ``host_s``)."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(reads):
+        read()
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # (file, line, name) → (calls, primitive calls, own, cumulative, …)
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return {
+        f"{Path(file).name}:{line}({name})": [own / reads, cumulative / reads]
+        for (file, line, name), (_, _, own, cumulative, _) in rows
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true")
@@ -42,6 +60,7 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=None)
     parser.add_argument("--reads", type=int, default=3)
     parser.add_argument("--top", type=int, default=8)
+    parser.add_argument("--python", type=int, default=0, help="also the N costliest Python functions")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
@@ -70,6 +89,7 @@ def main() -> None:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
             per_kernel = kernels_of(prof, args.reads, device)
+            python = host_functions(view.dense, args.reads, args.python) if args.python else None
             row = {
                 "family": family,
                 "L": L,
@@ -78,6 +98,8 @@ def main() -> None:
                 "busy_s": sum(per_kernel.values()),
                 "top": dict(list(per_kernel.items())[: args.top]),
             }
+            if python is not None:
+                row["host_functions"] = python
             rows.append(row)
             print(json.dumps(row), flush=True)
             del view

@@ -41,6 +41,19 @@ FUSED_PREP_ELEMENTS = 1 << 26
 FUSED_MIN_ROWS = 16
 
 
+def take(t: Tensor, chans: Tensor | slice, dim: int = 0) -> Tensor:
+    """The entries ``chans`` of ``t`` along ``dim``: a view for a run of channels (a ``slice``, as fused reads
+    of whole channel ranges pass them to :meth:`Core.tiles`: no copy, no kernel launched), else a gather."""
+    if isinstance(chans, slice):
+        return t.narrow(dim, chans.start, chans.stop - chans.start)
+    return t.index_select(dim, chans)
+
+
+def count(chans: Tensor | slice) -> int:
+    """How many channels ``chans`` (a list or a run, as :func:`take` takes them) names."""
+    return chans.stop - chans.start if isinstance(chans, slice) else len(chans)
+
+
 class Core:
     """The data-controlled mixing ``R (+ diag(D))`` of one block call, lower triangular per channel.
 
@@ -76,16 +89,17 @@ class Core:
         with a faster path for ranges need not read its columns back from the device to find out)."""
         return self.block(b, chans, rows, torch.arange(c0, c1, device=rows.device), ssm=ssm, skip=skip)
 
-    def tiles(self, b: int, chans: Tensor, **parts: Any) -> Any:
+    def tiles(self, b: int, chans: Tensor | slice, **parts: Any) -> Any:
         """A fused assembler for whole tiles (``.dense(r0, r1, c0, c1)``, ``.reduce(...)``), or None.
 
+        ``chans``: channel ids on the device, or a run of them as a ``slice`` (read with :func:`take`).
         ``parts``: ``left``, ``right`` (``(nc, L)`` or None), ``taps`` (``(nc, K)`` or None),
         ``input_mask`` (``(L,)`` or None), ``ssm``, ``skip``. Cores without a kernel return None and the
         view falls back to :meth:`block`.
         """
         return None
 
-    def tile_parts(self, chans: Tensor) -> list[Tensor] | None:
+    def tile_parts(self, chans: Tensor | slice) -> list[Tensor] | None:
         """Positions into ``chans`` that one :meth:`tiles` call can take together; None: all at once."""
         return None
 
@@ -147,6 +161,8 @@ class Factors:
         for group in (self.left, self.right):
             for name, t in group.items():
                 _expect(t, (B, C, L), name)
+        self.left = {name: _row_major(t) for name, t in self.left.items()}
+        self.right = {name: _row_major(t) for name, t in self.right.items()}
         for name in ("conv_offset", "state_offset"):
             if getattr(self, name) is not None:
                 _expect(getattr(self, name), (B, C, L), name)
@@ -169,6 +185,21 @@ class Factors:
         if self.conv is not None:
             names.append("conv")
         return tuple(names)
+
+
+def _row_major(t: Tensor) -> Tensor:
+    """``t`` laid out ``(B, C, L)`` row-major where it is a permuted dense tensor (the transposed
+    ``(B, L, C)`` taps most factors come from), so that a fused read takes a run of channels as a view
+    instead of copying it on every read; the factors keep the copy, not both. Broadcast views (stride 0)
+    stay as they are."""
+    if t.is_contiguous():
+        return t
+    expected = 1  # a permutation of a contiguous layout: strides, smallest first, are running products
+    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n > 1):
+        if stride != expected:
+            return t
+        expected *= size
+    return t.contiguous()
 
 
 def _expect(t: Tensor, shape: tuple[int, ...], name: str) -> None:
@@ -375,16 +406,16 @@ class AttentionView:
                 out = out * gate.index_select(1, rows)[:, :, None]
         return out
 
-    def _diagonal(self, group: dict[str, Tensor], b: int, chans: Tensor, extra: Tensor | None = None):
+    def _diagonal(self, group: dict[str, Tensor], b: int, chans: Tensor | slice, extra: Tensor | None = None):
         """Product of the kept diagonal factors of ``group`` for batch row ``b``: ``(nc, L)`` or None."""
         out = None
         for name, t in group.items():
             if name in self.kept:
-                part = t[b].index_select(0, chans)
+                part = take(t[b], chans)
                 out = part if out is None else out * part
         if extra is not None:
             mask = extra[b].to(self.dtype)[None, :]
-            out = mask.expand(len(chans), -1) if out is None else out * mask
+            out = mask.expand(count(chans), -1) if out is None else out * mask
         return out
 
     def _tiles(self, n_chans: int, n_rows: int, n_cols: int) -> tuple[int, int]:
@@ -426,14 +457,14 @@ class AttentionView:
             raise ValueError(f"backend='triton' cannot serve this read: {why}")
         return None
 
-    def _fused_tiles(self, b: int, chans: Tensor) -> Any:
+    def _fused_tiles(self, b: int, chans: Tensor | slice) -> Any:
         f, keep = self.factors, self.kept
         return f.core.tiles(
             b,
             chans,
             left=self._diagonal(f.left, b, chans),
             right=self._diagonal(f.right, b, chans, extra=f.mid_mask),
-            taps=f.conv.index_select(0, chans) if f.conv is not None and "conv" in keep else None,
+            taps=take(f.conv, chans) if f.conv is not None and "conv" in keep else None,
             input_mask=None if f.input_mask is None else f.input_mask[b],
             ssm="ssm" in keep,
             skip="skip" in keep,
@@ -446,40 +477,44 @@ class AttentionView:
     def _fused_parts(self, cs: _Axis):
         """The channels of one :meth:`Core.tiles` call at a time, chunk by chunk (the preparation budget)
         and part by part (the core's): ``(chans, pos, run)``, ``pos`` their positions in ``cs`` on the
-        device, ``run`` the same as ``(start, stop)`` where they are one run (known on the host)."""
+        device, ``run`` the same as ``(start, stop)`` where they are one run (known on the host). A run of
+        channel ids goes as a ``slice`` (no gathers), a list as their ids on the device."""
         step = self._fused_chunks()
-        for c0 in range(0, len(cs.host), step):
-            c1 = min(c0 + step, len(cs.host))
-            chans = cs.index[c0:c1]
+        for c0 in range(0, len(cs), step):
+            c1 = min(c0 + step, len(cs))
+            chans = cs.index[c0:c1] if cs.span is None else slice(cs.span[0] + c0, cs.span[0] + c1)
             parts = self.factors.core.tile_parts(chans)
             if parts is None:
                 yield chans, None, (c0, c1)
                 continue
+            ids = cs.index[c0:c1]
             for part in parts:
-                yield chans[part], part + c0, None
+                yield ids[part], part + c0, None
 
-    def _no_kernel(self, b: int, chans: Tensor) -> None:
-        """The core declined these channels: the torch path serves them, unless Triton was asked for."""
+    def _no_kernel(self, b: int, chans: Tensor | slice) -> Tensor:
+        """The core declined these channels: the torch path serves them (their ids on the device, returned),
+        unless Triton was asked for."""
+        ids = torch.arange(chans.start, chans.stop, device=self.device) if isinstance(chans, slice) else chans
         if self.backend == "triton":
             raise ValueError(
                 f"backend='triton' cannot serve this read: {type(self.factors.core).__name__} has no kernel "
-                f"for channels {chans.tolist()[:4]}… of batch row {b} (see its tiles())"
+                f"for channels {ids.tolist()[:4]}… of batch row {b} (see its tiles())"
             )
+        return ids
 
     def _compute(self, bs: _Axis, cs: _Axis, rows: _Axis, cols: _Axis) -> Tensor:
         span = self._fused(rows, cols)
         if span is None:
-            return self._compute_torch(bs.host.tolist(), cs.index, rows.index, cols)
+            return self._compute_torch(bs.values(), cs.index, rows.index, cols)
         out = torch.empty(len(bs), len(cs), len(rows), len(cols), dtype=self._out_dtype, device=self.device)
-        for i, b in enumerate(bs.host.tolist()):
+        for i, b in enumerate(bs.values()):
             for chans, pos, run in self._fused_parts(cs):
                 tiles = self._fused_tiles(b, chans)
                 if tiles is not None and run is not None:  # one run of channels: written in place
                     tiles.dense(*span, out=out[i, run[0] : run[1]])
                     continue
                 if tiles is None:
-                    self._no_kernel(b, chans)
-                    part = self._compute_torch([b], chans, rows.index, cols)[0]
+                    part = self._compute_torch([b], self._no_kernel(b, chans), rows.index, cols)[0]
                 else:
                     part = tiles.dense(*span)
                 if run is not None:
@@ -552,20 +587,20 @@ class AttentionView:
         B = len(batch_axis)
         if span is not None:
             out = torch.zeros(B, len(row_axis), len(col_axis), dtype=self.dtype, device=self.device)
-            for i, b in enumerate(batch_axis.host.tolist()):
+            for i, b in enumerate(batch_axis.values()):
                 for chans, _, _ in self._fused_parts(chan_axis):
                     tiles = self._fused_tiles(b, chans)
                     if tiles is None:
                         self._no_kernel(b, chans)
                         out[i] += self.with_backend("torch").reduce(
                             "sum", transform=transform, row_weight=row_weight, col_weight=col_weight,
-                            batch=[b], rows=rows, cols=cols, channels=chans,
+                            batch=[b], rows=rows, cols=cols, channels=chans,  # a run or ids: both index
                         )[0]  # fmt: skip
                         continue
                     out[i] += tiles.reduce(
                         *span,
-                        row_weight=None if row_weight is None else row_weight[b].index_select(0, chans),
-                        col_weight=None if col_weight is None else col_weight[b].index_select(0, chans),
+                        row_weight=None if row_weight is None else take(row_weight[b], chans),
+                        col_weight=None if col_weight is None else take(col_weight[b], chans),
                         transform=transform,
                     )
             return out / len(chan_axis) if op == "mean" else out
@@ -576,7 +611,7 @@ class AttentionView:
         with self._grad_mode():
             out = torch.zeros(B, n_groups, len(rs), len(js), dtype=self.dtype, device=self.device)
             ct, rt = self._tiles(len(cs), len(rs), len(js))
-            for i, b in enumerate(batch_axis.host.tolist()):
+            for i, b in enumerate(batch_axis.values()):
                 for c0 in range(0, len(cs), ct):
                     for r0 in range(0, len(rs), rt):
                         chans, rows_ = cs[c0 : c0 + ct], rs[r0 : r0 + rt]
@@ -717,13 +752,22 @@ class AttentionView:
 
 class _Axis:
     """One parsed index: ``host`` on the CPU, ``span`` as ``(start, stop)`` where it is one increasing run,
-    ``scalar`` when it was an int (dropped from the result), and ``index``, the same on the view's device,
-    made on first use (a fused read of whole ranges never needs its rows, columns or batch rows there).
-    Parsed on the host, so that deciding how to serve a read never waits for the device."""
+    ``scalar`` when it was an int (dropped from the result), and ``index``, the same on the view's device.
+    Both are made on first use where a run describes them (a fused read of whole ranges needs neither for
+    its rows, columns or channels). Parsed on the host, so that deciding how to serve a read never waits
+    for the device."""
 
-    def __init__(self, host: Tensor, span: tuple[int, int] | None, scalar: bool, device: torch.device):
-        self.host, self.span, self.scalar, self.device = host, span, scalar, device
+    def __init__(self, host: Tensor | None, span: tuple[int, int] | None, scalar: bool, device: torch.device):
+        if host is None and span is None:
+            raise ValueError("an axis is a run (span) or a list of indices (host)")
+        self._host, self.span, self.scalar, self.device = host, span, scalar, device
         self._index: Tensor | None = None
+
+    @property
+    def host(self) -> Tensor:
+        if self._host is None:
+            self._host = torch.arange(*self.span)
+        return self._host
 
     @property
     def index(self) -> Tensor:
@@ -734,8 +778,12 @@ class _Axis:
                 self._index = self.host.to(self.device, non_blocking=True)
         return self._index
 
+    def values(self) -> list[int]:
+        """The indices as Python ints (batch rows, looped over on the host)."""
+        return list(range(*self.span)) if self._host is None else self._host.tolist()
+
     def __len__(self) -> int:
-        return len(self.host)
+        return self.span[1] - self.span[0] if self._host is None else len(self._host)
 
 
 def _span(index: Tensor) -> tuple[int, int] | None:
@@ -759,12 +807,13 @@ def _parse_index(index: Any, size: int, axis: str, device: torch.device) -> _Axi
         i = int(index)
         if not -size <= i < size:
             raise IndexError(f"{axis} index {i} is out of range for size {size}")
-        return _Axis(torch.tensor([i % size]), (i % size, i % size + 1), True, device)
+        return _Axis(None, (i % size, i % size + 1), True, device)
     if isinstance(index, slice):
         start, stop, step = index.indices(size)
+        if step == 1 and stop > start:  # a run: no index tensor unless one is asked for
+            return _Axis(None, (start, stop), False, device)
         t = torch.arange(start, stop, step)
-        run = (start, stop) if step == 1 and stop > start else _span(t)
-        return _Axis(t, run, False, device)
+        return _Axis(t, _span(t), False, device)
     t = torch.as_tensor(index).cpu()  # a device tensor is read once, here
     if t.dim() != 1:
         raise IndexError(f"{axis}: index lists must be 1-D, got shape {tuple(t.shape)}")

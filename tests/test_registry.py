@@ -116,6 +116,22 @@ def test_views_of_a_dense_core_and_index_errors():
         ih.Factors(values=torch.randn(B, C, L), core=ih.DenseCore(R), left={"gate": torch.ones(B, L)})
 
 
+def test_factors_keep_transposed_diagonal_factors_row_major_and_broadcasts_as_they_are():
+    """Factors lay a permuted dense ``(B, C, L)`` factor out row-major once (fused reads then take channel
+    runs as views); broadcast views and slices of larger tensors are kept as given, never materialised."""
+    B, C, L = 2, 3, 6
+    R = torch.randn(B, C, L, L).tril()
+    transposed = torch.randn(B, L, C).transpose(1, 2)
+    broadcast = torch.rand(B, 1, L).expand(B, C, L)
+    sliced = torch.randn(B, L, 2 * C)[..., :C].transpose(1, 2)
+    left = {"gate": transposed, "norm": broadcast}
+    f = ih.Factors(values=torch.randn(B, C, L), core=ih.DenseCore(R), left=left, right={"act": sliced})
+    assert f.left["gate"].is_contiguous() and torch.equal(f.left["gate"], transposed)
+    assert f.left["norm"] is broadcast and f.right["act"] is sliced
+    view = ih.AttentionView(lambda: f)
+    torch.testing.assert_close(view.dense(), (transposed * broadcast)[..., None] * R * sliced[:, :, None, :])
+
+
 def test_argument_positions_survive_a_wrapped_instance_forward():
     """Wrappers (nnsight) swap the instance forward for ``(*args, **kwargs)``: positions must survive."""
     block = EmaBlock(3)

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..patcher import Patcher, require
 from ..recording import BlockRecord
-from ..view import Core, Factors
+from ..view import Core, Factors, count, take
 
 
 class RGLRUCore(Core):
@@ -44,7 +44,7 @@ class RGLRUCore(Core):
 
     def __init__(self, log_decay: Tensor, segment: Tensor, input_scale: Tensor):
         self.segment = segment
-        self.input_scale = input_scale
+        self.input_scale = input_scale.contiguous()  # once here, not copied by every fused read
         # Segment sums Σ_{k=j+1..t} log a_k as differences of one cumulative sum, in float64 so that the
         # difference of two large sums keeps float32 precision at any length.
         self.cumlog = log_decay.double().cumsum(-1)
@@ -93,16 +93,16 @@ class RGLRUCore(Core):
             out.append(y)
         return torch.cat(out, dim=-1)
 
-    def tiles(self, b: int, chans: Tensor, **parts: Any) -> Any:
+    def tiles(self, b: int, chans: Tensor | slice, **parts: Any) -> Any:
         """The fused Triton assembler (:mod:`implicit_hooks.kernels`): one state per channel, rate
         ``−log a`` (``A = −1``), input weight ``i · m``, entries across a reset zero."""
         from ..kernels import DiagonalTiles
 
-        S = torch.nn.functional.pad(-self.cumlog[b].index_select(0, chans), (1, 0))  # (nc, L + 1)
+        S = torch.nn.functional.pad(-take(self.cumlog[b], chans), (1, 0))  # (nc, L + 1)
         L = S.shape[1] - 1
         ones = torch.ones(L, 1, dtype=self.input_scale.dtype, device=S.device)
-        A = -torch.ones(len(chans), 1, dtype=self.input_scale.dtype, device=S.device)
-        weight = self.input_scale[b].index_select(0, chans)
+        A = -torch.ones(count(chans), 1, dtype=self.input_scale.dtype, device=S.device)
+        weight = take(self.input_scale[b], chans)
         return DiagonalTiles(S, A, ones, ones, weight, None, self.segment[b], **parts)
 
 

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..patcher import Patcher, require
 from ..recording import BlockRecord
-from ..view import Core, Factors
+from ..view import Core, Factors, take
 from ._hf import activation_slope, cache_states, keep_conv_context
 
 
@@ -46,7 +46,9 @@ class SelectiveCore(Core):
     fused_rows = True
 
     def __init__(self, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, chunk: int = 64):
-        self.delta, self.A, self.B, self.C, self.D = delta, A, B, C, D
+        # contiguous once here, not copied by every fused read (the recorded taps come as transposed views)
+        self.delta, self.A, self.D = delta.contiguous(), A, D
+        self.B, self.C = B.contiguous(), C.contiguous()
         self.has_skip = D is not None
         self.chunk = chunk
         # Segment sums Σ_{k=j+1..t} Δ_k as differences of one cumulative sum, kept in float64 so that
@@ -79,17 +81,17 @@ class SelectiveCore(Core):
             out = out + self.D.index_select(0, chans).to(out.dtype)[:, None, None] * eye
         return out
 
-    def tiles(self, b: int, chans: Tensor, **parts: Any) -> Any:
+    def tiles(self, b: int, chans: Tensor | slice, **parts: Any) -> Any:
         """The fused Triton assembler of whole tiles (:mod:`implicit_hooks.kernels`)."""
         from ..kernels import DiagonalTiles
 
         return DiagonalTiles(
-            self.cumdelta[b].index_select(0, chans),
-            self.A.index_select(0, chans),
+            take(self.cumdelta[b], chans),
+            take(self.A, chans),
             self.B[b],
             self.C[b],
-            self.delta[b].index_select(0, chans),
-            None if self.D is None else self.D.index_select(0, chans),
+            take(self.delta[b], chans),
+            None if self.D is None else take(self.D, chans),
             **parts,
         )
 

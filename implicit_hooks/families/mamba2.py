@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..patcher import Patcher, require
 from ..recording import BlockRecord
-from ..view import Core, Factors
+from ..view import Core, Factors, take
 from ._hf import activation_slope, cache_states, keep_conv_context
 
 
@@ -69,7 +69,9 @@ class SSDCore(Core):
                 f"SSDCore: delta {tuple(delta.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)} and "
                 f"C {tuple(C.shape)} do not describe (batch, heads, L) with heads in groups"
             )
-        self.delta, self.A, self.B, self.C, self.D, self.head_of = delta, A, B, C, D, head_of
+        # contiguous once here (the recorded taps come as views), not copied by every fused read
+        self.delta, self.A, self.D, self.head_of = delta.contiguous(), A, D, head_of
+        self.B, self.C = B.contiguous(), C.contiguous()
         self.conv_width = conv_width  # the block's conv taps: wider than HEAD_TAPS goes by channel
         self.heads_per_group, self.n_groups = H // G, G
         self.has_skip = D is not None
@@ -126,14 +128,14 @@ class SSDCore(Core):
             return 8  # by head: the left, right and skip factors; the core's tiles live in a small scratch
         return 3 * self.B.shape[-1] + 12  # by channel: U, V and W of N states, a few per-position arrays
 
-    def tile_parts(self, chans: Tensor) -> list[Tensor] | None:
+    def tile_parts(self, chans: Tensor | slice) -> list[Tensor] | None:
         """Channels of one group of ``B``/``C`` at a time (all at once where there is one group)."""
         if self.n_groups == 1:
             return None
-        group = self.head_of.index_select(0, chans) // self.heads_per_group
+        group = take(self.head_of, chans) // self.heads_per_group
         return [(group == g).nonzero().flatten() for g in torch.unique(group)]
 
-    def tiles(self, b: int, chans: Tensor, **parts: Any) -> Any:
+    def tiles(self, b: int, chans: Tensor | slice, **parts: Any) -> Any:
         """The fused Triton assembler (:mod:`implicit_hooks.kernels`) for channels of one group of
         ``B``/``C``: with ``kernels.TUNING["HEAD_TILES"]`` (and convs of up to ``HEAD_TAPS`` taps) by head
         (``HeadTiles``: one core per head, the conv as shifted multiply-adds, dense blocks and channel
@@ -144,7 +146,7 @@ class SSDCore(Core):
         N = self.B.shape[-1]
         if N < 16 or N & (N - 1):
             return None
-        head = self.head_of.index_select(0, chans)
+        head = take(self.head_of, chans)
         g = 0  # one group of B/C: known without reading the device
         if self.n_groups > 1:
             group = head // self.heads_per_group

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..patcher import Patcher, require
 from ..recording import BlockRecord
-from ..view import Core, Factors
+from ..view import Core, Factors, take
 
 _F64 = torch.float64
 
@@ -55,7 +55,9 @@ class WKVCore(Core):
     has_skip = False
 
     def __init__(self, key: Tensor, w: Tensor, u: Tensor, log_z: Tensor, dtype: torch.dtype):
-        self.key, self.w, self.u, self.log_z = key.to(_F64), w.to(_F64), u.to(_F64), log_z
+        # contiguous once here (the recorded keys come as a transposed view), not copied by every fused read
+        self.key = key.to(_F64).contiguous()
+        self.w, self.u, self.log_z = w.to(_F64), u.to(_F64), log_z.contiguous()
         self.dtype = dtype
 
     def block(self, b: int, chans: Tensor, rows: Tensor, cols: Tensor, *, ssm: bool, skip: bool) -> Tensor:
@@ -94,17 +96,17 @@ class WKVCore(Core):
             out = out + sign * torch.exp(past - log_z)
         return out.to(self.dtype)
 
-    def tiles(self, b: int, chans: Tensor, **parts: Any) -> Any:
+    def tiles(self, b: int, chans: Tensor | slice, **parts: Any) -> Any:
         """The fused Triton assembler (:class:`implicit_hooks.kernels.WKVTiles`): one exponential per entry
         of ``(j − t)·w + (k_j + w) − log Z_t`` (``j < t``) or ``u + k_t − log Z_t`` (``j = t``)."""
         if parts["taps"] is not None:
             return None  # RWKV-4 shifts tokens before its projections: no conv factor to fold
         from ..kernels import WKVTiles
 
-        key = self.key[b].index_select(0, chans)
-        w, u = self.w.index_select(0, chans), self.u.index_select(0, chans)
+        key = take(self.key[b], chans)
+        w, u = take(self.w, chans), take(self.u, chans)
         return WKVTiles(
-            -self.log_z[b].index_select(0, chans),
+            -take(self.log_z[b], chans),
             key + w[:, None],
             key + u[:, None],
             w,
