@@ -40,7 +40,8 @@ def segsum(delta: Tensor) -> Tensor:
 class SSDCore(Core):
     """``R_h + diag(D_h)`` of one Mamba-2 call, expanded to the channels of each head.
 
-    Shapes: ``delta (B, H, L)``, ``A (H,)``, ``B``/``C (B, L, G, N)``, ``D (H,)``, ``head_of (C,)``.
+    Shapes: ``delta (B, H, L)``, ``A (H,)``, ``B``/``C (B, L, G, N)``, ``D (H,)``, ``head_of (C,)``
+    (``heads_ordered``: non-decreasing, channels head by head, so a run of channels needs no sort).
     :meth:`heads` computes blocks of ``R_h`` itself; :meth:`block` computes each head a tile of channels
     needs once and expands it to the channels (a tile usually spans one or two heads).
     """
@@ -62,6 +63,8 @@ class SSDCore(Core):
         D: Tensor | None,
         head_of: Tensor,
         conv_width: int = 1,
+        *,
+        heads_ordered: bool = False,
     ):
         H, G = delta.shape[1], B.shape[2]
         if H % G != 0 or tuple(A.shape) != (H,) or C.shape != B.shape or B.shape[:2] != delta.shape[::2]:
@@ -73,6 +76,7 @@ class SSDCore(Core):
         self.delta, self.A, self.D, self.head_of = delta.contiguous(), A, D, head_of
         self.B, self.C = B.contiguous(), C.contiguous()
         self.conv_width = conv_width  # the block's conv taps: wider than HEAD_TAPS goes by channel
+        self.heads_ordered = heads_ordered  # head_of is non-decreasing: a run of channels needs no sort
         self.heads_per_group, self.n_groups = H // G, G
         self.has_skip = D is not None
         self.cumdelta = segsum(delta)  # (B, H, L) float64
@@ -162,9 +166,9 @@ class SSDCore(Core):
             B, C, delta = self.B[b, :, g], self.C[b, :, g], self.delta[b].index_select(0, head)
             return DiagonalTiles(S, A, B, C, delta, D, scalar=True, **parts)
         # every head (those without channels in this read are skipped by the kernels): no device read here
-        return HeadTiles(
-            self.cumdelta[b], self.A, self.delta[b], self.B[b, :, g], self.C[b, :, g], head, D, **parts
-        )
+        ordered = isinstance(chans, slice) and self.heads_ordered
+        B, C = self.B[b, :, g], self.C[b, :, g]
+        return HeadTiles(self.cumdelta[b], self.A, self.delta[b], B, C, head, D, ordered=ordered, **parts)
 
     def matvec(self, b: int, v: Tensor, *, ssm: bool, skip: bool) -> Tensor:
         """``(R + diag(D)) @ v`` for all channels, ``v (C, L)``, through :func:`ssd_scan` (``O(L)``)."""
@@ -331,7 +335,7 @@ class Mamba2Patcher(Patcher):
             delta = delta.clamp(min=low, max=high)
         A = -torch.exp(w["A_log"].to(dtype))  # (H,)
         D = w["D"].to(dtype)
-        head_of = torch.arange(C, device=proj.device) // P
+        head_of = torch.arange(C, device=proj.device) // P  # non-decreasing: SSDCore(heads_ordered=True)
 
         x = xBC[:, :C]
         # What the conv adds that is not conv(P·x): its bias, a cached left context, padded inputs.
@@ -384,7 +388,11 @@ class Mamba2Patcher(Patcher):
         d = self.derive(record, dtype)
         return Factors(
             values=d["values"],
-            core=SSDCore(d["delta"], d["A"], d["B"], d["C"], d["D"], d["head_of"], d["conv"].shape[1]),
+            core=SSDCore(
+                *(d[k] for k in ("delta", "A", "B", "C", "D", "head_of")),
+                conv_width=d["conv"].shape[1],
+                heads_ordered=True,
+            ),
             left=dict(d["left"]),
             right={"act": d["act"]},
             conv=d["conv"],
