@@ -51,8 +51,9 @@ For any block of rows and columns, :meth:`DiagonalTiles.dense` writes ``(channel
 holds ``channels × L × L``. Reads whose columns and output strides are multiples of 16 (every dense read
 with ``L`` a multiple of 16) are launched ``ALIGNED`` and store 16 bytes at a time (:func:`_store_at`).
 Measured on the H200 (``benchmarks/results/gpu.md``), through the view, preparation included, dense reads at
-L = 512 / 1024 / 2048 / 4096 take 5.1× / 2.7× / 1.9× / 1.5× the write floor (Mamba-1, 1536 channels),
-2.8× / 1.9× / 1.2× / 1.2× (RWKV-4, 1024 channels); the torch path 1070× and 135× at L = 512.
+L = 512 / 1024 / 2048 / 4096 take 5.0× / 2.7–2.9× / 1.9× / 1.5–1.6× the write floor (Mamba-1, 1536
+channels), 2.3× / 1.7× / 1.2× / 1.2× (RWKV-4, 1024 channels); the torch path 1018–1070× and 135–138× at
+L = 512.
 """
 
 from __future__ import annotations
