@@ -437,16 +437,11 @@ def test_whole_tiles_of_every_kernel_go_out_unmasked_and_right(family):
     strip, WKV and by-head tiles lie whole in the read; the other tests' lengths (5, 65, 140, 150) cut
     tiles and are not aligned."""
     L = 192
+    rec, inputs = family_record(family, L, "cpu")
     impulses = None
     if family == "mamba":  # two rows, row 0 left-padded; also against the float64 impulse response
-        rec, (hidden, mask), mixer = record(model("cpu", channels=4), L, "cpu")
+        (hidden, mask), mixer = inputs
         impulses = impulse_matrix(reference(mixer, hidden, mask))
-    elif family == "mamba2":
-        rec = mamba2_record(L, "cpu")[0]
-    elif family == "rglru":
-        rec = rglru_record(L, "cpu")[0]
-    else:
-        rec = rwkv4_record(L, "cpu")
     fused, plain = both(rec.attention)
     A = fused.dense()
     assert kernels._aligned(A[0], 0, L, "tiles") and rel_err(A, plain.dense()) < SAME
@@ -489,6 +484,19 @@ def test_arguments_left_unspecialised_are_arguments_of_each_kernel():
     for name, unspecialised in kernels.UNSPECIALISED.items():
         parameters = inspect.signature(getattr(kernels, name).fn).parameters
         assert set(unspecialised) <= set(parameters) and "L" in unspecialised, name
+
+
+def family_record(family, L, device, *, channels=4):
+    """One recorded call of a block of each family with a fused kernel, and for Mamba-1 what its impulse
+    response needs (``((hidden, mask), mixer)``; None for the others)."""
+    if family == "mamba":
+        rec, inputs, mixer = record(model(device, channels=channels), L, device)
+        return rec, (inputs, mixer)
+    if family == "mamba2":
+        return mamba2_record(L, device)[0], None
+    if family == "rglru":
+        return rglru_record(L, device)[0], None
+    return rwkv4_record(L, device), None
 
 
 def test_reads_the_fused_path_cannot_serve_say_why():
@@ -576,14 +584,7 @@ def test_cuda_fused_reads_never_wait_for_the_device(family):
     """Indices are parsed and every launch decided on the host: dense, block and mean reads queue their
     work without one synchronising call, so the host prepares while the device computes; last-token rows
     neither, on the torch path or the kernel (whichever ``"auto"`` takes)."""
-    if family == "mamba":
-        rec = record(model("cuda"), 200, "cuda")[0]
-    elif family == "mamba2":  # by head, one group of B/C
-        rec = mamba2_record(200, "cuda")[0]
-    elif family == "rglru":
-        rec = rglru_record(200, "cuda")[0]
-    else:
-        rec = rwkv4_record(200, "cuda")
+    rec, _ = family_record(family, 200, "cuda", channels=8)  # Mamba-2: by head, one group of B/C
     view = rec.attention.with_backend("triton")
     view.dense(), view.mean(), view.dense(torch.bfloat16)  # compiled before counting (may synchronise)
     assert cuda_syncs(view.dense) == 0
@@ -613,15 +614,7 @@ def test_fused_reads_take_runs_of_channels_as_views(family):
             self.names.append(func.__name__)
             return func(*args, **(kwargs or {}))
 
-    L = 70
-    if family == "mamba":
-        rec = record(model("cpu", channels=4), L, "cpu")[0]
-    elif family == "mamba2":
-        rec = mamba2_record(L, "cpu")[0]
-    elif family == "rglru":
-        rec = rglru_record(L, "cpu")[0]
-    else:
-        rec = rwkv4_record(L, "cpu")
+    rec, _ = family_record(family, 70, "cpu")
     fused, plain = both(rec.attention)
     fused.dense()  # the factors, once
     with Ops() as ops:
