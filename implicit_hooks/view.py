@@ -190,8 +190,9 @@ class Factors:
 def _row_major(t: Tensor) -> Tensor:
     """``t`` laid out ``(B, C, L)`` row-major where it is a permuted dense tensor (the transposed
     ``(B, L, C)`` taps most factors come from), so that a fused read takes a run of channels as a view
-    instead of copying it on every read; the factors keep the copy, not both. Broadcast views (stride 0)
-    stay as they are."""
+    instead of copying it on every read. Broadcast views (stride 0) and slices stay as they are. A patcher
+    that also keeps the factor (a record's cache of derived tensors) should make it row-major where it is
+    computed, as the built-in ones do, or both layouts are kept."""
     if t.is_contiguous():
         return t
     expected = 1  # a permutation of a contiguous layout: strides, smallest first, are running products
@@ -491,16 +492,19 @@ class AttentionView:
             for part in parts:
                 yield ids[part], part + c0, None
 
-    def _no_kernel(self, b: int, chans: Tensor | slice) -> Tensor:
-        """The core declined these channels: the torch path serves them (their ids on the device, returned),
-        unless Triton was asked for."""
-        ids = torch.arange(chans.start, chans.stop, device=self.device) if isinstance(chans, slice) else chans
+    def _channel_ids(self, chans: Tensor | slice) -> Tensor:
+        """``chans`` as channel ids on the device (a run made into one)."""
+        if isinstance(chans, slice):
+            return torch.arange(chans.start, chans.stop, device=self.device)
+        return chans
+
+    def _no_kernel(self, b: int, chans: Tensor | slice) -> None:
+        """The core declined these channels: the torch path serves them, unless Triton was asked for."""
         if self.backend == "triton":
             raise ValueError(
                 f"backend='triton' cannot serve this read: {type(self.factors.core).__name__} has no kernel "
-                f"for channels {ids.tolist()[:4]}… of batch row {b} (see its tiles())"
+                f"for channels {self._channel_ids(chans).tolist()[:4]}… of batch row {b} (see its tiles())"
             )
-        return ids
 
     def _compute(self, bs: _Axis, cs: _Axis, rows: _Axis, cols: _Axis) -> Tensor:
         span = self._fused(rows, cols)
@@ -514,7 +518,8 @@ class AttentionView:
                     tiles.dense(*span, out=out[i, run[0] : run[1]])
                     continue
                 if tiles is None:
-                    part = self._compute_torch([b], self._no_kernel(b, chans), rows.index, cols)[0]
+                    self._no_kernel(b, chans)
+                    part = self._compute_torch([b], self._channel_ids(chans), rows.index, cols)[0]
                 else:
                     part = tiles.dense(*span)
                 if run is not None:

@@ -164,6 +164,7 @@ class RGLRUPatcher(Patcher):
         x = record.raw["linear_x"].transpose(1, 2).to(dtype)  # (B, C, L)
         batch, C, L = x.shape
         gate = m.act_fn.forward(record.raw["linear_y"].to(dtype)).transpose(1, 2)  # the model's own GeLU
+        gate = gate.contiguous()  # row-major once: Factors then keep this tensor, not a copy
 
         position_ids = record.raw["position_ids"]
         require(

@@ -281,7 +281,7 @@ class MambaPatcher(Patcher):
         derived = dict(
             values=x,
             z=z,
-            gate=F.silu(z),
+            gate=F.silu(z).contiguous(),  # row-major once: Factors then keep this tensor, not a copy
             conv_preact=u,
             act=slope,
             mask=mask,

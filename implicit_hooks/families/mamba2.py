@@ -353,7 +353,7 @@ class Mamba2Patcher(Patcher):
         # The SSM output before the norm, for the norm's per-token scale (and record.tensors).
         scan = ssd_scan(xa.reshape(batch, H, P, L), delta, A, Bm, Cm, h0).reshape(batch, C, L)
         scan = scan + D.repeat_interleave(P)[None, :, None] * xa
-        gate = F.silu(z.transpose(1, 2))  # (B, C, L)
+        gate = F.silu(z.transpose(1, 2)).contiguous()  # (B, C, L), row-major: Factors keep it, not a copy
         left = {"gate": gate}
         layout = norm_layout(getattr(m, "norm", None), C, record.name)
         if layout is not None:

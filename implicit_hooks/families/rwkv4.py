@@ -184,9 +184,9 @@ class RWKV4Patcher(Patcher):
         derived = dict(
             values=record.raw["value"].transpose(1, 2).to(dtype),
             key=k.to(dtype),
-            key_f64=k.to(_F64),
+            key_f64=k.to(_F64).contiguous(),  # row-major: the core keeps it, not a copy
             receptance=receptance,
-            gate=torch.sigmoid(receptance),
+            gate=torch.sigmoid(receptance).contiguous(),  # row-major: Factors keep it, not a copy
             w=w,
             u=u,
             log_z=log_z,
