@@ -25,6 +25,7 @@ from implicit_hooks import kernels
 VARIANTS = {
     "mamba": {
         "far uncapped": {"maxnreg": {"far": None}},
+        "strip diagonal by state loop": {"STRIP_DIAGONAL_SUM": False},
         "far 8 warps": {"far_warps": 8},
         "strip 8 warps": {"near_warps": 8},
         "stores of 4": {"aligned_run": {"tiles": 4}},
@@ -64,6 +65,7 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--repeat", type=int, default=1, help="passes over the variants, interleaved")
     parser.add_argument("--bfloat16", action="store_true", help="also time reads stored in bfloat16")
+    parser.add_argument("--variants", nargs="+", default=None, help="only these variants (and the default)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -82,7 +84,9 @@ def main() -> None:
             narrow_view = view.with_output_dtype(torch.bfloat16)
             floor = view.shape[0] * view.shape[1] * L * L * 4 / bandwidth
             reference = view.dense()
-            named = {"default": {}, **VARIANTS[family]}.items()
+            wanted = args.variants or list(VARIANTS[family])
+            chosen = {k: v for k, v in VARIANTS[family].items() if k in wanted}
+            named = {"default": {}, **chosen}.items()
             variants = [(p, *v) for p in range(args.repeat) for v in named]
             for repeat, name, change in variants:
                 kernels.TUNING.clear()

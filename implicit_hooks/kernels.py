@@ -99,6 +99,8 @@ TUNING: dict = {
     # a thread, and wider runs made its bfloat16 stores reshuffle each tile through shared memory first
     "aligned_run": {"tiles": 16, "wkv": 16, "head": 4},
     "NEAR_STRIPS": True,
+    # a strip's diagonal block with its state loop unrolled (False: a loop over states, loads in turn)
+    "STRIP_DIAGONAL_SUM": True,
     # a head's channels split over programs until about this many programs an SM (HeadTiles)
     "head_programs_per_sm": 4,
     # ptxas register caps of dense launches by kernel ("far": tile products of N < 64 states, "far_wide",
@@ -279,10 +281,28 @@ if triton is not None:
         return R, R + tl.arange(0, SQ), J * Q + tl.arange(0, Q), R + tl.arange(0, SQ)
 
     @triton.jit
+    def _diagonal_block(c, I, t, j, L, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, N: tl.constexpr,
+                        K: tl.constexpr, Q: tl.constexpr):  # fmt: skip
+        """:func:`_direct` for a strip's ``SQ × SQ`` diagonal block, the state loop unrolled (up to 32
+        states): two entries a thread and state, so every state's loads go out at once and fit in registers,
+        where :func:`_direct`'s loop waits for each state's loads in turn. The same sums, term by term."""
+        if N > 32:
+            return _direct(c, I, t, j, L, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, N, K, Q)
+        valid, gap = _gaps(c, I, t, j, L, sloc_ptr, tot_ptr, seg_ptr, K, Q)
+        t_ok = t < L
+        j_ok = (j >= 0) & (j < L)
+        acc = tl.zeros((t.shape[0], j.shape[0]), dtype=tl.float32)
+        for n in tl.static_range(N):
+            c_n = tl.load(C_ptr + t * N + n, mask=t_ok, other=0.0)
+            w_n = tl.load(W_ptr + (c * L + j) * N + n, mask=j_ok, other=0.0)
+            acc += c_n[:, None] * tl.exp(tl.load(A_ptr + c * N + n) * gap) * w_n[None, :]
+        return tl.where(valid, acc, 0.0)
+
+    @triton.jit
     def _strip(
         c, I, i, J, L, ssm, max_growth, sloc_ptr, tot_ptr, growth_ptr, A_ptr, C_ptr, W_ptr, fix_ptr, seg_ptr,
         left_ptr, pmask_ptr, N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, Q: tl.constexpr,
-        SQ: tl.constexpr, SPLIT: tl.constexpr,
+        SQ: tl.constexpr, SPLIT: tl.constexpr, DIAGONAL_SUM: tl.constexpr,
     ):  # fmt: skip
         """Row strip ``i`` (``SQ`` rows from ``R = IQ + i·SQ``) of near tile ``(I, J)`` of channel ``c``, in
         two parts: ``main``, the columns ``j < R``, and ``diag``, the ``SQ`` columns from ``R`` (``J = I``).
@@ -291,34 +311,37 @@ if triton is not None:
         W[j, n]``, one ``SQ × NP × Q`` product and ``(SQ + Q)·NP`` exponentials instead of ``SQ·Q·N``. The
         row factors are ``≤ 1``; a column's last tap lies at most ``K − 1`` positions past ``R``, so its
         factor grows by at most ``e^{max|A| (S_{R+K−1} − S_R)}``: strips where that passes
-        ``e^{max_growth}`` (large rates) take every entry directly, as ``diag`` does."""
+        ``e^{max_growth}`` (large rates) take every entry directly, as ``diag`` does
+        (:func:`_diagonal_block`). The strip's loads are issued before the growth decides: a program waits
+        for memory once, not once for the growth and again for the rest."""
         R, t, j, jd = _strip_at(I, i, J, Q, SQ)
         main = tl.zeros((SQ, Q), dtype=tl.float32)
         diag = tl.zeros((SQ, SQ), dtype=tl.float32)
         if ssm != 0:
             n_strips = (L + SQ - 1) // SQ
-            if tl.load(growth_ptr + c * n_strips + R // SQ) <= max_growth:
-                t_ok = t < L
-                n = tl.arange(0, NP)
-                n_ok = n < N
-                a = tl.load(A_ptr + c * N + n, mask=n_ok, other=0.0)
-                # S_R − S_IQ (0 for the tile's first strip); the index is clamped, its value unused then
-                off = tl.load(sloc_ptr + c * L + tl.minimum(tl.maximum(R - 1, 0), L - 1))
-                off = tl.where(i > 0, off, 0.0)
-                row_gap = tl.load(sloc_ptr + c * L + t, mask=t_ok, other=0.0) - off  # S_{t+1} − S_R ≥ 0
-                c_rows = tl.load(C_ptr + t[:, None] * N + n[None, :], mask=t_ok[:, None] & n_ok[None, :],
-                                 other=0.0)  # fmt: skip
+            growth = tl.load(growth_ptr + c * n_strips + R // SQ)
+            t_ok = t < L
+            n = tl.arange(0, NP)
+            n_ok = n < N
+            a = tl.load(A_ptr + c * N + n, mask=n_ok, other=0.0)
+            c_rows = tl.load(C_ptr + t[:, None] * N + n[None, :], mask=t_ok[:, None] & n_ok[None, :],
+                             other=0.0)  # fmt: skip
+            # S_R − S_IQ (0 for the tile's first strip); the index is clamped, its value unused then
+            off = tl.load(sloc_ptr + c * L + tl.minimum(tl.maximum(R - 1, 0), L - 1))
+            off = tl.where(i > 0, off, 0.0)
+            row_gap = tl.load(sloc_ptr + c * L + t, mask=t_ok, other=0.0) - off  # S_{t+1} − S_R ≥ 0
+            m = j + (K - 1)
+            m_ok = m < L
+            tile_m = m // Q
+            s_m = tl.load(sloc_ptr + c * L + m, mask=m_ok, other=0.0)
+            n_tiles = (L + Q - 1) // Q
+            carry = tl.load(tot_ptr + c * n_tiles + tile_m, mask=m_ok & (tile_m < I), other=0.0)
+            cols = (j >= 0) & (j < R) & (j < L)
+            w = tl.load(W_ptr + (c * L + j[:, None]) * N + n[None, :], mask=cols[:, None] & n_ok[None, :],
+                        other=0.0)  # fmt: skip
+            if growth <= max_growth:
                 u = c_rows * tl.exp(a[None, :] * row_gap[:, None])
-                m = j + (K - 1)
-                m_ok = m < L
-                tile_m = m // Q
-                s_m = tl.load(sloc_ptr + c * L + m, mask=m_ok, other=0.0)
-                n_tiles = (L + Q - 1) // Q
-                carry = tl.load(tot_ptr + c * n_tiles + tile_m, mask=m_ok & (tile_m < I), other=0.0)
-                cols = (j >= 0) & (j < R) & (j < L)
                 col_gap = tl.where(cols, off - (s_m - carry), 0.0)  # S_R − S_{m+1} ≥ −(S_{R+K−1} − S_R)
-                w = tl.load(W_ptr + (c * L + j[:, None]) * N + n[None, :], mask=cols[:, None] & n_ok[None, :],
-                            other=0.0)  # fmt: skip
                 w = w * tl.exp(a[None, :] * col_gap[:, None])
                 if SPLIT:
                     main = _split_product(u, w)
@@ -329,7 +352,11 @@ if triton is not None:
             else:
                 main = _direct(c, I, t, j, L, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, N, K, Q)
             if J == I:
-                diag = _direct(c, I, t, jd, L, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, N, K, Q)
+                if DIAGONAL_SUM:
+                    diag = _diagonal_block(c, I, t, jd, L, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, seg_ptr,
+                                           N, K, Q)  # fmt: skip
+                else:
+                    diag = _direct(c, I, t, jd, L, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, N, K, Q)
         main = _band(main, c, t, j, L, fix_ptr, left_ptr, pmask_ptr, K)
         main = tl.where((j < R)[None, :], main, 0.0)  # the diag part's columns and the zeros past them
         diag = _band(diag, c, t, jd, L, fix_ptr, left_ptr, pmask_ptr, K)
@@ -384,7 +411,7 @@ if triton is not None:
     # lengths and offsets change with every read: one compiled kernel for all of them
     _SPAN = ["stride_slab", "stride_t", "r0", "r1", "c0", "c1", "I0", "L"]
     UNSPECIALISED = {
-        "_prep_kernel": ["L", "ssm", "skip"],
+        "_prep_kernel": ["L", "ssm", "skip", "has_right", "has_segments"],
         "_far_kernel": _SPAN + ["J0", "nJ", "span", "ssm", "n_chan", "per_group"],
         "_near_kernel": _SPAN + ["ssm", "n_chan", "per_group"],
         "_strip_kernel": _SPAN + ["ssm", "n_chan", "per_group", "max_growth"],
@@ -393,35 +420,73 @@ if triton is not None:
         "_head_reduce_kernel": _SPAN[1:] + ["J0", "nI", "nJ", "ssm", "n_heads"],  # one slab: no stride_slab
     }
 
+    @triton.jit
+    def _input_weight(c, m, L, m_ok, u_ptr, r_ptr, has_right):
+        """``u_m r_m``: the input weight times the right factors (1 without ``has_right``)."""
+        right = tl.load(r_ptr + c * L + m, mask=m < L * has_right, other=1.0)
+        return tl.load(u_ptr + c * L + m, mask=m_ok, other=0.0) * right
+
     @triton.jit(do_not_specialize=UNSPECIALISED["_prep_kernel"])
     def _prep_kernel(
-        S_ptr, sloc_ptr, sref_ptr, A_ptr, B_ptr, C_ptr, vr_ptr, taps_ptr, dr_ptr, seg_ptr, segref_ptr,
-        U_ptr, V_ptr, W_ptr, fix_ptr, L, ssm, skip,
+        S_ptr, A_ptr, B_ptr, C_ptr, u_ptr, r_ptr, D_ptr, taps_ptr, seg_ptr, segref_ptr,
+        sloc_ptr, sb_ptr, tot_ptr, sref_ptr, growth_ptr, U_ptr, V_ptr, W_ptr, fix_ptr,
+        L, ssm, skip, has_right, has_segments,
         N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, Q: tl.constexpr,
-        P: tl.constexpr,
+        P: tl.constexpr, SQ: tl.constexpr,
     ):  # fmt: skip
         """What :class:`DiagonalTiles` prepares, for channel ``c`` and ``P`` positions ``p``, in one pass
-        (``2K + 1`` exponentials per position and state):
+        (``2K + 1`` exponentials per position and state), from ``S``, the rates and the factors as given:
 
+        * the sums of ``S`` that the tiles read: ``sloc[p] = S_{p+1} − S_{start}`` (the tile's start), each
+          tile's bounds ``sb``, total ``tot`` and far reference ``sref``, each strip's ``growth``
+          ``max_n |A_n| (S_{R+K−1} − S_R)`` and (with resets) each tile's reference segment ``seg_ref``,
+          written by the lane of the tile's or strip's first position;
         * ``W[p, n] = Σ_k w_k exp(A_n (S_{l+1} − S_{p+k+1})) u_{p+k} r_{p+k} B[p+k, n]`` with ``l`` the last
           tap ``min(p + K − 1, L − 1)``, over the taps inside the sequence and in ``l``'s segment;
         * ``U[p, n] = C[p, n] exp(A_n (S_{p+1} − S_{start}))``, zero past a reset since the tile's start;
         * ``V[p, n] = exp(A_n (S_ref − S_{l+1})) W[p, n]``, zero past a reset before the tile's reference;
         * ``fix[p, d]`` (``d < K``): ``Σ_{e ≤ d < K−1} w_{d−e} core[p, p − e]`` and the skip ``w_d D r_p``.
 
-        Every exponent is ≤ 0 (float64 differences of ``S``, rounded after)."""
+        ``r`` is read only with ``has_right`` (else 1), ``D`` only with ``skip``. Every exponent is ≤ 0
+        (float64 differences of ``S``, rounded after)."""
         c = tl.program_id(0).to(tl.int64)
         p = tl.program_id(1) * P + tl.arange(0, P)
         p_ok = p < L
         n = tl.arange(0, NP)
         n_ok = n < N
         pn_ok = p_ok[:, None] & n_ok[None, :]
+        n_tiles = (L + Q - 1) // Q
         S_row = S_ptr + c * (L + 1)
+        # the sums of S: float64 differences, rounded after
+        S_p = tl.load(S_row + p + 1, mask=p_ok, other=0.0)
+        start = p // Q * Q
+        tile = p // Q
+        S_start = tl.load(S_row + start, mask=p_ok, other=0.0)
+        sl = (S_p - S_start).to(tl.float32)  # Σ over the tile, through p
+        tl.store(sloc_ptr + c * L + p, sl, mask=p_ok)
+        first = p_ok & (p % Q == 0)  # each tile's first position writes the tile's sums
+        S_end = tl.load(S_row + tl.minimum(start + Q, L), mask=first, other=0.0)
+        tl.store(sb_ptr + c * (n_tiles + 1) + tile, S_start, mask=first)
+        tl.store(sb_ptr + c * (n_tiles + 1) + n_tiles + 0 * p, S_p, mask=p == L - 1)  # S_L: the last bound
+        tl.store(tot_ptr + c * n_tiles + tile, (S_end - S_start).to(tl.float32), mask=first)
+        ref = tl.minimum((tile + 1) * Q + K - 1, L)  # the far tiles' column reference
+        S_ref = tl.load(S_row + ref, mask=p_ok, other=0.0)
+        tl.store(sref_ptr + c * n_tiles + tile, S_ref, mask=first)
+        seg_ref = tl.load(seg_ptr + ref - 1, mask=p_ok, other=0)  # the segment of the tile's last column
+        # one channel writes the segments' references, only where there are resets (else a shared zero)
+        tl.store(segref_ptr + tile, seg_ref, mask=tl.where(c == 0, first & (p < L * has_segments), False))
         seg_p = tl.load(seg_ptr + p, mask=p_ok, other=0)
         d = tl.arange(0, KP)
         fix = tl.zeros((P, KP), dtype=tl.float32)
         if ssm != 0:
             a = tl.load(A_ptr + c * N + n, mask=n_ok, other=0.0)
+            # each strip's growth, from the lane of its first row R: max_n |A_n| (S_{R+K−1} − S_R)
+            strip = p_ok & (p % SQ == 0)
+            span = tl.load(S_row + tl.minimum(p + K - 1, L), mask=strip, other=0.0) - tl.load(
+                S_row + p, mask=strip, other=0.0
+            )
+            growth = tl.max(tl.abs(a), axis=0) * span.to(tl.float32)
+            tl.store(growth_ptr + c * ((L + SQ - 1) // SQ) + p // SQ, growth, mask=strip)
             last = tl.minimum(p + K - 1, L - 1)
             S_last = tl.load(S_row + last + 1, mask=p_ok, other=0.0)
             seg_last = tl.load(seg_ptr + last, mask=p_ok, other=0)
@@ -430,40 +495,35 @@ if triton is not None:
                 m = tl.minimum(p + k, L - 1)
                 inside = p_ok & (p + k < L) & (tl.load(seg_ptr + m, mask=p_ok, other=0) == seg_last)
                 gap = tl.maximum(S_last - tl.load(S_row + m + 1, mask=p_ok, other=0.0), 0.0).to(tl.float32)
-                weight = tl.load(vr_ptr + c * L + m, mask=p_ok, other=0.0) * tl.load(
-                    taps_ptr + c * K + K - 1 - k
-                )
+                tap = tl.load(taps_ptr + c * K + K - 1 - k)
+                weight = _input_weight(c, m, L, p_ok, u_ptr, r_ptr, has_right) * tap
                 b = tl.load(B_ptr + m[:, None] * N + n[None, :], mask=pn_ok, other=0.0)
                 W += tl.exp(a[None, :] * gap[:, None]) * (tl.where(inside, weight, 0.0)[:, None] * b)
             rows = c * L + p
             tl.store(W_ptr + rows[:, None] * N + n[None, :], W, mask=pn_ok)
-            start = p // Q * Q
             before = tl.load(seg_ptr + tl.maximum(start - 1, 0), mask=p_ok, other=0)
             c_rows = tl.load(C_ptr + p[:, None] * N + n[None, :], mask=pn_ok, other=0.0)
-            sl = tl.load(sloc_ptr + c * L + p, mask=p_ok, other=0.0)
             U = c_rows * tl.exp(a[None, :] * sl[:, None]) * (seg_p == before).to(tl.float32)[:, None]
             tl.store(U_ptr + rows[:, None] * NP + n[None, :], U, mask=p_ok[:, None])
-            tile = p // Q
-            S_ref = tl.load(sref_ptr + c * ((L + Q - 1) // Q) + tile, mask=p_ok, other=0.0)
-            linked = seg_last == tl.load(segref_ptr + tile, mask=p_ok, other=0)
+            linked = seg_last == seg_ref
             gap = tl.maximum(S_ref - S_last, 0.0).to(tl.float32)
             V = tl.exp(a[None, :] * gap[:, None]) * W * linked.to(tl.float32)[:, None]
             tl.store(V_ptr + rows[:, None] * NP + n[None, :], V, mask=p_ok[:, None])
-            S_p = tl.load(S_row + p + 1, mask=p_ok, other=0.0)
             for e in tl.static_range(K - 1):  # the recurrence's entries core[p, p − e]
                 m = tl.maximum(p - e, 0)
                 linked = p_ok & (p >= e) & (tl.load(seg_ptr + m, mask=p_ok, other=0) == seg_p)
                 gap = tl.maximum(S_p - tl.load(S_row + m + 1, mask=p_ok, other=0.0), 0.0).to(tl.float32)
                 b = tl.load(B_ptr + m[:, None] * N + n[None, :], mask=pn_ok, other=0.0)
                 entry = tl.sum(tl.exp(a[None, :] * gap[:, None]) * c_rows * b, axis=1)
-                entry = tl.where(linked, entry * tl.load(vr_ptr + c * L + m, mask=p_ok, other=0.0), 0.0)
+                entry = tl.where(linked, entry * _input_weight(c, m, L, p_ok, u_ptr, r_ptr, has_right), 0.0)
                 # column p − d takes it through tap d − e, for e ≤ d < K − 1
                 on = (d >= e) & (d < K - 1)
                 coef = tl.load(taps_ptr + c * K + tl.where(on, K - 1 - (d - e), 0), mask=on, other=0.0)
                 fix += entry[:, None] * coef[None, :]
         if skip != 0:
             coef = tl.load(taps_ptr + c * K + tl.where(d < K, K - 1 - d, 0), mask=d < K, other=0.0)
-            fix += tl.load(dr_ptr + c * L + p, mask=p_ok, other=0.0)[:, None] * coef[None, :]
+            right = tl.load(r_ptr + c * L + p, mask=p < L * has_right, other=1.0)
+            fix += (tl.load(D_ptr + c) * right)[:, None] * coef[None, :]
         tl.store(fix_ptr + (c * L + p)[:, None] * K + d[None, :], fix, mask=p_ok[:, None] & (d < K)[None, :])
 
     @triton.jit(do_not_specialize=UNSPECIALISED["_far_kernel"])
@@ -532,7 +592,8 @@ if triton is not None:
         out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, L, ssm, n_chan, per_group, max_growth,
         sloc_ptr, tot_ptr, growth_ptr, A_ptr, C_ptr, W_ptr, fix_ptr, seg_ptr, left_ptr, pmask_ptr,
         rw_ptr, cw_ptr, N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, Q: tl.constexpr, SQ: tl.constexpr,
-        SPLIT: tl.constexpr, REDUCE: tl.constexpr, TRANSFORM: tl.constexpr, ALIGNED: tl.constexpr,
+        SPLIT: tl.constexpr, DIAGONAL_SUM: tl.constexpr, REDUCE: tl.constexpr, TRANSFORM: tl.constexpr,
+        ALIGNED: tl.constexpr,
     ):  # fmt: skip
         """The near tiles by row strips (:func:`_strip`): strip ``i`` of row tile ``I`` against column
         tiles ``I`` and ``I − 1``; ``main`` written with the zeros past the strip's diagonal block, ``diag``
@@ -551,14 +612,14 @@ if triton is not None:
             while c < tl.minimum((slab + 1) * per_group, n_chan):
                 main_c, diag_c = _strip(c, I, i, J, L, ssm, max_growth, sloc_ptr, tot_ptr, growth_ptr, A_ptr,
                                         C_ptr, W_ptr, fix_ptr, seg_ptr, left_ptr, pmask_ptr, N, NP, K, Q, SQ,
-                                        SPLIT)  # fmt: skip
+                                        SPLIT, DIAGONAL_SUM)  # fmt: skip
                 main = _reduce_at(main, main_c, c, t, j, L, rw_ptr, cw_ptr, TRANSFORM)
                 diag = _reduce_at(diag, diag_c, c, t, jd, L, rw_ptr, cw_ptr, TRANSFORM)
                 c += 1
         else:
             main, diag = _strip(slab, I, i, J, L, ssm, max_growth, sloc_ptr, tot_ptr, growth_ptr, A_ptr,
                                 C_ptr, W_ptr, fix_ptr, seg_ptr, left_ptr, pmask_ptr, N, NP, K, Q, SQ,
-                                SPLIT)  # fmt: skip
+                                SPLIT, DIAGONAL_SUM)  # fmt: skip
         outside = tl.where(J >= 0, (j < R) | (j >= R + SQ), False)  # diag's columns are the other store's
         _store_at(out_ptr, slab, stride_slab, stride_t, t, j, r0, r1, c0, c1, main, outside[None, :], ALIGNED)
         _store_at(out_ptr, slab, stride_slab, stride_t, t, jd, r0, r1, c0, c1, diag, J == I, ALIGNED)
@@ -851,23 +912,11 @@ class _Tiles:
 
 
 @functools.lru_cache(maxsize=64)
-def _positions(L: int, K: int, device: torch.device) -> tuple[Tensor, ...]:
-    """Index vectors into ``S`` (``(nc, L + 1)``) that :class:`DiagonalTiles` gathers at, for every read of
-    the same length: each position's tile start, the tile bounds, the far tiles' column references, and
-    each strip's start and last conv column. Built once, not on every read."""
-    Q, nT = TILE, (L + TILE - 1) // TILE
-    start = torch.arange(L) // Q * Q
-    bounds = (torch.arange(nT + 1) * Q).clamp(max=L)
-    ref = ((torch.arange(nT) + 1) * Q + K - 1).clamp(max=L)
-    strip_start = torch.arange(0, L, STRIP)
-    strip_end = (strip_start + K - 1).clamp(max=L)
-    return tuple(t.to(device) for t in (start, bounds, ref, strip_start, strip_end))
-
-
-@functools.lru_cache(maxsize=64)
-def _zeros(n: int, device: torch.device) -> Tensor:
-    """A read-only int32 zero vector (the segment ids where there are no resets)."""
-    return torch.zeros(n, dtype=torch.int32, device=device)
+def filled(n: int, value: float, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A read-only vector of ``n`` copies of ``value``, made once per length and device: the stand-ins
+    that reads of every length pass to the kernels (segment ids without resets, an input mask of ones,
+    RG-LRU's one state) without a fill on every read. Never write to it."""
+    return torch.full((n,), value, dtype=dtype, device=device)
 
 
 class DiagonalTiles(_Tiles):
@@ -877,9 +926,11 @@ class DiagonalTiles(_Tiles):
         core[t, m] = [seg_t = seg_m] · Σ_n C[t, n] · exp(A_n (S_{t+1} − S_{m+1})) · w_m B[m, n]  +  D [t = m]
 
     Mamba-1 (``w = Δ``, ``S = ΣΔ``) and RG-LRU (``N = 1``, ``A = −1``, ``S = −Σ log a``, ``w`` the input
-    scale, ``seg`` the reset count) are two instances. Prepared in ``O(channels · L · N)``: a few
-    per-position sums in torch, then ``W``, ``U``, ``V`` and ``fix`` in one pass (:func:`_prep_kernel`);
-    ``U`` and ``V`` are the far tiles' factors, the rest serves the near tiles (``growth``: the strips').
+    scale, ``seg`` the reset count) are two instances. Prepared in ``O(channels · L · N)``, in one pass
+    (:func:`_prep_kernel`) from the arrays as given: the sums of ``S`` the tiles read, ``W``, ``U``, ``V``
+    and ``fix``; ``U`` and ``V`` are the far tiles' factors, the rest serves the near tiles (``growth``:
+    the strips'). Besides allocations no torch operation runs per read: on the H200's machine each costs
+    the host 10–25 µs, and a short read is issued by the host as much as computed by the device.
 
     Args:
         S: ``(nc, L + 1)`` float64 cumulative rates, ``S[p + 1] = Σ_{k ≤ p}``, ``S[0] = 0``.
@@ -923,28 +974,28 @@ class DiagonalTiles(_Tiles):
         K = 1 if taps is None else taps.shape[1]
         if K - 1 > Q:
             raise ValueError(f"the fused kernel handles convolutions of up to {Q + 1} taps, got {K}")
-        start, bounds, ref, strip_start, strip_end = _positions(L, K, device)
-        self.sloc = (S[:, 1:] - S[:, start]).to(f32).contiguous()  # Σ over the tile, through p
-        sb = S[:, bounds]  # (nc, nT + 1) float64: S at tile starts (and at L)
-        self.tot = (sb[:, 1:] - sb[:, :-1]).to(f32).contiguous()  # (nc, nT)
-        self.sb = sb
-        self.sref = S[:, ref]  # (nc, nT) float64: the far tiles' column reference
+        # the sums of S the tiles read (written by the preparation: no torch operation per read)
+        self.sloc = torch.empty(nc, L, device=device, dtype=f32)  # Σ over the tile, through p
+        self.sb = torch.empty(nc, nT + 1, device=device, dtype=S.dtype)  # S at tile starts (and at L)
+        self.tot = torch.empty(nc, nT, device=device, dtype=f32)
+        self.sref = torch.empty(nc, nT, device=device, dtype=S.dtype)  # the far tiles' column reference
+        self.growth = torch.empty(nc, (L + STRIP - 1) // STRIP, device=device, dtype=f32)
         if segment is None:
-            self.seg, self.seg_ref = _zeros(L, device), _zeros(nT, device)
-        else:
+            self.seg, self.seg_ref = filled(L, 0, device, torch.int32), filled(nT, 0, device, torch.int32)
+        else:  # seg_ref: the segment of each tile's last column
             self.seg = segment.to(torch.int32).contiguous()
-            self.seg_ref = self.seg[ref - 1].contiguous()  # (nT,): the segment of each tile's last column
-        r = torch.ones_like(weight, dtype=f32) if right is None else right.to(f32)
-        self.vr = (weight.to(f32) * r).contiguous()
-        self.dr = (D.to(f32)[:, None] * r).contiguous() if skip and D is not None else torch.zeros_like(r)
+            self.seg_ref = torch.empty(nT, device=device, dtype=torch.int32)
+        weight = weight.to(f32).contiguous()
+        right = weight if right is None else right.to(f32).contiguous()  # unread without has_right
+        skip = skip and D is not None
+        D = D.to(f32).contiguous() if skip else weight  # unread without skip
         self.A = A.to(f32).contiguous()
         self.B = B.to(f32).contiguous()
         self.C = C.to(f32).contiguous()
         w = torch.ones(nc, 1, device=device, dtype=f32) if taps is None else taps.to(f32)
         self.taps = w.contiguous()
-        self.ones = ones = torch.ones_like(r)
-        self.left = ones if left is None else left.to(f32).contiguous()
-        self.pmask = ones[0] if input_mask is None else input_mask.to(f32).contiguous()
+        self.left = torch.ones(nc, L, device=device, dtype=f32) if left is None else left.to(f32).contiguous()
+        self.pmask = filled(L, 1.0, device) if input_mask is None else input_mask.to(f32).contiguous()
         self.N, self.NP, self.K, self.L, self.ssm = N, NP, K, L, ssm
         self.n_chan, self.device = nc, device
         # W, U, V: written by the preparation with the recurrence; without it unread (sloc stands in)
@@ -954,17 +1005,26 @@ class DiagonalTiles(_Tiles):
         self.fix = torch.empty(nc, L, K, device=device, dtype=f32)
         P = max(16, min(64, 2048 // NP))  # positions a program: a (P, NP) tile of every factor
         _prep_kernel[(nc, triton.cdiv(L, P))](
-            S.contiguous(), self.sloc, self.sref, self.A, self.B, self.C, self.vr, self.taps, self.dr,
-            self.seg, self.seg_ref, self.U, self.V, self.W, self.fix, L, int(ssm),
-            int(skip and D is not None),
-            N=N, NP=NP, K=K, KP=triton.next_power_of_2(K), Q=Q, P=P,
+            S.contiguous(), self.A, self.B, self.C, weight, right, D, self.taps, self.seg, self.seg_ref,
+            self.sloc, self.sb, self.tot, self.sref, self.growth, self.U, self.V, self.W, self.fix,
+            L, int(ssm), int(skip), int(right is not weight), int(segment is not None),
+            N=N, NP=NP, K=K, KP=triton.next_power_of_2(K), Q=Q, P=P, SQ=STRIP,
         )  # fmt: skip
         # near tiles by strips where the far tiles take a product (Mamba-1) and the conv fits in a strip
         self.strips = bool(TUNING["NEAR_STRIPS"]) and self.far_dot and not scalar and ssm and K - 1 < STRIP
-        self.growth = self.sloc  # a stand-in, unread without strips
-        if self.strips:  # (nc, strips): max_n |A_n| (S_{R+K−1} − S_R) from each strip's start R
-            growth = self.A.abs().amax(1, keepdim=True) * (S[:, strip_end] - S[:, strip_start]).to(f32)
-            self.growth = growth.contiguous()
+
+    def _weights(
+        self, groups: int, row_weight: Tensor | None, col_weight: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """The row and column weights of a channel sum, ones where none is given; a dense read
+        (``groups == 0``) reads none, and ``sloc`` stands in."""
+        if not groups:
+            return self.sloc, self.sloc
+        ones = None
+        if row_weight is None or col_weight is None:
+            ones = torch.ones(self.n_chan, self.L, device=self.device, dtype=torch.float32)
+        rw = ones if row_weight is None else row_weight.to(torch.float32).contiguous()
+        return rw, ones if col_weight is None else col_weight.to(torch.float32).contiguous()
 
     def _launch(self, out: Tensor, span: tuple[int, int, int, int], groups: int, per_group: int,
                 row_weight: Tensor | None = None, col_weight: Tensor | None = None, transform: str = "signed",
@@ -974,9 +1034,7 @@ class DiagonalTiles(_Tiles):
         aligned = _aligned(out, c0, c1, "tiles")
         reduce = dict(REDUCE=groups > 0, TRANSFORM=TRANSFORMS[transform], ALIGNED=aligned)
         slabs = groups or self.n_chan
-        ones = self.ones  # no weights
-        rw = ones if row_weight is None else row_weight.to(torch.float32).contiguous()
-        cw = ones if col_weight is None else col_weight.to(torch.float32).contiguous()
+        rw, cw = self._weights(groups, row_weight, col_weight)
         head = (out, out.stride(0), out.stride(1), r0, r1, c0, c1)
         span = 1 if groups else nJ  # dense: one program per row tile; reduce: per tile, for parallelism
         # wide states (Mamba-2's N = 128) take 8 warps whatever TUNING says: 4 spill registers
@@ -996,6 +1054,7 @@ class DiagonalTiles(_Tiles):
                 self.sloc, self.tot, self.growth, self.A, self.C, self.W, self.fix, self.seg, self.left,
                 self.pmask, rw, cw,
                 N=self.N, NP=self.NP, K=self.K, Q=TILE, SQ=STRIP, SPLIT=bool(TUNING["FAR_SPLIT_TF32"]),
+                DIAGONAL_SUM=bool(TUNING["STRIP_DIAGONAL_SUM"]),
                 **_options("strip", TUNING["near_warps"], groups > 0), **reduce,
             )  # fmt: skip
             return

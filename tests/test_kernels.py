@@ -632,3 +632,50 @@ def test_fused_reads_take_runs_of_channels_as_views(family):
     if family == "mamba":  # two rows, row 0 left-padded: a run read as views against the float64 recurrence
         (hidden, mask), mixer = inputs
         assert rel_err(fused[:, run], impulse_matrix(reference(mixer, hidden, mask))[:, run]) < TOL
+
+
+def test_diagonal_preparation_runs_no_torch_operation_per_read():
+    """:class:`kernels.DiagonalTiles` prepares everything its kernels read in one pass of its own kernel:
+    the sums of ``S`` (each position's sum through its tile, the tiles' bounds, totals and far references,
+    each strip's growth, the tiles' reference segments) equal torch's float64 sums, and besides
+    allocations no torch operation runs (each costs the host 10–25 µs a read on the H200's machine)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    # allocations, views, and the interpreter's copies into and out of its buffers
+    plumbing = ("empty", "new_empty", "set_", "copy_", "select", "slice", "unsqueeze", "view", "detach")
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(3)
+    nc, L, N, K, Q = 3, 150, 16, 4, kernels.TILE
+    rates = torch.rand(nc, L, generator=gen, dtype=torch.float64) * 0.05
+    S = torch.nn.functional.pad(rates.cumsum(1), (1, 0))
+    A = -torch.rand(nc, N, generator=gen) * 8
+    B, C = torch.randn(L, N, generator=gen), torch.randn(L, N, generator=gen)
+    segment = (torch.arange(L) >= 100).to(torch.int32)  # one reset, at position 100
+    weight, right, left = (torch.rand(nc, L, generator=gen) for _ in range(3))
+    arrays = (S, A, B, C, weight, torch.randn(nc, generator=gen), segment)
+    factors = dict(left=left, right=right, taps=torch.randn(nc, K, generator=gen), input_mask=None)
+    kernels.DiagonalTiles(*arrays, **factors, ssm=True, skip=True)  # a first read makes the shared constants
+    with Ops() as ops:
+        tiles = kernels.DiagonalTiles(*arrays, **factors, ssm=True, skip=True)
+    assert [name for name in ops.names if not name.startswith(plumbing)] == []
+
+    f32, p = torch.float32, torch.arange(L)
+    bounds = (torch.arange(L // Q + 2) * Q).clamp(max=L)  # tile starts, then L
+    ref = ((torch.arange(len(bounds) - 1) + 1) * Q + K - 1).clamp(max=L)
+    strips = torch.arange(0, L, kernels.STRIP)
+    assert torch.equal(tiles.sloc, (S[:, p + 1] - S[:, p // Q * Q]).to(f32))
+    assert torch.equal(tiles.sb, S[:, bounds])
+    assert torch.equal(tiles.tot, (S[:, bounds[1:]] - S[:, bounds[:-1]]).to(f32))
+    assert torch.equal(tiles.sref, S[:, ref])
+    assert torch.equal(tiles.seg_ref, segment[ref - 1])
+    span = (S[:, (strips + K - 1).clamp(max=L)] - S[:, strips]).to(f32)
+    assert torch.equal(tiles.growth, A.abs().amax(1, keepdim=True) * span)

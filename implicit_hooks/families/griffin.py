@@ -45,16 +45,17 @@ class RGLRUCore(Core):
     def __init__(self, log_decay: Tensor, segment: Tensor, input_scale: Tensor):
         self.segment = segment
         self.input_scale = input_scale.contiguous()  # once here, not copied by every fused read
-        # Segment sums Σ_{k=j+1..t} log a_k as differences of one cumulative sum, in float64 so that the
-        # difference of two large sums keeps float32 precision at any length.
-        self.cumlog = log_decay.double().cumsum(-1)
+        # Segment sums Σ_{k=j+1..t} −log a_k as differences of one cumulative sum, in float64 so that the
+        # difference of two large sums keeps float32 precision at any length; kept as the fused kernels
+        # read it (rate[..., p + 1] = Σ_{k ≤ p} −log a_k, rate[..., 0] = 0), not rebuilt by every read.
+        self.rate = F.pad(log_decay.double().cumsum(-1).neg_(), (1, 0))
 
     def block(self, b: int, chans: Tensor, rows: Tensor, cols: Tensor, *, ssm: bool, skip: bool) -> Tensor:
         dtype = self.input_scale.dtype
         if not ssm:
             return torch.zeros(len(chans), len(rows), len(cols), dtype=dtype, device=self.input_scale.device)
-        S = self.cumlog[b].index_select(0, chans)  # (nc, L)
-        segsum = S.index_select(1, rows)[:, :, None] - S.index_select(1, cols)[:, None, :]  # (nc, nr, ncol)
+        R = self.rate[b].index_select(0, chans)  # (nc, L + 1)
+        segsum = R.index_select(1, cols + 1)[:, None, :] - R.index_select(1, rows + 1)[:, :, None]
         seg = self.segment[b]
         # causal, and no reset strictly after j and at or before t (a reset at j itself is harmless)
         linked = (rows[:, None] >= cols[None, :]) & (
@@ -75,7 +76,7 @@ class RGLRUCore(Core):
         dtype = self.input_scale.dtype
         if not ssm:
             return torch.zeros_like(v, dtype=dtype)
-        S, seg = self.cumlog[b], self.segment[b]  # (C, L) float64, (L,)
+        S, seg = -self.rate[b, :, 1:], self.segment[b]  # (C, L) float64: Σ log a, (L,)
         u = self.input_scale[b] * v.to(dtype)
         L = v.shape[1]
         out = []
@@ -96,12 +97,11 @@ class RGLRUCore(Core):
     def tiles(self, b: int, chans: Tensor | slice, **parts: Any) -> Any:
         """The fused Triton assembler (:mod:`implicit_hooks.kernels`): one state per channel, rate
         ``−log a`` (``A = −1``), input weight ``i · m``, entries across a reset zero."""
-        from ..kernels import DiagonalTiles
+        from ..kernels import DiagonalTiles, filled
 
-        S = torch.nn.functional.pad(-take(self.cumlog[b], chans), (1, 0))  # (nc, L + 1)
-        L = S.shape[1] - 1
-        ones = torch.ones(L, 1, dtype=self.input_scale.dtype, device=S.device)
-        A = -torch.ones(count(chans), 1, dtype=self.input_scale.dtype, device=S.device)
+        S = take(self.rate[b], chans)  # (nc, L + 1)
+        L, device = S.shape[1] - 1, S.device
+        ones, A = filled(L, 1.0, device)[:, None], filled(count(chans), -1.0, device)[:, None]
         weight = take(self.input_scale[b], chans)
         return DiagonalTiles(S, A, ones, ones, weight, None, self.segment[b], **parts)
 
@@ -173,7 +173,7 @@ class RGLRUPatcher(Patcher):
             f"{None if position_ids is None else tuple(position_ids.shape)}",
         )
         reset = (position_ids == 0).expand(batch, L)  # (B, L)
-        segment = reset.long().cumsum(-1)
+        segment = reset.cumsum(-1, dtype=torch.int32)  # int32, as the fused kernels read it
 
         taps = w["conv.weight"][:, 0, :].to(dtype)  # (C, K)
         K = taps.shape[1]
