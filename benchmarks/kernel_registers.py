@@ -30,7 +30,7 @@ from triton.compiler import ASTSource
 from implicit_hooks import kernels
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-FLOAT64 = {"sb_ptr", "sref_ptr", "row_ptr", "col_ptr", "diag_ptr", "rate_ptr", "cum_ptr"}
+FLOAT64 = {"sb_ptr", "sref_ptr", "key_ptr", "logz_ptr", "w_ptr", "u_ptr", "cum_ptr"}
 
 #: (name, kernel, constexprs): Mamba-1 (N = 16, K = 4), Mamba-2 (N = 128, scalar rate), RG-LRU, RWKV-4
 CASES = [

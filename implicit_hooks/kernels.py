@@ -415,7 +415,7 @@ if triton is not None:
         "_far_kernel": _SPAN + ["J0", "nJ", "span", "ssm", "n_chan", "per_group"],
         "_near_kernel": _SPAN + ["ssm", "n_chan", "per_group"],
         "_strip_kernel": _SPAN + ["ssm", "n_chan", "per_group", "max_growth"],
-        "_wkv_kernel": _SPAN + ["J0", "nJ", "span", "n_chan", "per_group"],
+        "_wkv_kernel": _SPAN + ["J0", "nJ", "span", "n_chan", "per_group", "left_stride", "right_stride"],
         "_head_kernel": _SPAN + ["J0", "nJ", "ssm"],
         "_head_reduce_kernel": _SPAN[1:] + ["J0", "nI", "nJ", "ssm", "n_heads"],  # one slab: no stride_slab
     }
@@ -625,17 +625,18 @@ if triton is not None:
         _store_at(out_ptr, slab, stride_slab, stride_t, t, jd, r0, r1, c0, c1, diag, J == I, ALIGNED)
 
     @triton.jit
-    def _wkv_tile(c, I, J, L, row_ptr, col_ptr, diag_ptr, rate_ptr, left_ptr, right_ptr, pmask_ptr,
-                  Q: tl.constexpr):  # fmt: skip
-        """A tile of channel ``c`` of the normalised WKV (:class:`WKVTiles`), exponents in float64."""
+    def _wkv_tile(c, I, J, L, key_ptr, logz_ptr, w_ptr, u_ptr, left_ptr, right_ptr, pmask_ptr, left_stride,
+                  right_stride, Q: tl.constexpr):  # fmt: skip
+        """A tile of channel ``c`` of the normalised WKV (:class:`WKVTiles`), exponents in float64; the left
+        and right factors at ``c · stride + t`` (stride 0: one vector of ones for every channel)."""
         t = I * Q + tl.arange(0, Q)
         j = J * Q + tl.arange(0, Q)
         t_ok = t < L
         j_ok = j < L
-        row = tl.load(row_ptr + c * L + t, mask=t_ok, other=0.0)
-        col = tl.load(col_ptr + c * L + j, mask=j_ok, other=0.0)
-        diag = tl.load(diag_ptr + c * L + t, mask=t_ok, other=0.0)
-        rate = tl.load(rate_ptr + c)
+        rate = tl.load(w_ptr + c)
+        row = -tl.load(logz_ptr + c * L + t, mask=t_ok, other=0.0)
+        col = tl.load(key_ptr + c * L + j, mask=j_ok, other=0.0) + rate
+        diag = tl.load(key_ptr + c * L + t, mask=t_ok, other=0.0) + tl.load(u_ptr + c)
         # rate · (j − t) + col + row as (row − rate t) + (col + rate j): one float64 sum an entry
         expo = ((row - rate * t.to(tl.float64))[:, None] + (col + rate * j.to(tl.float64))[None, :]).to(
             tl.float32
@@ -643,16 +644,15 @@ if triton is not None:
         expo = tl.where(j[None, :] == t[:, None], (diag + row).to(tl.float32)[:, None], expo)
         inside = (j[None, :] <= t[:, None]) & t_ok[:, None] & j_ok[None, :]
         acc = tl.exp(tl.where(inside, expo, float("-inf")))  # no overflow
-        acc = acc * tl.load(left_ptr + c * L + t, mask=t_ok, other=0.0)[:, None]
-        right = tl.load(right_ptr + c * L + j, mask=j_ok, other=0.0) * tl.load(
-            pmask_ptr + j, mask=j_ok, other=0.0
-        )
-        return acc * right[None, :]
+        acc = acc * tl.load(left_ptr + c * left_stride + t, mask=t_ok, other=0.0)[:, None]
+        right = tl.load(right_ptr + c * right_stride + j, mask=j_ok, other=0.0)
+        return acc * (right * tl.load(pmask_ptr + j, mask=j_ok, other=0.0))[None, :]
 
     @triton.jit(do_not_specialize=UNSPECIALISED["_wkv_kernel"])
     def _wkv_kernel(
         out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, J0, nJ, span, L, n_chan, per_group,
-        row_ptr, col_ptr, diag_ptr, rate_ptr, left_ptr, right_ptr, pmask_ptr, rw_ptr, cw_ptr,
+        key_ptr, logz_ptr, w_ptr, u_ptr, left_ptr, right_ptr, pmask_ptr, rw_ptr, cw_ptr,
+        left_stride, right_stride,
         Q: tl.constexpr, REDUCE: tl.constexpr, TRANSFORM: tl.constexpr, ALIGNED: tl.constexpr,
     ):  # fmt: skip
         """Every tile of the read, zeros above the diagonal; programs as in :func:`_far_kernel`."""
@@ -666,13 +666,13 @@ if triton is not None:
                 if REDUCE:
                     c = slab * per_group
                     while c < tl.minimum((slab + 1) * per_group, n_chan):
-                        acc = _wkv_tile(c, I, J, L, row_ptr, col_ptr, diag_ptr, rate_ptr, left_ptr, right_ptr,
-                                        pmask_ptr, Q)  # fmt: skip
+                        acc = _wkv_tile(c, I, J, L, key_ptr, logz_ptr, w_ptr, u_ptr, left_ptr, right_ptr,
+                                        pmask_ptr, left_stride, right_stride, Q)  # fmt: skip
                         total = _reduce_step(total, acc, c, I, J, L, rw_ptr, cw_ptr, TRANSFORM, Q)
                         c += 1
                 else:
-                    total = _wkv_tile(slab, I, J, L, row_ptr, col_ptr, diag_ptr, rate_ptr, left_ptr,
-                                      right_ptr, pmask_ptr, Q)  # fmt: skip
+                    total = _wkv_tile(slab, I, J, L, key_ptr, logz_ptr, w_ptr, u_ptr, left_ptr, right_ptr,
+                                      pmask_ptr, left_stride, right_stride, Q)  # fmt: skip
             _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, J >= 0, ALIGNED)
             J += 1
 
@@ -919,6 +919,18 @@ def filled(n: int, value: float, device: torch.device, dtype: torch.dtype = torc
     return torch.full((n,), value, dtype=dtype, device=device)
 
 
+def _weights(tiles: _Tiles, groups: int, row_weight: Tensor | None, col_weight: Tensor | None) -> tuple:
+    """The row and column weights of a channel sum (``groups > 0``) as the kernels read them, ones where
+    none is given; a dense read weighs nothing, and any tensor stands in (``tiles.pmask``)."""
+    if not groups:
+        return tiles.pmask, tiles.pmask
+    ones = None
+    if row_weight is None or col_weight is None:
+        ones = torch.ones(tiles.n_chan, tiles.L, device=tiles.device, dtype=torch.float32)
+    rw = ones if row_weight is None else row_weight.to(torch.float32).contiguous()
+    return rw, ones if col_weight is None else col_weight.to(torch.float32).contiguous()
+
+
 class DiagonalTiles(_Tiles):
     """The per-channel arrays the kernels read, for one batch row and a set of channels, of any core of the
     form (per channel, ``N`` diagonal states, every ``A_n ≤ 0``, ``S`` non-decreasing)::
@@ -1013,19 +1025,6 @@ class DiagonalTiles(_Tiles):
         # near tiles by strips where the far tiles take a product (Mamba-1) and the conv fits in a strip
         self.strips = bool(TUNING["NEAR_STRIPS"]) and self.far_dot and not scalar and ssm and K - 1 < STRIP
 
-    def _weights(
-        self, groups: int, row_weight: Tensor | None, col_weight: Tensor | None
-    ) -> tuple[Tensor, Tensor]:
-        """The row and column weights of a channel sum, ones where none is given; a dense read
-        (``groups == 0``) reads none, and ``sloc`` stands in."""
-        if not groups:
-            return self.sloc, self.sloc
-        ones = None
-        if row_weight is None or col_weight is None:
-            ones = torch.ones(self.n_chan, self.L, device=self.device, dtype=torch.float32)
-        rw = ones if row_weight is None else row_weight.to(torch.float32).contiguous()
-        return rw, ones if col_weight is None else col_weight.to(torch.float32).contiguous()
-
     def _launch(self, out: Tensor, span: tuple[int, int, int, int], groups: int, per_group: int,
                 row_weight: Tensor | None = None, col_weight: Tensor | None = None, transform: str = "signed",
                 ) -> None:  # fmt: skip
@@ -1034,7 +1033,7 @@ class DiagonalTiles(_Tiles):
         aligned = _aligned(out, c0, c1, "tiles")
         reduce = dict(REDUCE=groups > 0, TRANSFORM=TRANSFORMS[transform], ALIGNED=aligned)
         slabs = groups or self.n_chan
-        rw, cw = self._weights(groups, row_weight, col_weight)
+        rw, cw = _weights(self, groups, row_weight, col_weight)
         head = (out, out.stride(0), out.stride(1), r0, r1, c0, c1)
         span = 1 if groups else nJ  # dense: one program per row tile; reduce: per tile, for parallelism
         # wide states (Mamba-2's N = 128) take 8 warps whatever TUNING says: 4 spill registers
@@ -1071,25 +1070,27 @@ class DiagonalTiles(_Tiles):
 class WKVTiles(_Tiles):
     """The normalised WKV of RWKV-4 (``families/rwkv4.py``) for one batch row and a set of channels::
 
-        R[t, j] = left[t] · exp(rate · (j − t) + col[j] + row[t]) · right[j] p[j]   (j < t)
-        R[t, t] = left[t] · exp(diag[t] + row[t]) · right[t] p[t]
+        R[t, j] = left[t] · exp(w · (j − t) + k_j + w − log Z_t) · right[j] p[j]   (j < t)
+        R[t, t] = left[t] · exp(u + k_t − log Z_t) · right[t] p[t]
 
-    with ``rate = w``, ``col = k + w``, ``diag = u + k``, ``row = −log Z`` (float64, ``(nc, L)``; the
-    exponent is summed in float64 and only then rounded, so keys and normalisers in the hundreds keep
-    float32 precision). One exponential per entry, no preparation beyond the casts.
+    from the core's float64 ``key`` and ``log_z`` (``(nc, L)``) and ``w``, ``u`` (``(nc,)``), as they are:
+    the exponent is summed in float64 and only then rounded, so keys and normalisers in the hundreds keep
+    float32 precision. One exponential per entry, no preparation and no torch operation per read.
     """
 
-    def __init__(self, row: Tensor, col: Tensor, diag: Tensor, rate: Tensor, *, left: Tensor | None,
+    def __init__(self, key: Tensor, log_z: Tensor, w: Tensor, u: Tensor, *, left: Tensor | None,
                  right: Tensor | None, input_mask: Tensor | None, ssm: bool = True):  # fmt: skip
         f64, f32 = torch.float64, torch.float32
-        self.n_chan, self.L = row.shape
-        self.device, self.ssm = row.device, ssm
-        self.row, self.col, self.diag = (x.to(f64).contiguous() for x in (row, col, diag))
-        self.rate = rate.to(f64).contiguous()
-        self.ones = ones = torch.ones(self.n_chan, self.L, device=self.device, dtype=f32)
+        self.n_chan, self.L = key.shape
+        self.device, self.ssm = key.device, ssm
+        self.key, self.log_z, self.w, self.u = (x.to(f64).contiguous() for x in (key, log_z, w, u))
+        # without a factor, every channel reads one shared vector of ones (stride 0)
+        ones = filled(self.L, 1.0, self.device)
         self.left = ones if left is None else left.to(f32).contiguous()
         self.right = ones if right is None else right.to(f32).contiguous()
-        self.pmask = ones[0] if input_mask is None else input_mask.to(f32).contiguous()
+        self.strides = (0 if left is None else self.L, 0 if right is None else self.L)
+        mask = input_mask
+        self.pmask = filled(self.L, 1.0, self.device) if mask is None else mask.to(f32).contiguous()
 
     def _launch(self, out: Tensor, span: tuple[int, int, int, int], groups: int, per_group: int,
                 row_weight: Tensor | None = None, col_weight: Tensor | None = None, transform: str = "signed",
@@ -1099,13 +1100,12 @@ class WKVTiles(_Tiles):
             return
         r0, r1, c0, c1 = span
         I0, J0, nI, nJ = _tile_grid(*span)
-        rw = self.ones if row_weight is None else row_weight.to(torch.float32).contiguous()
-        cw = self.ones if col_weight is None else col_weight.to(torch.float32).contiguous()
+        rw, cw = _weights(self, groups, row_weight, col_weight)
         run = 1 if groups else nJ
         _wkv_kernel[(nI, triton.cdiv(nJ, run), groups or self.n_chan)](
             out, out.stride(0), out.stride(1), r0, r1, c0, c1, I0, J0, nJ, run, self.L, self.n_chan,
-            per_group, self.row, self.col, self.diag, self.rate, self.left, self.right, self.pmask, rw, cw,
-            Q=TILE, REDUCE=groups > 0, TRANSFORM=TRANSFORMS[transform],
+            per_group, self.key, self.log_z, self.w, self.u, self.left, self.right, self.pmask, rw, cw,
+            *self.strides, Q=TILE, REDUCE=groups > 0, TRANSFORM=TRANSFORMS[transform],
             ALIGNED=_aligned(out, c0, c1, "wkv"),
             **_options("wkv", TUNING["wkv_warps"], groups > 0),
         )  # fmt: skip

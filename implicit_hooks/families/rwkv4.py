@@ -103,13 +103,11 @@ class WKVCore(Core):
             return None  # RWKV-4 shifts tokens before its projections: no conv factor to fold
         from ..kernels import WKVTiles
 
-        key = take(self.key[b], chans)
-        w, u = take(self.w, chans), take(self.u, chans)
         return WKVTiles(
-            -take(self.log_z[b], chans),
-            key + w[:, None],
-            key + u[:, None],
-            w,
+            take(self.key[b], chans),
+            take(self.log_z[b], chans),
+            take(self.w, chans),
+            take(self.u, chans),
             left=parts["left"],
             right=parts["right"],
             input_mask=parts["input_mask"],
