@@ -416,8 +416,9 @@ if triton is not None:
         "_near_kernel": _SPAN + ["ssm", "n_chan", "per_group"],
         "_strip_kernel": _SPAN + ["ssm", "n_chan", "per_group", "max_growth"],
         "_wkv_kernel": _SPAN + ["J0", "nJ", "span", "n_chan", "per_group", "left_stride", "right_stride"],
-        "_head_kernel": _SPAN + ["J0", "nJ", "ssm"],
-        "_head_reduce_kernel": _SPAN[1:] + ["J0", "nI", "nJ", "ssm", "n_heads"],  # one slab: no stride_slab
+        "_head_kernel": _SPAN + ["J0", "nJ", "ssm", "K", "skip"],
+        # one slab: no stride_slab
+        "_head_reduce_kernel": _SPAN[1:] + ["J0", "nI", "nJ", "ssm", "n_heads", "K", "skip"],
     }
 
     @triton.jit
@@ -729,31 +730,32 @@ if triton is not None:
         return w0, w1, w2, w3
 
     @triton.jit
-    def _head_channel(c, I, J, t, j, L, w0, w1, w2, w3, pm, shift_ptr, right_ptr, left_ptr, dr_ptr):
+    def _tap(taps_ptr, c, K, k):
+        """Channel ``c``'s conv weight on the input ``k`` positions after a column: ``taps[c, K − 1 − k]``,
+        zero past the conv's ``K`` taps."""
+        return tl.where(k < K, tl.load(taps_ptr + c * K + tl.maximum(K - 1 - k, 0)), 0.0)
+
+    @triton.jit
+    def _head_channel(c, hh, I, J, t, j, L, w0, w1, w2, w3, pm, taps_ptr, K, right_ptr, left_ptr, D_ptr,
+                      skip):  # fmt: skip
         """Channel ``c``'s entries of tile ``(I, J)`` from its head's windows: ``Σ_k window_k · w_k r_{j+k}``,
-        the skip on the diagonals ``0 ≤ t − j < 4``, the gate and the input mask (``pm``)."""
+        the skip ``D_hh r_t`` on the diagonals ``0 ≤ t − j < K``, the gate and the input mask (``pm``)."""
         t_ok = t < L
         j_ok = j < L
         acc = tl.zeros((t.shape[0], j.shape[0]), dtype=tl.float32)
         if J <= I:
-            x0 = tl.load(shift_ptr + c * 4) * tl.load(right_ptr + c * L + j, mask=j_ok, other=0.0)
-            x1 = tl.load(shift_ptr + c * 4 + 1) * tl.load(
-                right_ptr + c * L + j + 1, mask=j + 1 < L, other=0.0
-            )
-            x2 = tl.load(shift_ptr + c * 4 + 2) * tl.load(
-                right_ptr + c * L + j + 2, mask=j + 2 < L, other=0.0
-            )
-            x3 = tl.load(shift_ptr + c * 4 + 3) * tl.load(
-                right_ptr + c * L + j + 3, mask=j + 3 < L, other=0.0
-            )
+            x0 = _tap(taps_ptr, c, K, 0) * tl.load(right_ptr + c * L + j, mask=j_ok, other=0.0)
+            x1 = _tap(taps_ptr, c, K, 1) * tl.load(right_ptr + c * L + j + 1, mask=j + 1 < L, other=0.0)
+            x2 = _tap(taps_ptr, c, K, 2) * tl.load(right_ptr + c * L + j + 2, mask=j + 2 < L, other=0.0)
+            x3 = _tap(taps_ptr, c, K, 3) * tl.load(right_ptr + c * L + j + 3, mask=j + 3 < L, other=0.0)
             # the input mask on the column factors, not on every entry
             acc = w0 * (x0 * pm)[None, :] + w1 * (x1 * pm)[None, :] + w2 * (x2 * pm)[None, :]
             acc += w3 * (x3 * pm)[None, :]
             if J >= I - 1:  # the skip through tap d = t − j (no scalar in the mask: Triton 3.9)
                 d = t[:, None] - j[None, :]
-                on_band = (d >= 0) & (d < 4) & t_ok[:, None] & j_ok[None, :]
-                w_d = tl.load(shift_ptr + c * 4 + d, mask=on_band, other=0.0)
-                dr = tl.load(dr_ptr + c * L + t, mask=t_ok, other=0.0)
+                on_band = (d >= 0) & (d < K) & t_ok[:, None] & j_ok[None, :]
+                w_d = tl.load(taps_ptr + c * K + (K - 1 - d), mask=on_band, other=0.0)
+                dr = tl.load(right_ptr + c * L + t, mask=t < L * skip, other=0.0) * tl.load(D_ptr + hh)
                 acc += w_d * dr[:, None] * pm[None, :]
             left = tl.load(left_ptr + c * L + t, mask=t_ok, other=0.0)
             acc = acc * left[:, None]
@@ -762,8 +764,8 @@ if triton is not None:
     @triton.jit(do_not_specialize=UNSPECIALISED["_head_kernel"])
     def _head_kernel(
         out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, J0, nJ, L, ssm,
-        scratch_ptr, cum_ptr, A_ptr, delta_ptr, B_ptr, C_ptr, chan_ptr, start_ptr, shift_ptr, right_ptr,
-        left_ptr, dr_ptr, pmask_ptr,
+        scratch_ptr, cum_ptr, A_ptr, delta_ptr, B_ptr, C_ptr, chan_ptr, start_ptr, taps_ptr, K, right_ptr,
+        left_ptr, D_ptr, skip, pmask_ptr,
         N: tl.constexpr, Q: tl.constexpr, H: tl.constexpr, NC: tl.constexpr, SPLIT: tl.constexpr,
         ALIGNED: tl.constexpr,
     ):  # fmt: skip
@@ -796,8 +798,9 @@ if triton is not None:
                 while p < end:
                     c = tl.load(chan_ptr + p)
                     acc = _head_channel(
-                        c, I, J, t, j, L, w0, w1, w2, w3, pm, shift_ptr, right_ptr, left_ptr, dr_ptr
-                    )
+                        c, hh, I, J, t, j, L, w0, w1, w2, w3, pm, taps_ptr, K, right_ptr, left_ptr, D_ptr,
+                        skip,
+                    )  # fmt: skip
                     _store(out_ptr, c, stride_slab, stride_t, I, J, r0, r1, c0, c1, acc, Q, J >= 0, ALIGNED)
                     p += G
                 J += 1
@@ -805,8 +808,8 @@ if triton is not None:
     @triton.jit(do_not_specialize=UNSPECIALISED["_head_reduce_kernel"])
     def _head_reduce_kernel(
         out_ptr, stride_t, r0, r1, c0, c1, I0, J0, nI, nJ, L, ssm, n_heads,
-        scratch_ptr, cum_ptr, A_ptr, delta_ptr, B_ptr, C_ptr, chan_ptr, start_ptr, shift_ptr, right_ptr,
-        left_ptr, dr_ptr, pmask_ptr, rw_ptr, cw_ptr,
+        scratch_ptr, cum_ptr, A_ptr, delta_ptr, B_ptr, C_ptr, chan_ptr, start_ptr, taps_ptr, K, right_ptr,
+        left_ptr, D_ptr, skip, pmask_ptr, rw_ptr, cw_ptr,
         N: tl.constexpr, Q: tl.constexpr, H: tl.constexpr, NC: tl.constexpr, SPLIT: tl.constexpr,
         TRANSFORM: tl.constexpr, ALIGNED: tl.constexpr,
     ):  # fmt: skip
@@ -839,8 +842,9 @@ if triton is not None:
                         while p < end:
                             c = tl.load(chan_ptr + p)
                             acc = _head_channel(
-                                c, I, J, t, j, L, w0, w1, w2, w3, pm, shift_ptr, right_ptr, left_ptr, dr_ptr
-                            )
+                                c, hh, I, J, t, j, L, w0, w1, w2, w3, pm, taps_ptr, K, right_ptr, left_ptr,
+                                D_ptr, skip,
+                            )  # fmt: skip
                             total = _reduce_at(total, acc, c, t, j, L, rw_ptr, cw_ptr, TRANSFORM)
                             p += 1
                     hh += 1
@@ -1111,6 +1115,15 @@ class WKVTiles(_Tiles):
         )  # fmt: skip
 
 
+@functools.lru_cache(maxsize=64)
+def _run_by_head(first: int, n: int, per_head: int, n_heads: int, device: torch.device) -> tuple[Tensor, ...]:
+    """:class:`HeadTiles`' channel order and head bounds for the run of ``n`` channels from ``first``, whose
+    head is ``channel // per_head``: made on the host once per layout, read-only."""
+    bounds = [min(max(h * per_head - first, 0), n) for h in range(n_heads + 1)]
+    chans = torch.arange(n, dtype=torch.int32).to(device)
+    return chans, torch.tensor(bounds, dtype=torch.int32).to(device)
+
+
 class HeadTiles(_Tiles):
     """Dense blocks and channel sums of Mamba-2 channels by head: the channels of a head share their core
     ``R_h[t, m] = C_t · B_m · exp(a_h Σ_{m<k≤t} Δ_k) · Δ_m`` and differ only by their conv taps, right,
@@ -1123,45 +1136,44 @@ class HeadTiles(_Tiles):
     Args:
         cum: ``(nh, L)`` float64 ``Σ_{k≤t} Δ_k`` of each head; ``A``: ``(nh,)``; ``delta``: ``(nh, L)``;
             ``B``, ``C``: ``(L, N)`` of the heads' group; ``head_index``: ``(nc,)`` the head of each
-            channel (rows of ``cum``; heads without channels in the read cost nothing); ``D``: ``(nc,)``
-            or None.
-        ordered: ``head_index`` is non-decreasing (a run of channels): no sort.
+            channel (rows of ``cum``; heads without channels in the read cost nothing); ``D``: ``(nh,)``
+            (the skip of each head) or None.
+        run: ``(first, n, per_head)``: the read's channels are the run of ``n`` from ``first`` and channel
+            ``c`` is in head ``c // per_head`` (``head_index`` unread): their order by head is made on the
+            host, once per layout, with no sort.
         left, right, taps, input_mask, ssm, skip: the view's factors (see :meth:`Core.tiles`).
     """
 
-    def __init__(self, cum: Tensor, A: Tensor, delta: Tensor, B: Tensor, C: Tensor, head_index: Tensor,
+    def __init__(self, cum: Tensor, A: Tensor, delta: Tensor, B: Tensor, C: Tensor, head_index: Tensor | None,
                  D: Tensor | None, *, left: Tensor | None, right: Tensor | None, taps: Tensor | None,
-                 input_mask: Tensor | None, ssm: bool, skip: bool, ordered: bool = False):  # fmt: skip
+                 input_mask: Tensor | None, ssm: bool, skip: bool, run: tuple[int, int, int] | None = None,
+                 ):  # fmt: skip
         f32, device = torch.float32, cum.device
         n_heads, L = cum.shape
-        nc = len(head_index)
-        self.n_chan, self.device, self.L, self.ssm = nc, device, L, ssm
+        self.n_chan = nc = run[1] if run is not None else len(head_index)
+        self.device, self.L, self.ssm = device, L, ssm
         self.cum = cum.to(torch.float64).contiguous()
         self.A, self.delta = A.to(f32).contiguous(), delta.to(f32).contiguous()
         self.B, self.C = B.to(f32).contiguous(), C.to(f32).contiguous()
         # the read's channels (positions into it) head by head: head h's are chans[starts[h] : starts[h + 1]]
-        # (sorted and searched on the device: nothing here waits for it)
-        head_index = head_index.long()
-        if ordered:  # a run of channels comes head by head already (a sort costs 0.1 ms of host time)
-            self.chans = torch.arange(nc, device=device, dtype=torch.int32)
-            by_head = head_index
-        else:
+        if run is not None:  # made on the host, once per layout (a sort and a search cost 0.1 ms a read)
+            self.chans, self.starts = _run_by_head(*run, n_heads, device)
+        else:  # sorted and searched on the device: nothing here waits for it
+            head_index = head_index.long()
             order = torch.argsort(head_index, stable=True)
             self.chans = order.to(torch.int32).contiguous()
-            by_head = head_index[order]
-        bounds = torch.arange(n_heads + 1, device=device)
-        self.starts = torch.searchsorted(by_head, bounds).to(torch.int32).contiguous()
-        self.ones = ones = torch.ones(nc, L, device=device, dtype=f32)
+            bounds = torch.arange(n_heads + 1, device=device)
+            self.starts = torch.searchsorted(head_index[order], bounds).to(torch.int32).contiguous()
+        ones = torch.ones(nc, L, device=device, dtype=f32) if left is None or right is None else None
         self.left = ones if left is None else left.to(f32).contiguous()
         self.right = ones if right is None else right.to(f32).contiguous()
-        taps = torch.ones(nc, 1, device=device, dtype=f32) if taps is None else taps.to(f32)
+        taps = filled(nc, 1.0, device)[:, None] if taps is None else taps.to(f32).contiguous()
         if taps.shape[1] > HEAD_TAPS:
             raise ValueError(f"the by-head kernel handles convolutions of up to {HEAD_TAPS} taps")
-        # shift[c, k] = w_k, the tap that reads column j + k (zero past the conv's width)
-        self.shift = torch.nn.functional.pad(taps.flip(1), (0, HEAD_TAPS - taps.shape[1])).contiguous()
-        self.dr = D.to(f32)[:, None] * self.right if skip and D is not None else torch.zeros_like(ones)
-        self.dr = self.dr.contiguous()
-        self.pmask = ones[0] if input_mask is None else input_mask.to(f32).contiguous()
+        self.taps, self.K = taps, taps.shape[1]
+        self.skip = int(skip and D is not None)
+        self.D = D.to(f32).contiguous() if self.skip else self.A  # (n_heads,); unread without skip
+        self.pmask = filled(L, 1.0, device) if input_mask is None else input_mask.to(f32).contiguous()
         self.n_heads, self.N = n_heads, B.shape[1]
 
     def _programs(self) -> int:
@@ -1185,8 +1197,8 @@ class HeadTiles(_Tiles):
         scratch = torch.empty(nI * self.n_heads * G, TILE, TILE + HEAD_HALO, device=self.device)
         _head_kernel[(nI, self.n_heads, G)](
             out, out.stride(0), out.stride(1), r0, r1, c0, c1, I0, J0, nJ, self.L, int(self.ssm),
-            scratch, self.cum, self.A, self.delta, self.B, self.C, self.chans, self.starts,
-            self.shift, self.right, self.left, self.dr, self.pmask, N=self.N, Q=TILE, H=HEAD_HALO, NC=16,
+            scratch, self.cum, self.A, self.delta, self.B, self.C, self.chans, self.starts, self.taps, self.K,
+            self.right, self.left, self.D, self.skip, self.pmask, N=self.N, Q=TILE, H=HEAD_HALO, NC=16,
             SPLIT=bool(TUNING["FAR_SPLIT_TF32"]), ALIGNED=_aligned(out, c0, c1, "head"),
             **_options("head", TUNING["head_warps"], False),
         )  # fmt: skip
@@ -1208,14 +1220,14 @@ class HeadTiles(_Tiles):
         if out.numel() == 0 or self.n_chan == 0:
             return out
         I0, J0, nI, nJ = _tile_grid(r0, r1, c0, c1)
-        rw = self.ones if row_weight is None else row_weight.to(torch.float32).contiguous()
-        cw = self.ones if col_weight is None else col_weight.to(torch.float32).contiguous()
+        rw, cw = _weights(self, 1, row_weight, col_weight)
         programs = max(1, min(nI * nJ, self._programs()))
         scratch = torch.empty(programs, TILE, TILE + HEAD_HALO, device=self.device)
         _head_reduce_kernel[(programs,)](
             out, out.stride(0), r0, r1, c0, c1, I0, J0, nI, nJ, self.L, int(self.ssm), self.n_heads,
-            scratch, self.cum, self.A, self.delta, self.B, self.C, self.chans, self.starts, self.shift,
-            self.right, self.left, self.dr, self.pmask, rw, cw, N=self.N, Q=TILE, H=HEAD_HALO, NC=16,
+            scratch, self.cum, self.A, self.delta, self.B, self.C, self.chans, self.starts, self.taps, self.K,
+            self.right, self.left, self.D, self.skip, self.pmask, rw, cw,
+            N=self.N, Q=TILE, H=HEAD_HALO, NC=16,
             SPLIT=bool(TUNING["FAR_SPLIT_TF32"]), TRANSFORM=TRANSFORMS[transform],
             ALIGNED=_aligned(out, c0, c1, "head"),
             **_options("head", TUNING["head_reduce_warps"], True),

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import randomize, rel_err
 from mamba_reference import impulse_matrix, reference
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import MambaConfig, MambaForCausalLM
 from view_checks import cuda_syncs
 
@@ -22,6 +23,18 @@ pytestmark = pytest.mark.skipif(kernels.triton is None, reason="Triton is not in
 TOL = 1e-5  # float32 against the float64 reference
 SAME = 2e-6  # the kernel against the torch path: both float32, different summation order
 SAME_CUDA = 1e-5  # compiled, exp is ex2.approx: ~ulp errors grow with the exponent (tiny, far entries)
+
+
+class Ops(TorchDispatchMode):
+    """The names of the torch operations run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
 
 
 def model(device, *, state=16, conv=4, channels=8, seed=0):
@@ -600,29 +613,17 @@ def test_cuda_fused_reads_never_wait_for_the_device(family):
 @pytest.mark.parametrize("family", ["mamba", "mamba2", "rglru", "rwkv4"])
 def test_fused_reads_take_runs_of_channels_as_views(family):
     """A fused read of a run of channels passes them to the core as a slice: its per-channel arrays are
-    views, neither gathered (``index_select``) nor copied (``clone``) on every read (each such kernel costs
-    10–20 µs of host time on the H200's machine, as much as the write floor of a short read); a run that does
-    not start at channel 0, and a list, read the same entries as the torch path."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.__name__)
-            return func(*args, **(kwargs or {}))
-
+    views, neither gathered (``index_select``), copied (``clone``) nor sorted on every read (each such kernel
+    costs 10–20 µs of host time on the H200's machine, as much as the write floor of a short read); a run that
+    does not start at channel 0, and a list, read the same entries as the torch path."""
     rec, inputs = family_record(family, 70, "cpu")
     fused, plain = both(rec.attention)
     fused.dense()  # the factors, once
     with Ops() as ops:
         A = fused.dense()
-    copies = [name for name in ops.names if name.startswith(("index_select", "clone"))]
-    if family == "mamba2":  # D and the heads' rows are gathered by head; no channel array is copied
-        copies = [name for name in copies if not name.startswith("index_select")]
-    assert copies == []
+    # nor sorted by head, searched or numbered on the device (Mamba-2's run maps to its heads on the host)
+    copies = ("index_select", "clone", "sort", "searchsorted", "arange", "flip", "constant_pad")
+    assert [name for name in ops.names if name.startswith(copies)] == []
     assert rel_err(A, plain.dense()) < SAME
     C = rec.attention.shape[1]
     run, listed = slice(1, C - 1), [C - 1, 0, 2]
@@ -639,19 +640,8 @@ def test_diagonal_preparation_runs_no_torch_operation_per_read():
     the sums of ``S`` (each position's sum through its tile, the tiles' bounds, totals and far references,
     each strip's growth, the tiles' reference segments) equal torch's float64 sums, and besides
     allocations no torch operation runs (each costs the host 10–25 µs a read on the H200's machine)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     # allocations, views, and the interpreter's copies into and out of its buffers
     plumbing = ("empty", "new_empty", "set_", "copy_", "select", "slice", "unsqueeze", "view", "detach")
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.__name__)
-            return func(*args, **(kwargs or {}))
 
     gen = torch.Generator().manual_seed(3)
     nc, L, N, K, Q = 3, 150, 16, 4, kernels.TILE

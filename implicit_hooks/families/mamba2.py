@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..patcher import Patcher, require
 from ..recording import BlockRecord
-from ..view import Core, Factors, take
+from ..view import Core, Factors, count, take
 from ._hf import activation_slope, cache_states, keep_conv_context
 
 
@@ -41,7 +41,8 @@ class SSDCore(Core):
     """``R_h + diag(D_h)`` of one Mamba-2 call, expanded to the channels of each head.
 
     Shapes: ``delta (B, H, L)``, ``A (H,)``, ``B``/``C (B, L, G, N)``, ``D (H,)``, ``head_of (C,)``
-    (``heads_ordered``: non-decreasing, channels head by head, so a run of channels needs no sort).
+    (``head_dim``: where ``head_of[c] = c // head_dim``, channels head by head, so a run of channels maps to
+    its heads without a sort or a read of the device).
     :meth:`heads` computes blocks of ``R_h`` itself; :meth:`block` computes each head a tile of channels
     needs once and expands it to the channels (a tile usually spans one or two heads).
     """
@@ -64,7 +65,7 @@ class SSDCore(Core):
         head_of: Tensor,
         conv_width: int = 1,
         *,
-        heads_ordered: bool = False,
+        head_dim: int | None = None,
     ):
         H, G = delta.shape[1], B.shape[2]
         if H % G != 0 or tuple(A.shape) != (H,) or C.shape != B.shape or B.shape[:2] != delta.shape[::2]:
@@ -76,7 +77,8 @@ class SSDCore(Core):
         self.delta, self.A, self.D, self.head_of = delta.contiguous(), A, D, head_of
         self.B, self.C = B.contiguous(), C.contiguous()
         self.conv_width = conv_width  # the block's conv taps: wider than HEAD_TAPS goes by channel
-        self.heads_ordered = heads_ordered  # head_of is non-decreasing: a run of channels needs no sort
+        # head_of[c] = c // head_dim (channels head by head): a run of channels maps to its heads on the host
+        self.head_dim = head_dim
         self.heads_per_group, self.n_groups = H // G, G
         self.has_skip = D is not None
         self.cumdelta = segsum(delta)  # (B, H, L) float64
@@ -151,24 +153,32 @@ class SSDCore(Core):
         if N < 16 or N & (N - 1):
             return None
         head = take(self.head_of, chans)
-        g = 0  # one group of B/C: known without reading the device
-        if self.n_groups > 1:
+        # a run of channels laid out head by head: its heads and group are known on the host
+        run = None
+        if isinstance(chans, slice) and self.head_dim:
+            run = (chans.start, count(chans), self.head_dim)
+        g = 0  # one group of B/C
+        if run is not None:
+            first, last = (chans.start // self.head_dim, (chans.stop - 1) // self.head_dim)
+            if first // self.heads_per_group != last // self.heads_per_group:
+                return None
+            g = first // self.heads_per_group
+        elif self.n_groups > 1:
             group = head // self.heads_per_group
             if bool((group != group[0]).any()):
                 return None
             g = int(group[0])
-        D = None if self.D is None else self.D.index_select(0, head)
 
         taps = parts["taps"]
         if not TUNING["HEAD_TILES"] or (taps is not None and taps.shape[1] > HEAD_TAPS):  # by channel
             S = F.pad(self.cumdelta[b].index_select(0, head), (1, 0))  # (nc, L + 1), S[p + 1] = Σ_{k ≤ p} Δ_k
             A = self.A.index_select(0, head)[:, None].expand(-1, N)
             B, C, delta = self.B[b, :, g], self.C[b, :, g], self.delta[b].index_select(0, head)
+            D = None if self.D is None else self.D.index_select(0, head)
             return DiagonalTiles(S, A, B, C, delta, D, scalar=True, **parts)
         # every head (those without channels in this read are skipped by the kernels): no device read here
-        ordered = isinstance(chans, slice) and self.heads_ordered
         B, C = self.B[b, :, g], self.C[b, :, g]
-        return HeadTiles(self.cumdelta[b], self.A, self.delta[b], B, C, head, D, ordered=ordered, **parts)
+        return HeadTiles(self.cumdelta[b], self.A, self.delta[b], B, C, head, self.D, run=run, **parts)
 
     def matvec(self, b: int, v: Tensor, *, ssm: bool, skip: bool) -> Tensor:
         """``(R + diag(D)) @ v`` for all channels, ``v (C, L)``, through :func:`ssd_scan` (``O(L)``)."""
@@ -335,7 +345,7 @@ class Mamba2Patcher(Patcher):
             delta = delta.clamp(min=low, max=high)
         A = -torch.exp(w["A_log"].to(dtype))  # (H,)
         D = w["D"].to(dtype)
-        head_of = torch.arange(C, device=proj.device) // P  # non-decreasing: SSDCore(heads_ordered=True)
+        head_of = torch.arange(C, device=proj.device) // P  # channels head by head: SSDCore(head_dim=P)
 
         x = xBC[:, :C]
         # What the conv adds that is not conv(P·x): its bias, a cached left context, padded inputs.
@@ -391,7 +401,7 @@ class Mamba2Patcher(Patcher):
             core=SSDCore(
                 *(d[k] for k in ("delta", "A", "B", "C", "D", "head_of")),
                 conv_width=d["conv"].shape[1],
-                heads_ordered=True,
+                head_dim=d["values"].shape[1] // d["A"].shape[0],
             ),
             left=dict(d["left"]),
             right={"act": d["act"]},
