@@ -1118,10 +1118,11 @@ class WKVTiles(_Tiles):
 @functools.lru_cache(maxsize=64)
 def _run_by_head(first: int, n: int, per_head: int, n_heads: int, device: torch.device) -> tuple[Tensor, ...]:
     """:class:`HeadTiles`' channel order and head bounds for the run of ``n`` channels from ``first``, whose
-    head is ``channel // per_head``: made on the host once per layout, read-only."""
-    bounds = [min(max(h * per_head - first, 0), n) for h in range(n_heads + 1)]
-    chans = torch.arange(n, dtype=torch.int32).to(device)
-    return chans, torch.tensor(bounds, dtype=torch.int32).to(device)
+    head is ``channel // per_head``: made once per layout, read-only, on the device (a copy from the host
+    would wait for it)."""
+    heads = torch.arange(n_heads + 1, device=device, dtype=torch.int32)
+    bounds = (heads * per_head - first).clamp_(0, n)
+    return torch.arange(n, device=device, dtype=torch.int32), bounds
 
 
 class HeadTiles(_Tiles):
@@ -1139,8 +1140,8 @@ class HeadTiles(_Tiles):
             channel (rows of ``cum``; heads without channels in the read cost nothing); ``D``: ``(nh,)``
             (the skip of each head) or None.
         run: ``(first, n, per_head)``: the read's channels are the run of ``n`` from ``first`` and channel
-            ``c`` is in head ``c // per_head`` (``head_index`` unread): their order by head is made on the
-            host, once per layout, with no sort.
+            ``c`` is in head ``c // per_head`` (``head_index`` unread): their order by head follows from the
+            layout, made once per layout, with no sort.
         left, right, taps, input_mask, ssm, skip: the view's factors (see :meth:`Core.tiles`).
     """
 
@@ -1156,7 +1157,7 @@ class HeadTiles(_Tiles):
         self.A, self.delta = A.to(f32).contiguous(), delta.to(f32).contiguous()
         self.B, self.C = B.to(f32).contiguous(), C.to(f32).contiguous()
         # the read's channels (positions into it) head by head: head h's are chans[starts[h] : starts[h + 1]]
-        if run is not None:  # made on the host, once per layout (a sort and a search cost 0.1 ms a read)
+        if run is not None:  # from the layout, once per layout (a sort and a search cost 0.1 ms a read)
             self.chans, self.starts = _run_by_head(*run, n_heads, device)
         else:  # sorted and searched on the device: nothing here waits for it
             head_index = head_index.long()
