@@ -51,9 +51,10 @@ For any block of rows and columns, :meth:`DiagonalTiles.dense` writes ``(channel
 holds ``channels × L × L``. Reads whose columns and output strides are multiples of 16 (every dense read
 with ``L`` a multiple of 16) are launched ``ALIGNED`` and store 16 bytes at a time (:func:`_store_at`).
 Measured on the H200 (``benchmarks/results/gpu.md``), through the view, preparation included, dense reads at
-L = 512 / 1024 / 2048 / 4096 take 5.0× / 2.7–2.9× / 1.9× / 1.5–1.6× the write floor (Mamba-1, 1536
-channels), 2.3× / 1.7× / 1.2× / 1.2× (RWKV-4, 1024 channels); the torch path 1018–1070× and 135–138× at
-L = 512.
+L = 512 / 1024 / 2048 take 3.9× / 2.5× / 1.8× the write floor (Mamba-1, 1536 channels; 1.5–1.6× at 4096),
+2.0× / 1.4× / 1.2× (RWKV-4, 1024 channels); the torch path 914× and 131× at L = 512. Every preparation
+runs in the kernels (:func:`_prep_kernel`; the WKV and by-head kernels read the core's arrays as they are):
+on the H200's machine each torch operation costs the host 10–25 µs, as much as a short read's kernels.
 """
 
 from __future__ import annotations
