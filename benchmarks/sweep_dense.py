@@ -25,7 +25,6 @@ from implicit_hooks import kernels
 VARIANTS = {
     "mamba": {
         "far uncapped": {"maxnreg": {"far": None}},
-        "strip diagonal by state loop": {"STRIP_DIAGONAL_SUM": False},
         "far 8 warps": {"far_warps": 8},
         "strip 8 warps": {"near_warps": 8},
         "stores of 4": {"aligned_run": {"tiles": 4}},

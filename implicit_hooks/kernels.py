@@ -100,8 +100,6 @@ TUNING: dict = {
     # a thread, and wider runs made its bfloat16 stores reshuffle each tile through shared memory first
     "aligned_run": {"tiles": 16, "wkv": 16, "head": 4},
     "NEAR_STRIPS": True,
-    # a strip's diagonal block with its state loop unrolled (False: a loop over states, loads in turn)
-    "STRIP_DIAGONAL_SUM": True,
     # a head's channels split over programs until about this many programs an SM (HeadTiles)
     "head_programs_per_sm": 4,
     # ptxas register caps of dense launches by kernel ("far": tile products of N < 64 states, "far_wide",
@@ -303,7 +301,7 @@ if triton is not None:
     def _strip(
         c, I, i, J, L, ssm, max_growth, sloc_ptr, tot_ptr, growth_ptr, A_ptr, C_ptr, W_ptr, fix_ptr, seg_ptr,
         left_ptr, pmask_ptr, N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, Q: tl.constexpr,
-        SQ: tl.constexpr, SPLIT: tl.constexpr, DIAGONAL_SUM: tl.constexpr,
+        SQ: tl.constexpr, SPLIT: tl.constexpr,
     ):  # fmt: skip
         """Row strip ``i`` (``SQ`` rows from ``R = IQ + i·SQ``) of near tile ``(I, J)`` of channel ``c``, in
         two parts: ``main``, the columns ``j < R``, and ``diag``, the ``SQ`` columns from ``R`` (``J = I``).
@@ -353,11 +351,8 @@ if triton is not None:
             else:
                 main = _direct(c, I, t, j, L, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, N, K, Q)
             if J == I:
-                if DIAGONAL_SUM:
-                    diag = _diagonal_block(c, I, t, jd, L, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, seg_ptr,
-                                           N, K, Q)  # fmt: skip
-                else:
-                    diag = _direct(c, I, t, jd, L, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, N, K, Q)
+                diag = _diagonal_block(c, I, t, jd, L, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, N, K,
+                                       Q)  # fmt: skip
         main = _band(main, c, t, j, L, fix_ptr, left_ptr, pmask_ptr, K)
         main = tl.where((j < R)[None, :], main, 0.0)  # the diag part's columns and the zeros past them
         diag = _band(diag, c, t, jd, L, fix_ptr, left_ptr, pmask_ptr, K)
@@ -594,8 +589,7 @@ if triton is not None:
         out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, L, ssm, n_chan, per_group, max_growth,
         sloc_ptr, tot_ptr, growth_ptr, A_ptr, C_ptr, W_ptr, fix_ptr, seg_ptr, left_ptr, pmask_ptr,
         rw_ptr, cw_ptr, N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, Q: tl.constexpr, SQ: tl.constexpr,
-        SPLIT: tl.constexpr, DIAGONAL_SUM: tl.constexpr, REDUCE: tl.constexpr, TRANSFORM: tl.constexpr,
-        ALIGNED: tl.constexpr,
+        SPLIT: tl.constexpr, REDUCE: tl.constexpr, TRANSFORM: tl.constexpr, ALIGNED: tl.constexpr,
     ):  # fmt: skip
         """The near tiles by row strips (:func:`_strip`): strip ``i`` of row tile ``I`` against column
         tiles ``I`` and ``I − 1``; ``main`` written with the zeros past the strip's diagonal block, ``diag``
@@ -614,14 +608,14 @@ if triton is not None:
             while c < tl.minimum((slab + 1) * per_group, n_chan):
                 main_c, diag_c = _strip(c, I, i, J, L, ssm, max_growth, sloc_ptr, tot_ptr, growth_ptr, A_ptr,
                                         C_ptr, W_ptr, fix_ptr, seg_ptr, left_ptr, pmask_ptr, N, NP, K, Q, SQ,
-                                        SPLIT, DIAGONAL_SUM)  # fmt: skip
+                                        SPLIT)  # fmt: skip
                 main = _reduce_at(main, main_c, c, t, j, L, rw_ptr, cw_ptr, TRANSFORM)
                 diag = _reduce_at(diag, diag_c, c, t, jd, L, rw_ptr, cw_ptr, TRANSFORM)
                 c += 1
         else:
             main, diag = _strip(slab, I, i, J, L, ssm, max_growth, sloc_ptr, tot_ptr, growth_ptr, A_ptr,
                                 C_ptr, W_ptr, fix_ptr, seg_ptr, left_ptr, pmask_ptr, N, NP, K, Q, SQ,
-                                SPLIT, DIAGONAL_SUM)  # fmt: skip
+                                SPLIT)  # fmt: skip
         outside = tl.where(J >= 0, (j < R) | (j >= R + SQ), False)  # diag's columns are the other store's
         _store_at(out_ptr, slab, stride_slab, stride_t, t, j, r0, r1, c0, c1, main, outside[None, :], ALIGNED)
         _store_at(out_ptr, slab, stride_slab, stride_t, t, jd, r0, r1, c0, c1, diag, J == I, ALIGNED)
@@ -1058,7 +1052,6 @@ class DiagonalTiles(_Tiles):
                 self.sloc, self.tot, self.growth, self.A, self.C, self.W, self.fix, self.seg, self.left,
                 self.pmask, rw, cw,
                 N=self.N, NP=self.NP, K=self.K, Q=TILE, SQ=STRIP, SPLIT=bool(TUNING["FAR_SPLIT_TF32"]),
-                DIAGONAL_SUM=bool(TUNING["STRIP_DIAGONAL_SUM"]),
                 **_options("strip", TUNING["near_warps"], groups > 0), **reduce,
             )  # fmt: skip
             return
