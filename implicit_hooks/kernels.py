@@ -418,10 +418,14 @@ if triton is not None:
     }
 
     @triton.jit
+    def _right(c, m, L, r_ptr, has_right):
+        """``r_m``: channel ``c``'s right factors at positions ``m`` (1 without ``has_right``)."""
+        return tl.load(r_ptr + c * L + m, mask=m < L * has_right, other=1.0)
+
+    @triton.jit
     def _input_weight(c, m, L, m_ok, u_ptr, r_ptr, has_right):
-        """``u_m r_m``: the input weight times the right factors (1 without ``has_right``)."""
-        right = tl.load(r_ptr + c * L + m, mask=m < L * has_right, other=1.0)
-        return tl.load(u_ptr + c * L + m, mask=m_ok, other=0.0) * right
+        """``u_m r_m``: the input weight times the right factors."""
+        return tl.load(u_ptr + c * L + m, mask=m_ok, other=0.0) * _right(c, m, L, r_ptr, has_right)
 
     @triton.jit(do_not_specialize=UNSPECIALISED["_prep_kernel"])
     def _prep_kernel(
@@ -519,8 +523,7 @@ if triton is not None:
                 fix += entry[:, None] * coef[None, :]
         if skip != 0:
             coef = tl.load(taps_ptr + c * K + tl.where(d < K, K - 1 - d, 0), mask=d < K, other=0.0)
-            right = tl.load(r_ptr + c * L + p, mask=p < L * has_right, other=1.0)
-            fix += (tl.load(D_ptr + c) * right)[:, None] * coef[None, :]
+            fix += (tl.load(D_ptr + c) * _right(c, p, L, r_ptr, has_right))[:, None] * coef[None, :]
         tl.store(fix_ptr + (c * L + p)[:, None] * K + d[None, :], fix, mask=p_ok[:, None] & (d < K)[None, :])
 
     @triton.jit(do_not_specialize=UNSPECIALISED["_far_kernel"])
