@@ -700,27 +700,33 @@ if triton is not None:
         return tl.where(valid, scores * tl.exp(a * gap) * delta[None, :], 0.0)
 
     @triton.jit
-    def _head_windows(I, J, hh, t, t_ok, cum_t, a, L, ssm, scratch, cum_ptr, delta_ptr, B_ptr, C_ptr,
+    def _head_windows(I, J, hh, t, t_ok, cum_t, a, L, ssm, d_skip, scratch, cum_ptr, delta_ptr, B_ptr, C_ptr,
                       N: tl.constexpr, Q: tl.constexpr, H: tl.constexpr, NC: tl.constexpr,
                       SPLIT: tl.constexpr):  # fmt: skip
-        """The four shifted windows ``core[t, j + k]`` (``k < 4``) of head ``hh`` over column tile ``J``,
-        zeros above the diagonal or without the recurrence. The core over the columns and a conv halo is
-        computed once, into this program's ``scratch`` (``Q × (Q + H)``), and read back shifted."""
+        """The four shifted windows ``core[t, j + k]`` (``k < 4``) of head ``hh`` over column tile ``J``, the
+        core plus the head's skip ``d_skip`` on its diagonal (so that each channel's conv takes the skip
+        through the tap ``t − j`` as it takes the recurrence), zeros above the diagonal. The core over the
+        columns and a conv halo is computed once, into this program's ``scratch`` (``Q × (Q + H)``), and all
+        four windows are read back from it: in one layout, so that a channel's sum and store need no
+        reshuffle."""
         q = tl.arange(0, Q)
         cells = scratch + q[:, None] * (Q + H) + q[None, :]
         w0 = tl.zeros((Q, Q), dtype=tl.float32)
         w1 = w0
         w2 = w0
         w3 = w0
-        if (J <= I) & (ssm != 0):
+        if J <= I:
             j = J * Q + q
             h = (J + 1) * Q + tl.arange(0, H)
-            core = _head_core(hh, t, j, L, t_ok, cum_t, a, cum_ptr, delta_ptr, B_ptr, C_ptr, N, NC, SPLIT)
-            halo = _head_core(hh, t, h, L, t_ok, cum_t, a, cum_ptr, delta_ptr, B_ptr, C_ptr, N, NC, SPLIT)
+            core = tl.where(j[None, :] == t[:, None], d_skip, 0.0)
+            halo = tl.where(h[None, :] == t[:, None], d_skip, 0.0)
+            if ssm != 0:
+                core += _head_core(hh, t, j, L, t_ok, cum_t, a, cum_ptr, delta_ptr, B_ptr, C_ptr, N, NC, SPLIT)
+                halo += _head_core(hh, t, h, L, t_ok, cum_t, a, cum_ptr, delta_ptr, B_ptr, C_ptr, N, NC, SPLIT)
             tl.store(cells, core)
             tl.store(scratch + q[:, None] * (Q + H) + (Q + tl.arange(0, H))[None, :], halo)
             tl.debug_barrier()  # the whole tile is in the scratch before any thread reads it shifted
-            w0 = core
+            w0 = tl.load(cells)
             w1 = tl.load(cells + 1)
             w2 = tl.load(cells + 2)
             w3 = tl.load(cells + 3)
@@ -734,29 +740,18 @@ if triton is not None:
         return tl.where(k < K, tl.load(taps_ptr + c * K + tl.maximum(K - 1 - k, 0)), 0.0)
 
     @triton.jit
-    def _head_channel(c, hh, I, J, t, j, L, w0, w1, w2, w3, pm, taps_ptr, K, right_ptr, left_ptr, D_ptr,
-                      skip):  # fmt: skip
-        """Channel ``c``'s entries of tile ``(I, J)`` from its head's windows: ``Σ_k window_k · w_k r_{j+k}``,
-        the skip ``D_hh r_t`` on the diagonals ``0 ≤ t − j < K``, the gate and the input mask (``pm``)."""
-        t_ok = t < L
-        j_ok = j < L
+    def _head_channel(c, I, J, t, j, L, w0, w1, w2, w3, pm, taps_ptr, K, right_ptr, left_ptr):
+        """Channel ``c``'s entries of tile ``(I, J)`` from its head's windows (the skip in them):
+        ``Σ_k window_k · w_k r_{j+k}``, the gate and the input mask (``pm``): four multiply-adds an entry."""
         acc = tl.zeros((t.shape[0], j.shape[0]), dtype=tl.float32)
         if J <= I:
-            x0 = _tap(taps_ptr, c, K, 0) * tl.load(right_ptr + c * L + j, mask=j_ok, other=0.0)
-            x1 = _tap(taps_ptr, c, K, 1) * tl.load(right_ptr + c * L + j + 1, mask=j + 1 < L, other=0.0)
-            x2 = _tap(taps_ptr, c, K, 2) * tl.load(right_ptr + c * L + j + 2, mask=j + 2 < L, other=0.0)
-            x3 = _tap(taps_ptr, c, K, 3) * tl.load(right_ptr + c * L + j + 3, mask=j + 3 < L, other=0.0)
             # the input mask on the column factors, not on every entry
-            acc = w0 * (x0 * pm)[None, :] + w1 * (x1 * pm)[None, :] + w2 * (x2 * pm)[None, :]
-            acc += w3 * (x3 * pm)[None, :]
-            if J >= I - 1:  # the skip through tap d = t − j (no scalar in the mask: Triton 3.9)
-                d = t[:, None] - j[None, :]
-                on_band = (d >= 0) & (d < K) & t_ok[:, None] & j_ok[None, :]
-                w_d = tl.load(taps_ptr + c * K + (K - 1 - d), mask=on_band, other=0.0)
-                dr = tl.load(right_ptr + c * L + t, mask=t < L * skip, other=0.0) * tl.load(D_ptr + hh)
-                acc += w_d * dr[:, None] * pm[None, :]
-            left = tl.load(left_ptr + c * L + t, mask=t_ok, other=0.0)
-            acc = acc * left[:, None]
+            x0 = _tap(taps_ptr, c, K, 0) * tl.load(right_ptr + c * L + j, mask=j < L, other=0.0) * pm
+            x1 = _tap(taps_ptr, c, K, 1) * tl.load(right_ptr + c * L + j + 1, mask=j + 1 < L, other=0.0) * pm
+            x2 = _tap(taps_ptr, c, K, 2) * tl.load(right_ptr + c * L + j + 2, mask=j + 2 < L, other=0.0) * pm
+            x3 = _tap(taps_ptr, c, K, 3) * tl.load(right_ptr + c * L + j + 3, mask=j + 3 < L, other=0.0) * pm
+            acc = w0 * x0[None, :] + w1 * x1[None, :] + w2 * x2[None, :] + w3 * x3[None, :]
+            acc = acc * tl.load(left_ptr + c * L + t, mask=t < L, other=0.0)[:, None]
         return acc
 
     @triton.jit(do_not_specialize=UNSPECIALISED["_head_kernel"])
@@ -782,23 +777,21 @@ if triton is not None:
             t = I * Q + q
             cum_t = tl.load(cum_ptr + hh * L + t, mask=t < L, other=0.0)
             a = tl.load(A_ptr + hh)
+            d_skip = tl.where(skip != 0, tl.load(D_ptr + hh), 0.0)
             program = (hh * tl.num_programs(0) + tl.program_id(0)) * G + g
             scratch = scratch_ptr + program.to(tl.int64) * (Q * (Q + H))
             J = J0
             while J < J0 + nJ:
                 j = J * Q + q
                 w0, w1, w2, w3 = _head_windows(
-                    I, J, hh, t, t < L, cum_t, a, L, ssm, scratch, cum_ptr, delta_ptr, B_ptr, C_ptr,
+                    I, J, hh, t, t < L, cum_t, a, L, ssm, d_skip, scratch, cum_ptr, delta_ptr, B_ptr, C_ptr,
                     N, Q, H, NC, SPLIT,
                 )  # fmt: skip
                 pm = tl.load(pmask_ptr + j, mask=j < L, other=0.0)
                 p = first
                 while p < end:
                     c = tl.load(chan_ptr + p)
-                    acc = _head_channel(
-                        c, hh, I, J, t, j, L, w0, w1, w2, w3, pm, taps_ptr, K, right_ptr, left_ptr, D_ptr,
-                        skip,
-                    )  # fmt: skip
+                    acc = _head_channel(c, I, J, t, j, L, w0, w1, w2, w3, pm, taps_ptr, K, right_ptr, left_ptr)
                     _store(out_ptr, c, stride_slab, stride_t, I, J, r0, r1, c0, c1, acc, Q, J >= 0, ALIGNED)
                     p += G
                 J += 1
@@ -833,16 +826,16 @@ if triton is not None:
                     if p < end:  # heads without channels in this read are skipped
                         cum_t = tl.load(cum_ptr + hh * L + t, mask=t < L, other=0.0)
                         a = tl.load(A_ptr + hh)
+                        d_skip = tl.where(skip != 0, tl.load(D_ptr + hh), 0.0)
                         w0, w1, w2, w3 = _head_windows(
-                            I, J, hh, t, t < L, cum_t, a, L, ssm, scratch, cum_ptr, delta_ptr, B_ptr, C_ptr,
-                            N, Q, H, NC, SPLIT,
+                            I, J, hh, t, t < L, cum_t, a, L, ssm, d_skip, scratch, cum_ptr, delta_ptr, B_ptr,
+                            C_ptr, N, Q, H, NC, SPLIT,
                         )  # fmt: skip
                         while p < end:
                             c = tl.load(chan_ptr + p)
                             acc = _head_channel(
-                                c, hh, I, J, t, j, L, w0, w1, w2, w3, pm, taps_ptr, K, right_ptr, left_ptr,
-                                D_ptr, skip,
-                            )  # fmt: skip
+                                c, I, J, t, j, L, w0, w1, w2, w3, pm, taps_ptr, K, right_ptr, left_ptr
+                            )
                             total = _reduce_at(total, acc, c, t, j, L, rw_ptr, cw_ptr, TRANSFORM)
                             p += 1
                     hh += 1
