@@ -234,28 +234,51 @@ if triton is not None:
         return tl.where(valid, acc, 0.0)
 
     @triton.jit
-    def _band(acc, c, t, j, L, fix_ptr, left_ptr, pmask_ptr, K: tl.constexpr):
-        """Adds the ``K`` diagonals ``0 ≤ t − j < K`` (``fix``: partial taps and the skip), then applies the
-        left factors and the input mask."""
+    def _band(acc, c, t, j, L, fix_ptr, left_ptr, pmask_ptr, K: tl.constexpr, BAND: tl.constexpr):
+        """Applies the left factors and the input mask; with ``BAND``, first puts the ``K`` diagonals
+        ``0 ≤ t − j < K`` in (``fix``, whole entries: the taps at or before ``t`` and the skip). Dense
+        tiles leave them to :func:`_store_band`: gathered entry by entry here they cost a masked load an
+        entry and set the whole tile's register layout (a thread's entries in 32 columns, not 4)."""
         t_ok = t < L
         j_ok = (j >= 0) & (j < L)
-        d = t[:, None] - j[None, :]
-        band = (d >= 0) & (d < K) & t_ok[:, None] & j_ok[None, :]
-        acc += tl.load(fix_ptr + (c * L + t[:, None]) * K + d, mask=band, other=0.0)
+        if BAND:
+            d = t[:, None] - j[None, :]
+            band = (d >= 0) & (d < K) & t_ok[:, None] & j_ok[None, :]
+            acc = tl.where(band, tl.load(fix_ptr + (c * L + t[:, None]) * K + d, mask=band, other=0.0), acc)
         left = tl.load(left_ptr + c * L + t, mask=t_ok, other=0.0)
         return acc * left[:, None] * tl.load(pmask_ptr + j, mask=j_ok, other=0.0)[None, :]
 
     @triton.jit
+    def _store_band(out_ptr, slab, stride_slab, stride_t, c, t, J, L, r0, r1, c0, c1, fix_ptr, left_ptr,
+                    pmask_ptr, keep, K: tl.constexpr, KP: tl.constexpr, Q: tl.constexpr):  # fmt: skip
+        """Stores the ``K`` diagonals ``0 ≤ t − d`` of rows ``t`` that lie in column tile ``J`` (``fix``
+        times the left factors and the input mask: ``(rows, KP)`` entries), over what this program's tile
+        store wrote there: after a barrier, so that they land last."""
+        d = tl.arange(0, KP)
+        j = t[:, None] - d[None, :]
+        t_ok = t < L
+        on = (d < K)[None, :] & (j >= J * Q) & (j < J * Q + Q) & (j >= 0) & t_ok[:, None]
+        band = tl.load(fix_ptr + (c * L + t)[:, None] * K + d[None, :], mask=on, other=0.0)
+        band = band * tl.load(left_ptr + c * L + t, mask=t_ok, other=0.0)[:, None]
+        band = band * tl.load(pmask_ptr + j, mask=on, other=0.0)
+        rows = (t - r0).to(tl.int64) * stride_t + slab.to(tl.int64) * stride_slab
+        inside = on & ((t >= r0) & (t < r1))[:, None] & (j >= c0) & (j < c1)
+        inside = tl.where(keep, inside, False)
+        tl.debug_barrier()  # the tile's own store of these entries comes first
+        tl.store(out_ptr + rows[:, None] + (j - c0), band, mask=inside)
+
+    @triton.jit
     def _near(
         c, I, J, L, ssm, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, fix_ptr, seg_ptr, left_ptr, pmask_ptr,
-        N: tl.constexpr, K: tl.constexpr, Q: tl.constexpr, SCALAR: tl.constexpr,
+        N: tl.constexpr, K: tl.constexpr, Q: tl.constexpr, SCALAR: tl.constexpr, BAND: tl.constexpr,
     ):  # fmt: skip
         """A near tile (``I ∈ {J, J + 1}``) of channel ``c``, every entry directly.
 
         Column ``j`` is taken from its last conv tap ``m = j + K − 1``: where ``t ≥ m`` every tap is
         causal and ``A[t, j] = Σ_n C[t, n] · exp(A_n (S_{t+1} − S_{m+1})) · W[j, n]`` with ``W`` the conv
         folded into the input side (``DiagonalTiles``), one exponential per entry and state and no halo;
-        the ``K`` diagonals from ``t = j`` hold what that misses (``fix``: partial taps and the skip)."""
+        the ``K`` diagonals from ``t = j`` are ``fix`` (partial taps and the skip): put in with ``BAND``,
+        else stored over the tile (:func:`_store_band`)."""
         t = I * Q + tl.arange(0, Q)
         j = J * Q + tl.arange(0, Q)
         acc = tl.zeros((Q, Q), dtype=tl.float32)
@@ -270,7 +293,7 @@ if triton is not None:
                 acc = tl.where(valid, acc * tl.exp(tl.load(A_ptr + c * N) * gap), 0.0)
             else:
                 acc = _direct(c, I, t, j, L, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, N, K, Q)
-        return _band(acc, c, t, j, L, fix_ptr, left_ptr, pmask_ptr, K)
+        return _band(acc, c, t, j, L, fix_ptr, left_ptr, pmask_ptr, K, BAND)
 
     @triton.jit
     def _strip_at(I, i, J, Q: tl.constexpr, SQ: tl.constexpr):
@@ -301,7 +324,7 @@ if triton is not None:
     def _strip(
         c, I, i, J, L, ssm, max_growth, sloc_ptr, tot_ptr, growth_ptr, A_ptr, C_ptr, W_ptr, fix_ptr, seg_ptr,
         left_ptr, pmask_ptr, N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, Q: tl.constexpr,
-        SQ: tl.constexpr, SPLIT: tl.constexpr,
+        SQ: tl.constexpr, SPLIT: tl.constexpr, BAND: tl.constexpr,
     ):  # fmt: skip
         """Row strip ``i`` (``SQ`` rows from ``R = IQ + i·SQ``) of near tile ``(I, J)`` of channel ``c``, in
         two parts: ``main``, the columns ``j < R``, and ``diag``, the ``SQ`` columns from ``R`` (``J = I``).
@@ -353,9 +376,9 @@ if triton is not None:
             if J == I:
                 diag = _diagonal_block(c, I, t, jd, L, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, N, K,
                                        Q)  # fmt: skip
-        main = _band(main, c, t, j, L, fix_ptr, left_ptr, pmask_ptr, K)
+        main = _band(main, c, t, j, L, fix_ptr, left_ptr, pmask_ptr, K, BAND)
         main = tl.where((j < R)[None, :], main, 0.0)  # the diag part's columns and the zeros past them
-        diag = _band(diag, c, t, jd, L, fix_ptr, left_ptr, pmask_ptr, K)
+        diag = _band(diag, c, t, jd, L, fix_ptr, left_ptr, pmask_ptr, K, BAND)
         return main, diag
 
     @triton.jit
@@ -446,7 +469,9 @@ if triton is not None:
           tap ``min(p + K − 1, L − 1)``, over the taps inside the sequence and in ``l``'s segment;
         * ``U[p, n] = C[p, n] exp(A_n (S_{p+1} − S_{start}))``, zero past a reset since the tile's start;
         * ``V[p, n] = exp(A_n (S_ref − S_{l+1})) W[p, n]``, zero past a reset before the tile's reference;
-        * ``fix[p, d]`` (``d < K``): ``Σ_{e ≤ d < K−1} w_{d−e} core[p, p − e]`` and the skip ``w_d D r_p``.
+        * ``fix[p, d]`` (``d < K``), entry ``(p, p − d)`` of the band whole:
+          ``Σ_{e ≤ d} w_{d−e} core[p, p − e]`` and the skip ``w_d D r_p`` (the near tiles' formula holds
+          only its last diagonal, ``d = K − 1``).
 
         ``r`` is read only with ``has_right`` (else 1), ``D`` only with ``skip``. Every exponent is ≤ 0
         (float64 differences of ``S``, rounded after)."""
@@ -510,15 +535,15 @@ if triton is not None:
             gap = tl.maximum(S_ref - S_last, 0.0).to(tl.float32)
             V = tl.exp(a[None, :] * gap[:, None]) * W * linked.to(tl.float32)[:, None]
             tl.store(V_ptr + rows[:, None] * NP + n[None, :], V, mask=p_ok[:, None])
-            for e in tl.static_range(K - 1):  # the recurrence's entries core[p, p − e]
+            for e in tl.static_range(K):  # the recurrence's entries core[p, p − e]
                 m = tl.maximum(p - e, 0)
                 linked = p_ok & (p >= e) & (tl.load(seg_ptr + m, mask=p_ok, other=0) == seg_p)
                 gap = tl.maximum(S_p - tl.load(S_row + m + 1, mask=p_ok, other=0.0), 0.0).to(tl.float32)
                 b = tl.load(B_ptr + m[:, None] * N + n[None, :], mask=pn_ok, other=0.0)
                 entry = tl.sum(tl.exp(a[None, :] * gap[:, None]) * c_rows * b, axis=1)
                 entry = tl.where(linked, entry * _input_weight(c, m, L, p_ok, u_ptr, r_ptr, has_right), 0.0)
-                # column p − d takes it through tap d − e, for e ≤ d < K − 1
-                on = (d >= e) & (d < K - 1)
+                # column p − d takes it through tap d − e, for e ≤ d < K
+                on = (d >= e) & (d < K)
                 coef = tl.load(taps_ptr + c * K + tl.where(on, K - 1 - (d - e), 0), mask=on, other=0.0)
                 fix += entry[:, None] * coef[None, :]
         if skip != 0:
@@ -565,10 +590,11 @@ if triton is not None:
     def _near_kernel(
         out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, L, ssm, n_chan, per_group,
         sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, fix_ptr, seg_ptr, left_ptr, pmask_ptr, rw_ptr, cw_ptr,
-        N: tl.constexpr, K: tl.constexpr, Q: tl.constexpr, SCALAR: tl.constexpr, REDUCE: tl.constexpr,
-        TRANSFORM: tl.constexpr, ALIGNED: tl.constexpr,
+        N: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, Q: tl.constexpr, SCALAR: tl.constexpr,
+        REDUCE: tl.constexpr, TRANSFORM: tl.constexpr, ALIGNED: tl.constexpr,
     ):  # fmt: skip
-        """The near tiles: row tile ``I`` against column tiles ``I`` and ``I − 1``."""
+        """The near tiles: row tile ``I`` against column tiles ``I`` and ``I − 1`` (dense: the band stored
+        over each, :func:`_store_band`)."""
         I = I0 + tl.program_id(0)
         J = I - tl.program_id(1)
         slab = tl.program_id(2)
@@ -579,20 +605,24 @@ if triton is not None:
             c = slab * per_group
             while c < tl.minimum((slab + 1) * per_group, n_chan):
                 acc = _near(c, I, J, L, ssm, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, fix_ptr, seg_ptr,
-                            left_ptr, pmask_ptr, N, K, Q, SCALAR)  # fmt: skip
+                            left_ptr, pmask_ptr, N, K, Q, SCALAR, True)  # fmt: skip
                 total = _reduce_step(total, acc, c, I, J, L, rw_ptr, cw_ptr, TRANSFORM, Q)
                 c += 1
         else:
             total = _near(slab, I, J, L, ssm, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, fix_ptr, seg_ptr,
-                          left_ptr, pmask_ptr, N, K, Q, SCALAR)  # fmt: skip
+                          left_ptr, pmask_ptr, N, K, Q, SCALAR, False)  # fmt: skip
         _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, J >= 0, ALIGNED)
+        if not REDUCE:
+            _store_band(out_ptr, slab, stride_slab, stride_t, slab, I * Q + tl.arange(0, Q), J, L, r0, r1, c0,
+                        c1, fix_ptr, left_ptr, pmask_ptr, J >= 0, K, KP, Q)  # fmt: skip
 
     @triton.jit(do_not_specialize=UNSPECIALISED["_strip_kernel"])
     def _strip_kernel(
         out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, L, ssm, n_chan, per_group, max_growth,
         sloc_ptr, tot_ptr, growth_ptr, A_ptr, C_ptr, W_ptr, fix_ptr, seg_ptr, left_ptr, pmask_ptr,
-        rw_ptr, cw_ptr, N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, Q: tl.constexpr, SQ: tl.constexpr,
-        SPLIT: tl.constexpr, REDUCE: tl.constexpr, TRANSFORM: tl.constexpr, ALIGNED: tl.constexpr,
+        rw_ptr, cw_ptr, N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, Q: tl.constexpr,
+        SQ: tl.constexpr, SPLIT: tl.constexpr, REDUCE: tl.constexpr, TRANSFORM: tl.constexpr,
+        ALIGNED: tl.constexpr,
     ):  # fmt: skip
         """The near tiles by row strips (:func:`_strip`): strip ``i`` of row tile ``I`` against column
         tiles ``I`` and ``I − 1``; ``main`` written with the zeros past the strip's diagonal block, ``diag``
@@ -611,17 +641,20 @@ if triton is not None:
             while c < tl.minimum((slab + 1) * per_group, n_chan):
                 main_c, diag_c = _strip(c, I, i, J, L, ssm, max_growth, sloc_ptr, tot_ptr, growth_ptr, A_ptr,
                                         C_ptr, W_ptr, fix_ptr, seg_ptr, left_ptr, pmask_ptr, N, NP, K, Q, SQ,
-                                        SPLIT)  # fmt: skip
+                                        SPLIT, True)  # fmt: skip
                 main = _reduce_at(main, main_c, c, t, j, L, rw_ptr, cw_ptr, TRANSFORM)
                 diag = _reduce_at(diag, diag_c, c, t, jd, L, rw_ptr, cw_ptr, TRANSFORM)
                 c += 1
         else:
             main, diag = _strip(slab, I, i, J, L, ssm, max_growth, sloc_ptr, tot_ptr, growth_ptr, A_ptr,
                                 C_ptr, W_ptr, fix_ptr, seg_ptr, left_ptr, pmask_ptr, N, NP, K, Q, SQ,
-                                SPLIT)  # fmt: skip
+                                SPLIT, False)  # fmt: skip
         outside = tl.where(J >= 0, (j < R) | (j >= R + SQ), False)  # diag's columns are the other store's
         _store_at(out_ptr, slab, stride_slab, stride_t, t, j, r0, r1, c0, c1, main, outside[None, :], ALIGNED)
         _store_at(out_ptr, slab, stride_slab, stride_t, t, jd, r0, r1, c0, c1, diag, J == I, ALIGNED)
+        if not REDUCE:
+            _store_band(out_ptr, slab, stride_slab, stride_t, slab, t, J, L, r0, r1, c0, c1, fix_ptr,
+                        left_ptr, pmask_ptr, J >= 0, K, KP, Q)  # fmt: skip
 
     @triton.jit
     def _wkv_tile(c, I, J, L, key_ptr, logz_ptr, w_ptr, u_ptr, left_ptr, right_ptr, pmask_ptr, left_stride,
@@ -721,8 +754,10 @@ if triton is not None:
             core = tl.where(j[None, :] == t[:, None], d_skip, 0.0)
             halo = tl.where(h[None, :] == t[:, None], d_skip, 0.0)
             if ssm != 0:
-                core += _head_core(hh, t, j, L, t_ok, cum_t, a, cum_ptr, delta_ptr, B_ptr, C_ptr, N, NC, SPLIT)
-                halo += _head_core(hh, t, h, L, t_ok, cum_t, a, cum_ptr, delta_ptr, B_ptr, C_ptr, N, NC, SPLIT)
+                core += _head_core(hh, t, j, L, t_ok, cum_t, a, cum_ptr, delta_ptr, B_ptr, C_ptr, N, NC,
+                                   SPLIT)  # fmt: skip
+                halo += _head_core(hh, t, h, L, t_ok, cum_t, a, cum_ptr, delta_ptr, B_ptr, C_ptr, N, NC,
+                                   SPLIT)  # fmt: skip
             tl.store(cells, core)
             tl.store(scratch + q[:, None] * (Q + H) + (Q + tl.arange(0, H))[None, :], halo)
             tl.debug_barrier()  # the whole tile is in the scratch before any thread reads it shifted
@@ -791,7 +826,9 @@ if triton is not None:
                 p = first
                 while p < end:
                     c = tl.load(chan_ptr + p)
-                    acc = _head_channel(c, I, J, t, j, L, w0, w1, w2, w3, pm, taps_ptr, K, right_ptr, left_ptr)
+                    acc = _head_channel(
+                        c, I, J, t, j, L, w0, w1, w2, w3, pm, taps_ptr, K, right_ptr, left_ptr
+                    )
                     _store(out_ptr, c, stride_slab, stride_t, I, J, r0, r1, c0, c1, acc, Q, J >= 0, ALIGNED)
                     p += G
                 J += 1
@@ -1047,7 +1084,8 @@ class DiagonalTiles(_Tiles):
                 *head, I0, self.L, int(self.ssm), self.n_chan, per_group, float(STRIP_GROWTH),
                 self.sloc, self.tot, self.growth, self.A, self.C, self.W, self.fix, self.seg, self.left,
                 self.pmask, rw, cw,
-                N=self.N, NP=self.NP, K=self.K, Q=TILE, SQ=STRIP, SPLIT=bool(TUNING["FAR_SPLIT_TF32"]),
+                N=self.N, NP=self.NP, K=self.K, KP=triton.next_power_of_2(self.K), Q=TILE, SQ=STRIP,
+                SPLIT=bool(TUNING["FAR_SPLIT_TF32"]),
                 **_options("strip", TUNING["near_warps"], groups > 0), **reduce,
             )  # fmt: skip
             return
@@ -1056,7 +1094,7 @@ class DiagonalTiles(_Tiles):
         _near_kernel[(nI, 2, slabs)](
             *head, I0, self.L, int(self.ssm), self.n_chan, per_group,
             self.sloc, self.tot, self.A, self.C, self.W, self.fix, self.seg, self.left, self.pmask, rw, cw,
-            N=self.N, K=self.K, Q=TILE, SCALAR=self.scalar,
+            N=self.N, K=self.K, KP=triton.next_power_of_2(self.K), Q=TILE, SCALAR=self.scalar,
             **near_options, **reduce,
         )  # fmt: skip
 
