@@ -69,6 +69,7 @@ from torch import Tensor
 try:  # optional: the torch path serves wherever Triton is missing
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
 
@@ -138,6 +139,18 @@ def available(device: torch.device, *, interpreted: bool = False) -> bool:
 
 
 if triton is not None:
+    #: Triton's interpreter (the tests without a GPU) has no libdevice: :func:`_exp` takes ``tl.exp`` there
+    _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+    @triton.jit
+    def _exp(x):
+        """``e^x`` as one ``MUFU.EX2`` of ``x · log₂e``, subnormal results flushed to zero (libdevice's
+        ``exp2`` under Triton's default reflect-ftz): ``tl.exp`` guards subnormal results with three more
+        instructions an entry (a compare and two multiplies), a fifth of what a near tile issues."""
+        if _INTERPRETED:
+            return tl.exp(x)
+        else:
+            return libdevice.exp2(x * 1.4426950408889634)
 
     @triton.jit
     def _far_rows(c, I, L, ssm, U_ptr, left_ptr, NP: tl.constexpr, Q: tl.constexpr, FAR_DOT: tl.constexpr):
@@ -180,7 +193,7 @@ if triton is not None:
             n = tl.arange(0, NP)
             v = tl.load(V_ptr + (c * L + j[:, None]) * NP + n[None, :], mask=j_ok[:, None], other=0.0)
             a = tl.load(A_ptr + c * N + n, mask=n < N, other=0.0)
-            mid = tl.exp(a * gap)  # (NP,), every exponent ≤ 0
+            mid = _exp(a * gap)  # (NP,), every exponent ≤ 0
             if SPLIT:
                 acc = _split_product(u * mid[None, :], v)
             else:
@@ -188,7 +201,7 @@ if triton is not None:
         else:
             acc = tl.zeros((Q, Q), dtype=tl.float32)
             for n in tl.static_range(N):
-                mid_n = tl.exp(tl.load(A_ptr + c * N + n) * gap)
+                mid_n = _exp(tl.load(A_ptr + c * N + n) * gap)
                 u_n = tl.load(U_ptr + (c * L + t) * NP + n, mask=t_ok, other=0.0)
                 v_n = tl.load(V_ptr + (c * L + j) * NP + n, mask=j_ok, other=0.0)
                 acc += (u_n * mid_n)[:, None] * v_n[None, :]
@@ -230,7 +243,7 @@ if triton is not None:
         for n in range(N):
             c_n = tl.load(C_ptr + t * N + n, mask=t_ok, other=0.0)
             w_n = tl.load(W_ptr + (c * L + j) * N + n, mask=j_ok, other=0.0)
-            acc += c_n[:, None] * tl.exp(tl.load(A_ptr + c * N + n) * gap) * w_n[None, :]
+            acc += c_n[:, None] * _exp(tl.load(A_ptr + c * N + n) * gap) * w_n[None, :]
         return tl.where(valid, acc, 0.0)
 
     @triton.jit
@@ -290,7 +303,7 @@ if triton is not None:
                 j_ok = (j >= 0) & (j < L)
                 w_rows = tl.load(W_ptr + (c * L + j[:, None]) * N + n[None, :], mask=j_ok[:, None], other=0.0)
                 acc = tl.dot(c_rows, tl.trans(w_rows), input_precision="ieee")
-                acc = tl.where(valid, acc * tl.exp(tl.load(A_ptr + c * N) * gap), 0.0)
+                acc = tl.where(valid, acc * _exp(tl.load(A_ptr + c * N) * gap), 0.0)
             else:
                 acc = _direct(c, I, t, j, L, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, N, K, Q)
         return _band(acc, c, t, j, L, fix_ptr, left_ptr, pmask_ptr, K, BAND)
@@ -317,7 +330,7 @@ if triton is not None:
         for n in tl.static_range(N):
             c_n = tl.load(C_ptr + t * N + n, mask=t_ok, other=0.0)
             w_n = tl.load(W_ptr + (c * L + j) * N + n, mask=j_ok, other=0.0)
-            acc += c_n[:, None] * tl.exp(tl.load(A_ptr + c * N + n) * gap) * w_n[None, :]
+            acc += c_n[:, None] * _exp(tl.load(A_ptr + c * N + n) * gap) * w_n[None, :]
         return tl.where(valid, acc, 0.0)
 
     @triton.jit
@@ -362,9 +375,9 @@ if triton is not None:
             w = tl.load(W_ptr + (c * L + j[:, None]) * N + n[None, :], mask=cols[:, None] & n_ok[None, :],
                         other=0.0)  # fmt: skip
             if growth <= max_growth:
-                u = c_rows * tl.exp(a[None, :] * row_gap[:, None])
+                u = c_rows * _exp(a[None, :] * row_gap[:, None])
                 col_gap = tl.where(cols, off - (s_m - carry), 0.0)  # S_R − S_{m+1} ≥ −(S_{R+K−1} − S_R)
-                w = w * tl.exp(a[None, :] * col_gap[:, None])
+                w = w * _exp(a[None, :] * col_gap[:, None])
                 if SPLIT:
                     main = _split_product(u, w)
                 else:
@@ -524,23 +537,23 @@ if triton is not None:
                 tap = tl.load(taps_ptr + c * K + K - 1 - k)
                 weight = _input_weight(c, m, L, p_ok, u_ptr, r_ptr, has_right) * tap
                 b = tl.load(B_ptr + m[:, None] * N + n[None, :], mask=pn_ok, other=0.0)
-                W += tl.exp(a[None, :] * gap[:, None]) * (tl.where(inside, weight, 0.0)[:, None] * b)
+                W += _exp(a[None, :] * gap[:, None]) * (tl.where(inside, weight, 0.0)[:, None] * b)
             rows = c * L + p
             tl.store(W_ptr + rows[:, None] * N + n[None, :], W, mask=pn_ok)
             before = tl.load(seg_ptr + tl.maximum(start - 1, 0), mask=p_ok, other=0)
             c_rows = tl.load(C_ptr + p[:, None] * N + n[None, :], mask=pn_ok, other=0.0)
-            U = c_rows * tl.exp(a[None, :] * sl[:, None]) * (seg_p == before).to(tl.float32)[:, None]
+            U = c_rows * _exp(a[None, :] * sl[:, None]) * (seg_p == before).to(tl.float32)[:, None]
             tl.store(U_ptr + rows[:, None] * NP + n[None, :], U, mask=p_ok[:, None])
             linked = seg_last == seg_ref
             gap = tl.maximum(S_ref - S_last, 0.0).to(tl.float32)
-            V = tl.exp(a[None, :] * gap[:, None]) * W * linked.to(tl.float32)[:, None]
+            V = _exp(a[None, :] * gap[:, None]) * W * linked.to(tl.float32)[:, None]
             tl.store(V_ptr + rows[:, None] * NP + n[None, :], V, mask=p_ok[:, None])
             for e in tl.static_range(K):  # the recurrence's entries core[p, p − e]
                 m = tl.maximum(p - e, 0)
                 linked = p_ok & (p >= e) & (tl.load(seg_ptr + m, mask=p_ok, other=0) == seg_p)
                 gap = tl.maximum(S_p - tl.load(S_row + m + 1, mask=p_ok, other=0.0), 0.0).to(tl.float32)
                 b = tl.load(B_ptr + m[:, None] * N + n[None, :], mask=pn_ok, other=0.0)
-                entry = tl.sum(tl.exp(a[None, :] * gap[:, None]) * c_rows * b, axis=1)
+                entry = tl.sum(_exp(a[None, :] * gap[:, None]) * c_rows * b, axis=1)
                 entry = tl.where(linked, entry * _input_weight(c, m, L, p_ok, u_ptr, r_ptr, has_right), 0.0)
                 # column p − d takes it through tap d − e, for e ≤ d < K
                 on = (d >= e) & (d < K)
@@ -675,7 +688,7 @@ if triton is not None:
         )
         expo = tl.where(j[None, :] == t[:, None], (diag + row).to(tl.float32)[:, None], expo)
         inside = (j[None, :] <= t[:, None]) & t_ok[:, None] & j_ok[None, :]
-        acc = tl.exp(tl.where(inside, expo, float("-inf")))  # no overflow
+        acc = _exp(tl.where(inside, expo, float("-inf")))  # no overflow
         acc = acc * tl.load(left_ptr + c * left_stride + t, mask=t_ok, other=0.0)[:, None]
         right = tl.load(right_ptr + c * right_stride + j, mask=j_ok, other=0.0)
         return acc * (right * tl.load(pmask_ptr + j, mask=j_ok, other=0.0))[None, :]
@@ -730,7 +743,7 @@ if triton is not None:
         gap = tl.maximum((cum_t[:, None] - cum_m[None, :]).to(tl.float32), 0.0)  # float64 difference
         delta = tl.load(delta_ptr + hh * L + m, mask=m_ok, other=0.0)
         valid = (m[None, :] <= t[:, None]) & m_ok[None, :] & t_ok[:, None]
-        return tl.where(valid, scores * tl.exp(a * gap) * delta[None, :], 0.0)
+        return tl.where(valid, scores * _exp(a * gap) * delta[None, :], 0.0)
 
     @triton.jit
     def _head_windows(I, J, hh, t, t_ok, cum_t, a, L, ssm, d_skip, scratch, cum_ptr, delta_ptr, B_ptr, C_ptr,
