@@ -31,6 +31,7 @@ VARIANTS = {
     },
     "mamba2": {
         "head 8 warps": {"head_warps": 8},
+        "head 8 warps, 128 registers": {"head_warps": 8, "maxnreg": {"head": 128}},
         "head regs 168": {"maxnreg": {"head": 168}},
         "head 8 programs/SM": {"head_programs_per_sm": 8},
         "head 2 programs/SM": {"head_programs_per_sm": 2},
