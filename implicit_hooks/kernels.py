@@ -247,33 +247,42 @@ if triton is not None:
         return tl.where(valid, acc, 0.0)
 
     @triton.jit
-    def _band(acc, c, t, j, L, fix_ptr, left_ptr, pmask_ptr, K: tl.constexpr, BAND: tl.constexpr):
+    def _sides(c, t, j, L, left_ptr, pmask_ptr):
+        """The left factors of rows ``t`` and the input mask of columns ``j``: loaded with a tile's first
+        loads, so that a program waits for memory once, not again before it stores."""
+        left = tl.load(left_ptr + c * L + t, mask=t < L, other=0.0)
+        return left, tl.load(pmask_ptr + j, mask=(j >= 0) & (j < L), other=0.0)
+
+    @triton.jit
+    def _band(acc, c, t, j, L, fix_ptr, left, pm, K: tl.constexpr, BAND: tl.constexpr):
         """Applies the left factors and the input mask; with ``BAND``, first puts the ``K`` diagonals
         ``0 ≤ t − j < K`` in (``fix``, whole entries: the taps at or before ``t`` and the skip). Dense
         tiles leave them to :func:`_store_band`: gathered entry by entry here they cost a masked load an
         entry and set the whole tile's register layout (a thread's entries in 32 columns, not 4)."""
-        t_ok = t < L
-        j_ok = (j >= 0) & (j < L)
         if BAND:
             d = t[:, None] - j[None, :]
-            band = (d >= 0) & (d < K) & t_ok[:, None] & j_ok[None, :]
+            band = (d >= 0) & (d < K) & (t < L)[:, None] & ((j >= 0) & (j < L))[None, :]
             acc = tl.where(band, tl.load(fix_ptr + (c * L + t[:, None]) * K + d, mask=band, other=0.0), acc)
-        left = tl.load(left_ptr + c * L + t, mask=t_ok, other=0.0)
-        return acc * left[:, None] * tl.load(pmask_ptr + j, mask=j_ok, other=0.0)[None, :]
+        return acc * left[:, None] * pm[None, :]
 
     @triton.jit
-    def _store_band(out_ptr, slab, stride_slab, stride_t, c, t, J, L, r0, r1, c0, c1, fix_ptr, left_ptr,
-                    pmask_ptr, keep, K: tl.constexpr, KP: tl.constexpr, Q: tl.constexpr):  # fmt: skip
-        """Stores the ``K`` diagonals ``0 ≤ t − d`` of rows ``t`` that lie in column tile ``J`` (``fix``
-        times the left factors and the input mask: ``(rows, KP)`` entries), over what this program's tile
-        store wrote there: after a barrier, so that they land last."""
+    def _band_entries(c, t, J, L, fix_ptr, left_ptr, pmask_ptr, K: tl.constexpr, KP: tl.constexpr,
+                      Q: tl.constexpr):  # fmt: skip
+        """The ``K`` diagonals ``0 ≤ t − d`` of rows ``t`` that lie in column tile ``J``: ``fix`` times the
+        left factors and the input mask, ``(rows, KP)`` entries, their columns and where they are. Loaded
+        before the tile is computed; :func:`_store_band` writes them after it."""
         d = tl.arange(0, KP)
         j = t[:, None] - d[None, :]
         t_ok = t < L
         on = (d < K)[None, :] & (j >= J * Q) & (j < J * Q + Q) & (j >= 0) & t_ok[:, None]
         band = tl.load(fix_ptr + (c * L + t)[:, None] * K + d[None, :], mask=on, other=0.0)
         band = band * tl.load(left_ptr + c * L + t, mask=t_ok, other=0.0)[:, None]
-        band = band * tl.load(pmask_ptr + j, mask=on, other=0.0)
+        return band * tl.load(pmask_ptr + j, mask=on, other=0.0), j, on
+
+    @triton.jit
+    def _store_band(out_ptr, slab, stride_slab, stride_t, t, j, on, band, r0, r1, c0, c1, keep):
+        """Stores the band entries of :func:`_band_entries` over what this program's tile store wrote
+        there: after a barrier, so that they land last."""
         rows = (t - r0).to(tl.int64) * stride_t + slab.to(tl.int64) * stride_slab
         inside = on & ((t >= r0) & (t < r1))[:, None] & (j >= c0) & (j < c1)
         inside = tl.where(keep, inside, False)
@@ -294,6 +303,7 @@ if triton is not None:
         else stored over the tile (:func:`_store_band`)."""
         t = I * Q + tl.arange(0, Q)
         j = J * Q + tl.arange(0, Q)
+        left, pm = _sides(c, t, j, L, left_ptr, pmask_ptr)
         acc = tl.zeros((Q, Q), dtype=tl.float32)
         if ssm != 0:
             if SCALAR:  # one rate for every state (Mamba-2): one exponential per entry, C_t · W_j a product
@@ -306,7 +316,7 @@ if triton is not None:
                 acc = tl.where(valid, acc * _exp(tl.load(A_ptr + c * N) * gap), 0.0)
             else:
                 acc = _direct(c, I, t, j, L, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, N, K, Q)
-        return _band(acc, c, t, j, L, fix_ptr, left_ptr, pmask_ptr, K, BAND)
+        return _band(acc, c, t, j, L, fix_ptr, left, pm, K, BAND)
 
     @triton.jit
     def _strip_at(I, i, J, Q: tl.constexpr, SQ: tl.constexpr):
@@ -347,11 +357,14 @@ if triton is not None:
         row factors are ``≤ 1``; a column's last tap lies at most ``K − 1`` positions past ``R``, so its
         factor grows by at most ``e^{max|A| (S_{R+K−1} − S_R)}``: strips where that passes
         ``e^{max_growth}`` (large rates) take every entry directly, as ``diag`` does
-        (:func:`_diagonal_block`). The strip's loads are issued before the growth decides: a program waits
-        for memory once, not once for the growth and again for the rest."""
+        (:func:`_diagonal_block`). Every load of the strip is issued first, the diagonal block's next, before
+        the growth decides: a program waits for memory once, not once for the growth, again for the mask
+        and the factors and again for the diagonal block."""
         R, t, j, jd = _strip_at(I, i, J, Q, SQ)
         main = tl.zeros((SQ, Q), dtype=tl.float32)
         diag = tl.zeros((SQ, SQ), dtype=tl.float32)
+        left, pm = _sides(c, t, j, L, left_ptr, pmask_ptr)
+        pm_diag = tl.load(pmask_ptr + jd, mask=jd < L, other=0.0)
         if ssm != 0:
             n_strips = (L + SQ - 1) // SQ
             growth = tl.load(growth_ptr + c * n_strips + R // SQ)
@@ -374,6 +387,14 @@ if triton is not None:
             cols = (j >= 0) & (j < R) & (j < L)
             w = tl.load(W_ptr + (c * L + j[:, None]) * N + n[None, :], mask=cols[:, None] & n_ok[None, :],
                         other=0.0)  # fmt: skip
+            # where t ≥ m in one segment (:func:`_gaps`, from the loads above)
+            seg_t = tl.load(seg_ptr + t, mask=t_ok, other=0)
+            seg_m = tl.load(seg_ptr + m, mask=m_ok, other=-1)
+            valid = (m[None, :] <= t[:, None]) & m_ok[None, :] & t_ok[:, None]
+            valid = valid & (seg_t[:, None] == seg_m[None, :])
+            if J == I:
+                diag = _diagonal_block(c, I, t, jd, L, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, N, K,
+                                       Q)  # fmt: skip
             if growth <= max_growth:
                 u = c_rows * _exp(a[None, :] * row_gap[:, None])
                 col_gap = tl.where(cols, off - (s_m - carry), 0.0)  # S_R − S_{m+1} ≥ −(S_{R+K−1} − S_R)
@@ -382,16 +403,12 @@ if triton is not None:
                     main = _split_product(u, w)
                 else:
                     main = tl.dot(u, tl.trans(w), input_precision="ieee")
-                valid, _ = _gaps(c, I, t, j, L, sloc_ptr, tot_ptr, seg_ptr, K, Q)
                 main = tl.where(valid, main, 0.0)
             else:
                 main = _direct(c, I, t, j, L, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, N, K, Q)
-            if J == I:
-                diag = _diagonal_block(c, I, t, jd, L, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, N, K,
-                                       Q)  # fmt: skip
-        main = _band(main, c, t, j, L, fix_ptr, left_ptr, pmask_ptr, K, BAND)
+        main = _band(main, c, t, j, L, fix_ptr, left, pm, K, BAND)
         main = tl.where((j < R)[None, :], main, 0.0)  # the diag part's columns and the zeros past them
-        diag = _band(diag, c, t, jd, L, fix_ptr, left_ptr, pmask_ptr, K, BAND)
+        diag = _band(diag, c, t, jd, L, fix_ptr, left, pm_diag, K, BAND)
         return main, diag
 
     @triton.jit
@@ -611,6 +628,9 @@ if triton is not None:
         I = I0 + tl.program_id(0)
         J = I - tl.program_id(1)
         slab = tl.program_id(2)
+        t = I * Q + tl.arange(0, Q)
+        if not REDUCE:  # loaded with the tile's first loads
+            band, jb, on = _band_entries(slab, t, J, L, fix_ptr, left_ptr, pmask_ptr, K, KP, Q)
         total = tl.zeros((Q, Q), dtype=tl.float32)
         if J < 0:  # row tile 0 has no column tile before it
             pass
@@ -626,8 +646,7 @@ if triton is not None:
                           left_ptr, pmask_ptr, N, K, Q, SCALAR, False)  # fmt: skip
         _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, J >= 0, ALIGNED)
         if not REDUCE:
-            _store_band(out_ptr, slab, stride_slab, stride_t, slab, I * Q + tl.arange(0, Q), J, L, r0, r1, c0,
-                        c1, fix_ptr, left_ptr, pmask_ptr, J >= 0, K, KP, Q)  # fmt: skip
+            _store_band(out_ptr, slab, stride_slab, stride_t, t, jb, on, band, r0, r1, c0, c1, J >= 0)
 
     @triton.jit(do_not_specialize=UNSPECIALISED["_strip_kernel"])
     def _strip_kernel(
@@ -645,6 +664,8 @@ if triton is not None:
         J = I - tl.program_id(1)
         slab = tl.program_id(2)
         R, t, j, jd = _strip_at(I, i, J, Q, SQ)
+        if not REDUCE:  # loaded with the strip's first loads
+            band, jb, on = _band_entries(slab, t, J, L, fix_ptr, left_ptr, pmask_ptr, K, KP, Q)
         main = tl.zeros((SQ, Q), dtype=tl.float32)
         diag = tl.zeros((SQ, SQ), dtype=tl.float32)
         if J < 0:  # row tile 0 has no column tile before it
@@ -666,8 +687,7 @@ if triton is not None:
         _store_at(out_ptr, slab, stride_slab, stride_t, t, j, r0, r1, c0, c1, main, outside[None, :], ALIGNED)
         _store_at(out_ptr, slab, stride_slab, stride_t, t, jd, r0, r1, c0, c1, diag, J == I, ALIGNED)
         if not REDUCE:
-            _store_band(out_ptr, slab, stride_slab, stride_t, slab, t, J, L, r0, r1, c0, c1, fix_ptr,
-                        left_ptr, pmask_ptr, J >= 0, K, KP, Q)  # fmt: skip
+            _store_band(out_ptr, slab, stride_slab, stride_t, t, jb, on, band, r0, r1, c0, c1, J >= 0)
 
     @triton.jit
     def _wkv_tile(c, I, J, L, key_ptr, logz_ptr, w_ptr, u_ptr, left_ptr, right_ptr, pmask_ptr, left_stride,
