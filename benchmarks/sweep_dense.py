@@ -33,8 +33,8 @@ VARIANTS = {
         "head 8 warps": {"head_warps": 8},
         "head 8 warps, 128 registers": {"head_warps": 8, "maxnreg": {"head": 128}},
         "head regs 168": {"maxnreg": {"head": 168}},
-        "head 8 programs/SM": {"head_programs_per_sm": 8},
-        "head 2 programs/SM": {"head_programs_per_sm": 2},
+        "head 4 programs/SM": {"head_programs_per_sm": 4},
+        "head 1 program/SM": {"head_programs_per_sm": 1},
         "head stores of 16": {"aligned_run": {"head": 16}},
     },
     "rglru": {

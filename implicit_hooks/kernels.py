@@ -101,8 +101,10 @@ TUNING: dict = {
     # a thread, and wider runs made its bfloat16 stores reshuffle each tile through shared memory first
     "aligned_run": {"tiles": 16, "wkv": 16, "head": 4},
     "NEAR_STRIPS": True,
-    # a head's channels split over programs until about this many programs an SM (HeadTiles)
-    "head_programs_per_sm": 4,
+    # programs an SM of the by-head kernels (HeadTiles), each looping over its items: as many as run at
+    # once (dense blocks: 254 registers at 4 warps, two an SM), channel sums four
+    "head_programs_per_sm": 2,
+    "head_reduce_programs_per_sm": 4,
     # ptxas register caps of dense launches by kernel ("far": tile products of N < 64 states, "far_wide",
     # "far_outer": N < 16, "near", "near_scalar" (Mamba-2), "strip", "wkv", "head"; reductions: the same
     # names + "_reduce"; none: ptxas chooses, up to 255), traded against spills for more programs an SM.
@@ -461,11 +463,11 @@ if triton is not None:
     _SPAN = ["stride_slab", "stride_t", "r0", "r1", "c0", "c1", "I0", "L"]
     UNSPECIALISED = {
         "_prep_kernel": ["L", "ssm", "skip", "has_right", "has_segments"],
-        "_far_kernel": _SPAN + ["J0", "nJ", "span", "ssm", "n_chan", "per_group"],
+        "_far_kernel": _SPAN + ["J0", "nJ", "span", "ssm", "n_chan", "per_group", "max_growth", "near_far"],
         "_near_kernel": _SPAN + ["ssm", "n_chan", "per_group"],
-        "_strip_kernel": _SPAN + ["ssm", "n_chan", "per_group", "max_growth"],
+        "_strip_kernel": _SPAN + ["ssm", "n_chan", "per_group", "max_growth", "near_far"],
         "_wkv_kernel": _SPAN + ["J0", "nJ", "span", "n_chan", "per_group", "left_stride", "right_stride"],
-        "_head_kernel": _SPAN + ["J0", "nJ", "ssm", "K", "skip"],
+        "_head_kernel": _SPAN + ["J0", "nI", "nJ", "ssm", "n_heads", "K", "skip"],
         # one slab: no stride_slab
         "_head_reduce_kernel": _SPAN[1:] + ["J0", "nI", "nJ", "ssm", "n_heads", "K", "skip"],
     }
@@ -585,20 +587,33 @@ if triton is not None:
     def _far_kernel(
         out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, J0, nJ, span, L, ssm, n_chan, per_group,
         sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr, left_ptr, pmask_ptr, seg_ptr, segref_ptr, rw_ptr, cw_ptr,
+        growth_ptr, max_growth, near_far, fix_ptr,
         N: tl.constexpr, NP: tl.constexpr, Q: tl.constexpr, FAR_DOT: tl.constexpr, SPLIT: tl.constexpr,
-        REDUCE: tl.constexpr,
+        K: tl.constexpr, KP: tl.constexpr, SQ: tl.constexpr, REDUCE: tl.constexpr,
         TRANSFORM: tl.constexpr, ALIGNED: tl.constexpr,
     ):  # fmt: skip
         """Every tile but the near ones: far tiles computed, tiles above the diagonal zeros. One program per
         row tile, run of ``span`` column tiles and channel (dense: the row factors loaded once per run) or
-        group of ``per_group`` channels (reduce: summed in the program)."""
+        group of ``per_group`` channels (reduce: summed in the program).
+
+        With ``near_far`` (dense reads of strips without resets) also the near tile ``J = I − 1`` of every
+        channel whose first strip of row tile ``I`` grows by at most ``e^max_growth`` (:func:`_strip`): its
+        reference ``S_ref(J)`` lies ``K − 1`` positions past ``S_IQ``, so the middle factor grows by just
+        that, and the entries the factorisation gets wrong (``t < j + K − 1``) are all on the band, stored
+        over the tile (:func:`_store_band`). The strip kernel leaves those tiles alone."""
         I = I0 + tl.program_id(0)
         J = J0 + tl.program_id(1) * span
         J_end = tl.minimum(J + span, J0 + nJ)
         slab = tl.program_id(2)
         u, left = _far_rows(slab, I, L, ssm, U_ptr, left_ptr, NP, Q, FAR_DOT)  # dense: this channel's
+        t = I * Q + tl.arange(0, Q)
+        near_far = (near_far != 0) & (ssm != 0) & (I > 0)
+        if not REDUCE:  # loaded with the row factors
+            first_strip = slab * ((L + SQ - 1) // SQ) + I * (Q // SQ)
+            near_far = near_far & (tl.load(growth_ptr + first_strip, mask=near_far, other=0.0) <= max_growth)
+            band, jb, on = _band_entries(slab, t, I - 1, L, fix_ptr, left_ptr, pmask_ptr, K, KP, Q)
         while J < J_end:  # while: Triton's interpreter cannot range() over arguments
-            far = (I >= J + 2) & (ssm != 0)
+            far = ((I >= J + 2) | ((I == J + 1) & near_far)) & (ssm != 0)
             total = tl.zeros((Q, Q), dtype=tl.float32)
             if REDUCE:
                 if far:
@@ -613,7 +628,11 @@ if triton is not None:
                 total = _outer(slab, I, J, L, u, left, sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr, pmask_ptr,
                                seg_ptr, segref_ptr, N, NP, Q, FAR_DOT, SPLIT)  # fmt: skip
             not_near = (I < J) | (I >= J + 2)  # the near tiles are the other launch's
-            _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, not_near, ALIGNED)
+            _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, not_near | far,
+                   ALIGNED)  # fmt: skip
+            if not REDUCE:
+                if far & (I == J + 1):
+                    _store_band(out_ptr, slab, stride_slab, stride_t, t, jb, on, band, r0, r1, c0, c1, True)
             J += 1
 
     @triton.jit(do_not_specialize=UNSPECIALISED["_near_kernel"])
@@ -650,7 +669,7 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=UNSPECIALISED["_strip_kernel"])
     def _strip_kernel(
-        out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, L, ssm, n_chan, per_group, max_growth,
+        out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, L, ssm, n_chan, per_group, max_growth, near_far,
         sloc_ptr, tot_ptr, growth_ptr, A_ptr, C_ptr, W_ptr, fix_ptr, seg_ptr, left_ptr, pmask_ptr,
         rw_ptr, cw_ptr, N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, Q: tl.constexpr,
         SQ: tl.constexpr, SPLIT: tl.constexpr, REDUCE: tl.constexpr, TRANSFORM: tl.constexpr,
@@ -658,17 +677,23 @@ if triton is not None:
     ):  # fmt: skip
         """The near tiles by row strips (:func:`_strip`): strip ``i`` of row tile ``I`` against column
         tiles ``I`` and ``I − 1``; ``main`` written with the zeros past the strip's diagonal block, ``diag``
-        apart."""
+        apart. Dense reads with ``near_far`` leave tile ``I − 1`` to the far kernel wherever it takes it
+        (:func:`_far_kernel`)."""
         I = I0 + tl.program_id(0) // (Q // SQ)
         i = tl.program_id(0) % (Q // SQ)
         J = I - tl.program_id(1)
         slab = tl.program_id(2)
         R, t, j, jd = _strip_at(I, i, J, Q, SQ)
-        if not REDUCE:  # loaded with the strip's first loads
-            band, jb, on = _band_entries(slab, t, J, L, fix_ptr, left_ptr, pmask_ptr, K, KP, Q)
+        taken = J < -1  # by the far kernel (False so far)
+        if not REDUCE:
+            if (near_far != 0) & (ssm != 0) & (J == I - 1) & (J >= 0):
+                taken = tl.load(growth_ptr + slab * ((L + SQ - 1) // SQ) + I * (Q // SQ)) <= max_growth
+            # loaded with the strip's first loads (none where taken: column tile −2 holds no band entry)
+            band, jb, on = _band_entries(slab, t, tl.where(taken, -2, J), L, fix_ptr, left_ptr, pmask_ptr, K,
+                                         KP, Q)  # fmt: skip
         main = tl.zeros((SQ, Q), dtype=tl.float32)
         diag = tl.zeros((SQ, SQ), dtype=tl.float32)
-        if J < 0:  # row tile 0 has no column tile before it
+        if (J < 0) | taken:  # row tile 0 has no column tile before it
             pass
         elif REDUCE:
             c = slab * per_group
@@ -683,11 +708,12 @@ if triton is not None:
             main, diag = _strip(slab, I, i, J, L, ssm, max_growth, sloc_ptr, tot_ptr, growth_ptr, A_ptr,
                                 C_ptr, W_ptr, fix_ptr, seg_ptr, left_ptr, pmask_ptr, N, NP, K, Q, SQ,
                                 SPLIT, False)  # fmt: skip
-        outside = tl.where(J >= 0, (j < R) | (j >= R + SQ), False)  # diag's columns are the other store's
+        mine = tl.where(taken, False, J >= 0)
+        outside = tl.where(mine, (j < R) | (j >= R + SQ), False)  # diag's columns are the other store's
         _store_at(out_ptr, slab, stride_slab, stride_t, t, j, r0, r1, c0, c1, main, outside[None, :], ALIGNED)
         _store_at(out_ptr, slab, stride_slab, stride_t, t, jd, r0, r1, c0, c1, diag, J == I, ALIGNED)
         if not REDUCE:
-            _store_band(out_ptr, slab, stride_slab, stride_t, t, jb, on, band, r0, r1, c0, c1, J >= 0)
+            _store_band(out_ptr, slab, stride_slab, stride_t, t, jb, on, band, r0, r1, c0, c1, mine)
 
     @triton.jit
     def _wkv_tile(c, I, J, L, key_ptr, logz_ptr, w_ptr, u_ptr, left_ptr, right_ptr, pmask_ptr, left_stride,
@@ -824,47 +850,48 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=UNSPECIALISED["_head_kernel"])
     def _head_kernel(
-        out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, J0, nJ, L, ssm,
+        out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, J0, nI, nJ, L, ssm, n_heads,
         scratch_ptr, cum_ptr, A_ptr, delta_ptr, B_ptr, C_ptr, chan_ptr, start_ptr, taps_ptr, K, right_ptr,
         left_ptr, D_ptr, skip, pmask_ptr,
         N: tl.constexpr, Q: tl.constexpr, H: tl.constexpr, NC: tl.constexpr, SPLIT: tl.constexpr,
         ALIGNED: tl.constexpr,
     ):  # fmt: skip
-        """Row tile ``I`` of head ``hh``, its channels ``chan[start + g], chan[start + g + G], …`` up to
-        ``start_{hh+1}`` (:class:`HeadTiles`; programs past them have nothing to do). Per column tile, the
-        head's four shifted windows (:func:`_head_windows`, registers); each channel then costs four
-        multiply-adds per entry and its store (:func:`_head_channel`)."""
-        I = I0 + tl.program_id(0)
-        hh = tl.program_id(1)
-        g = tl.program_id(2)
-        G = tl.num_programs(2)
-        first = tl.load(start_ptr + hh) + g
-        end = tl.load(start_ptr + hh + 1)
-        if first < end:
-            q = tl.arange(0, Q)
-            t = I * Q + q
-            cum_t = tl.load(cum_ptr + hh * L + t, mask=t < L, other=0.0)
-            a = tl.load(A_ptr + hh)
-            d_skip = tl.where(skip != 0, tl.load(D_ptr + hh), 0.0)
-            program = (hh * tl.num_programs(0) + tl.program_id(0)) * G + g
-            scratch = scratch_ptr + program.to(tl.int64) * (Q * (Q + H))
-            J = J0
-            while J < J0 + nJ:
+        """Items ``(tile, head)``, ``tile = (I − I0) · nJ + J − J0``: program ``p`` takes items ``p``,
+        ``p + programs``, … (as many programs as the device runs at once, :class:`HeadTiles`, each with its
+        own scratch). Per item, the head's four shifted windows once (:func:`_head_windows`), then each of
+        the head's channels in the read (``chan[start_hh : start_{hh+1}]``) costs four multiply-adds an
+        entry and its store (:func:`_head_channel`). Each core tile is computed once, and no wave of
+        programs runs half full: programs of a row tile each, channels split among them, computed each
+        core as often as the split and left the last of three waves a fifth full at L = 512."""
+        q = tl.arange(0, Q)
+        scratch = scratch_ptr + tl.program_id(0).to(tl.int64) * (Q * (Q + H))
+        item = tl.program_id(0)
+        while item < nI * nJ * n_heads:
+            hh = item % n_heads
+            tile = item // n_heads
+            p = tl.load(start_ptr + hh)
+            end = tl.load(start_ptr + hh + 1)
+            if p < end:  # heads without channels in this read are skipped
+                I = I0 + tile // nJ
+                J = J0 + tile % nJ
+                t = I * Q + q
                 j = J * Q + q
+                cum_t = tl.load(cum_ptr + hh * L + t, mask=t < L, other=0.0)
+                a = tl.load(A_ptr + hh)
+                d_skip = tl.where(skip != 0, tl.load(D_ptr + hh), 0.0)
+                pm = tl.load(pmask_ptr + j, mask=j < L, other=0.0)
                 w0, w1, w2, w3 = _head_windows(
                     I, J, hh, t, t < L, cum_t, a, L, ssm, d_skip, scratch, cum_ptr, delta_ptr, B_ptr, C_ptr,
                     N, Q, H, NC, SPLIT,
                 )  # fmt: skip
-                pm = tl.load(pmask_ptr + j, mask=j < L, other=0.0)
-                p = first
                 while p < end:
                     c = tl.load(chan_ptr + p)
                     acc = _head_channel(
                         c, I, J, t, j, L, w0, w1, w2, w3, pm, taps_ptr, K, right_ptr, left_ptr
                     )
                     _store(out_ptr, c, stride_slab, stride_t, I, J, r0, r1, c0, c1, acc, Q, J >= 0, ALIGNED)
-                    p += G
-                J += 1
+                    p += 1
+            item += tl.num_programs(0)
 
     @triton.jit(do_not_specialize=UNSPECIALISED["_head_reduce_kernel"])
     def _head_reduce_kernel(
@@ -1057,6 +1084,7 @@ class DiagonalTiles(_Tiles):
         self.tot = torch.empty(nc, nT, device=device, dtype=f32)
         self.sref = torch.empty(nc, nT, device=device, dtype=S.dtype)  # the far tiles' column reference
         self.growth = torch.empty(nc, (L + STRIP - 1) // STRIP, device=device, dtype=f32)
+        self.segments = segment is not None
         if segment is None:
             self.seg, self.seg_ref = filled(L, 0, device, torch.int32), filled(nT, 0, device, torch.int32)
         else:  # seg_ref: the segment of each tile's last column
@@ -1105,20 +1133,23 @@ class DiagonalTiles(_Tiles):
         far_warps = max(TUNING["far_warps"], 8 if self.NP >= 64 else 1)
         far_kind = "far_outer" if not self.far_dot else "far_wide" if self.NP >= 64 else "far"
         far_options = _options(far_kind, far_warps, groups > 0)
+        # dense reads of strips without resets: the far kernel also takes tile I − 1 where the growth allows
+        near_far = int(self.strips and bool(TUNING["NEAR_STRIPS"]) and not groups and not self.segments)
+        KP = triton.next_power_of_2(self.K)
         _far_kernel[(nI, triton.cdiv(nJ, span), slabs)](
             *head, I0, J0, nJ, span, self.L, int(self.ssm), self.n_chan, per_group,
             self.sb, self.sref, self.A, self.U, self.V, self.left, self.pmask, self.seg, self.seg_ref, rw, cw,
+            self.growth, float(STRIP_GROWTH), near_far, self.fix,
             N=self.N, NP=self.NP, Q=TILE, FAR_DOT=self.far_dot, SPLIT=bool(TUNING["FAR_SPLIT_TF32"]),
-            **far_options, **reduce,
+            K=self.K, KP=KP, SQ=STRIP, **far_options, **reduce,
         )  # fmt: skip
         # near tiles: row tiles I0 … with column tiles I and I − 1 (those outside the read are masked)
         if self.strips and TUNING["NEAR_STRIPS"]:
             _strip_kernel[(nI * (TILE // STRIP), 2, slabs)](
-                *head, I0, self.L, int(self.ssm), self.n_chan, per_group, float(STRIP_GROWTH),
+                *head, I0, self.L, int(self.ssm), self.n_chan, per_group, float(STRIP_GROWTH), near_far,
                 self.sloc, self.tot, self.growth, self.A, self.C, self.W, self.fix, self.seg, self.left,
                 self.pmask, rw, cw,
-                N=self.N, NP=self.NP, K=self.K, KP=triton.next_power_of_2(self.K), Q=TILE, SQ=STRIP,
-                SPLIT=bool(TUNING["FAR_SPLIT_TF32"]),
+                N=self.N, NP=self.NP, K=self.K, KP=KP, Q=TILE, SQ=STRIP, SPLIT=bool(TUNING["FAR_SPLIT_TF32"]),
                 **_options("strip", TUNING["near_warps"], groups > 0), **reduce,
             )  # fmt: skip
             return
@@ -1127,7 +1158,7 @@ class DiagonalTiles(_Tiles):
         _near_kernel[(nI, 2, slabs)](
             *head, I0, self.L, int(self.ssm), self.n_chan, per_group,
             self.sloc, self.tot, self.A, self.C, self.W, self.fix, self.seg, self.left, self.pmask, rw, cw,
-            N=self.N, K=self.K, KP=triton.next_power_of_2(self.K), Q=TILE, SCALAR=self.scalar,
+            N=self.N, K=self.K, KP=KP, Q=TILE, SCALAR=self.scalar,
             **near_options, **reduce,
         )  # fmt: skip
 
@@ -1238,27 +1269,23 @@ class HeadTiles(_Tiles):
         self.pmask = filled(L, 1.0, device) if input_mask is None else input_mask.to(f32).contiguous()
         self.n_heads, self.N = n_heads, B.shape[1]
 
-    def _programs(self) -> int:
-        """Programs the device runs well at once: ``TUNING["head_programs_per_sm"]`` an SM (two under the
-        interpreter, so that tests take the splits and strides too)."""
+    def _programs(self, per_sm: int) -> int:
+        """Programs the device runs at once, ``per_sm`` an SM (two under the interpreter, so that tests take
+        the loops over items and tiles too)."""
         if self.device.type != "cuda":
             return 2
-        return (
-            TUNING["head_programs_per_sm"]
-            * torch.cuda.get_device_properties(self.device).multi_processor_count
-        )
+        return per_sm * torch.cuda.get_device_properties(self.device).multi_processor_count
 
     def _launch(self, out: Tensor, span: tuple[int, int, int, int], groups: int, per_group: int,
                 row_weight: Tensor | None = None, col_weight: Tensor | None = None, transform: str = "signed",
                 ) -> None:  # fmt: skip
         r0, r1, c0, c1 = span
         I0, J0, nI, nJ = _tile_grid(*span)
-        # a head's channels split over G programs
-        G = 2 if self.device.type != "cuda" else -(-self._programs() // (nI * self.n_heads))
-        G = max(1, min(self.n_chan, G))  # programs past a head's channels return at once
-        scratch = torch.empty(nI * self.n_heads * G, TILE, TILE + HEAD_HALO, device=self.device)
-        _head_kernel[(nI, self.n_heads, G)](
-            out, out.stride(0), out.stride(1), r0, r1, c0, c1, I0, J0, nJ, self.L, int(self.ssm),
+        programs = max(1, min(nI * nJ * self.n_heads, self._programs(TUNING["head_programs_per_sm"])))
+        scratch = torch.empty(programs, TILE, TILE + HEAD_HALO, device=self.device)
+        _head_kernel[(programs,)](
+            out, out.stride(0), out.stride(1), r0, r1, c0, c1, I0, J0, nI, nJ, self.L, int(self.ssm),
+            self.n_heads,
             scratch, self.cum, self.A, self.delta, self.B, self.C, self.chans, self.starts, self.taps, self.K,
             self.right, self.left, self.D, self.skip, self.pmask, N=self.N, Q=TILE, H=HEAD_HALO, NC=16,
             SPLIT=bool(TUNING["FAR_SPLIT_TF32"]), ALIGNED=_aligned(out, c0, c1, "head"),
@@ -1283,7 +1310,7 @@ class HeadTiles(_Tiles):
             return out
         I0, J0, nI, nJ = _tile_grid(r0, r1, c0, c1)
         rw, cw = _weights(self, 1, row_weight, col_weight)
-        programs = max(1, min(nI * nJ, self._programs()))
+        programs = max(1, min(nI * nJ, self._programs(TUNING["head_reduce_programs_per_sm"])))
         scratch = torch.empty(programs, TILE, TILE + HEAD_HALO, device=self.device)
         _head_reduce_kernel[(programs,)](
             out, out.stride(0), r0, r1, c0, c1, I0, J0, nI, nJ, self.L, int(self.ssm), self.n_heads,

@@ -202,7 +202,8 @@ def test_every_code_path_of_the_kernel(monkeypatch, far_dot, split, strips):
 def test_near_strips_factorised_or_direct(monkeypatch):
     """Near tiles by strips: each strip factorises through its start where its column factors grow by at
     most ``e^STRIP_GROWTH`` and takes every entry directly elsewhere; a threshold at the median growth
-    mixes both within a channel and across the channels summed in one program."""
+    mixes both within a channel and across the channels summed in one program. Dense reads leave tile
+    ``I − 1`` to the far kernel's product where row tile ``I``'s first strip is factorised: some here."""
     rec, (hidden, mask), mixer = record(model("cpu", channels=3), 140, "cpu")
     plain, fused = rec.attention.with_backend("torch"), rec.attention.with_backend("triton")
     reference_, impulses = plain.dense(), impulse_matrix(reference(mixer, hidden, mask))
@@ -212,6 +213,8 @@ def test_near_strips_factorised_or_direct(monkeypatch):
         monkeypatch.setattr(kernels, "STRIP_GROWTH", threshold)
         share = float((growth <= threshold).float().mean())
         assert 0.3 < share < 0.7 if threshold else share == 0.0
+        far = int((growth[:, 4::4] <= threshold).sum())  # first strips of row tiles 1 and 2 (of 6)
+        assert 0 < far < 6 if threshold else far == 0
         A = fused.dense()
         assert rel_err(A, reference_) < SAME
         assert rel_err(A, impulses) < TOL
