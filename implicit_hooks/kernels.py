@@ -359,17 +359,22 @@ if triton is not None:
         row factors are ``≤ 1``; a column's last tap lies at most ``K − 1`` positions past ``R``, so its
         factor grows by at most ``e^{max|A| (S_{R+K−1} − S_R)}``: strips where that passes
         ``e^{max_growth}`` (large rates) take every entry directly, as ``diag`` does
-        (:func:`_diagonal_block`). Every load of the strip is issued first, the diagonal block's next, before
-        the growth decides: a program waits for memory once, not once for the growth, again for the mask
-        and the factors and again for the diagonal block."""
+        (:func:`_diagonal_block`). Dense reads whose diagonal block's columns grow by at most that too
+        (``S_{R+SQ+K−1} − S_R``, ``full``, returned) take the block into the product as well: ``main`` holds
+        all ``Q`` columns and ``diag`` is left out. Every load of the strip is issued first, the diagonal
+        block's next, before the growth decides: a program waits for memory once, not once for the growth,
+        again for the mask and the factors and again for the diagonal block."""
         R, t, j, jd = _strip_at(I, i, J, Q, SQ)
         main = tl.zeros((SQ, Q), dtype=tl.float32)
         diag = tl.zeros((SQ, SQ), dtype=tl.float32)
         left, pm = _sides(c, t, j, L, left_ptr, pmask_ptr)
         pm_diag = tl.load(pmask_ptr + jd, mask=jd < L, other=0.0)
+        full = J < -1  # the diagonal block in the product too (False so far)
         if ssm != 0:
             n_strips = (L + SQ - 1) // SQ
-            growth = tl.load(growth_ptr + c * n_strips + R // SQ)
+            growth = tl.load(growth_ptr + (c * n_strips + R // SQ) * 2)
+            if not BAND:  # dense: where the diagonal block's columns grow little enough, the product takes it
+                full = (J == I) & (tl.load(growth_ptr + (c * n_strips + R // SQ) * 2 + 1) <= max_growth)
             t_ok = t < L
             n = tl.arange(0, NP)
             n_ok = n < N
@@ -386,7 +391,7 @@ if triton is not None:
             s_m = tl.load(sloc_ptr + c * L + m, mask=m_ok, other=0.0)
             n_tiles = (L + Q - 1) // Q
             carry = tl.load(tot_ptr + c * n_tiles + tile_m, mask=m_ok & (tile_m < I), other=0.0)
-            cols = (j >= 0) & (j < R) & (j < L)
+            cols = (j >= 0) & (j < tl.where(full, R + SQ, R)) & (j < L)
             w = tl.load(W_ptr + (c * L + j[:, None]) * N + n[None, :], mask=cols[:, None] & n_ok[None, :],
                         other=0.0)  # fmt: skip
             # where t ≥ m in one segment (:func:`_gaps`, from the loads above)
@@ -394,7 +399,7 @@ if triton is not None:
             seg_m = tl.load(seg_ptr + m, mask=m_ok, other=-1)
             valid = (m[None, :] <= t[:, None]) & m_ok[None, :] & t_ok[:, None]
             valid = valid & (seg_t[:, None] == seg_m[None, :])
-            if J == I:
+            if tl.where(full, False, J == I):
                 diag = _diagonal_block(c, I, t, jd, L, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, N, K,
                                        Q)  # fmt: skip
             if growth <= max_growth:
@@ -409,9 +414,10 @@ if triton is not None:
             else:
                 main = _direct(c, I, t, j, L, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, N, K, Q)
         main = _band(main, c, t, j, L, fix_ptr, left, pm, K, BAND)
-        main = tl.where((j < R)[None, :], main, 0.0)  # the diag part's columns and the zeros past them
+        # the diag part's columns (unless full) and the zeros past them
+        main = tl.where(((j < R) | full)[None, :], main, 0.0)
         diag = _band(diag, c, t, jd, L, fix_ptr, left, pm_diag, K, BAND)
-        return main, diag
+        return main, diag, full
 
     @triton.jit
     def _store_at(out_ptr, slab, stride_slab, stride_t, t, j, r0, r1, c0, c1, acc, keep,
@@ -495,7 +501,8 @@ if triton is not None:
 
         * the sums of ``S`` that the tiles read: ``sloc[p] = S_{p+1} − S_{start}`` (the tile's start), each
           tile's bounds ``sb``, total ``tot`` and far reference ``sref``, each strip's ``growth``
-          ``max_n |A_n| (S_{R+K−1} − S_R)`` and (with resets) each tile's reference segment ``seg_ref``,
+          ``max_n |A_n| (S_{R+K−1} − S_R)`` and that of its diagonal block,
+          ``max_n |A_n| (S_{R+SQ+K−1} − S_R)``, and (with resets) each tile's reference segment ``seg_ref``,
           written by the lane of the tile's or strip's first position;
         * ``W[p, n] = Σ_k w_k exp(A_n (S_{l+1} − S_{p+k+1})) u_{p+k} r_{p+k} B[p+k, n]`` with ``l`` the last
           tap ``min(p + K − 1, L − 1)``, over the taps inside the sequence and in ``l``'s segment;
@@ -538,13 +545,15 @@ if triton is not None:
         fix = tl.zeros((P, KP), dtype=tl.float32)
         if ssm != 0:
             a = tl.load(A_ptr + c * N + n, mask=n_ok, other=0.0)
-            # each strip's growth, from the lane of its first row R: max_n |A_n| (S_{R+K−1} − S_R)
+            # each strip's growths, from the lane of its first row R: max_n |A_n| (S_{R+K−1} − S_R) and
+            # max_n |A_n| (S_{R+SQ+K−1} − S_R)
             strip = p_ok & (p % SQ == 0)
-            span = tl.load(S_row + tl.minimum(p + K - 1, L), mask=strip, other=0.0) - tl.load(
-                S_row + p, mask=strip, other=0.0
-            )
-            growth = tl.max(tl.abs(a), axis=0) * span.to(tl.float32)
-            tl.store(growth_ptr + c * ((L + SQ - 1) // SQ) + p // SQ, growth, mask=strip)
+            S_R = tl.load(S_row + p, mask=strip, other=0.0)
+            span = tl.load(S_row + tl.minimum(p + K - 1, L), mask=strip, other=0.0) - S_R
+            span_diag = tl.load(S_row + tl.minimum(p + SQ + K - 1, L), mask=strip, other=0.0) - S_R
+            at = growth_ptr + (c * ((L + SQ - 1) // SQ) + p // SQ) * 2
+            tl.store(at, tl.max(tl.abs(a), axis=0) * span.to(tl.float32), mask=strip)
+            tl.store(at + 1, tl.max(tl.abs(a), axis=0) * span_diag.to(tl.float32), mask=strip)
             last = tl.minimum(p + K - 1, L - 1)
             S_last = tl.load(S_row + last + 1, mask=p_ok, other=0.0)
             seg_last = tl.load(seg_ptr + last, mask=p_ok, other=0)
@@ -610,7 +619,7 @@ if triton is not None:
         near_far = (near_far != 0) & (ssm != 0) & (I > 0)
         if not REDUCE:  # loaded with the row factors
             first_strip = slab * ((L + SQ - 1) // SQ) + I * (Q // SQ)
-            near_far = near_far & (tl.load(growth_ptr + first_strip, mask=near_far, other=0.0) <= max_growth)
+            near_far = near_far & (tl.load(growth_ptr + first_strip * 2) <= max_growth)
             band, jb, on = _band_entries(slab, t, I - 1, L, fix_ptr, left_ptr, pmask_ptr, K, KP, Q)
         while J < J_end:  # while: Triton's interpreter cannot range() over arguments
             far = ((I >= J + 2) | ((I == J + 1) & near_far)) & (ssm != 0)
@@ -687,31 +696,33 @@ if triton is not None:
         taken = J < -1  # by the far kernel (False so far)
         if not REDUCE:
             if (near_far != 0) & (ssm != 0) & (J == I - 1) & (J >= 0):
-                taken = tl.load(growth_ptr + slab * ((L + SQ - 1) // SQ) + I * (Q // SQ)) <= max_growth
+                taken = tl.load(growth_ptr + (slab * ((L + SQ - 1) // SQ) + I * (Q // SQ)) * 2) <= max_growth
             # loaded with the strip's first loads (none where taken: column tile −2 holds no band entry)
             band, jb, on = _band_entries(slab, t, tl.where(taken, -2, J), L, fix_ptr, left_ptr, pmask_ptr, K,
                                          KP, Q)  # fmt: skip
         main = tl.zeros((SQ, Q), dtype=tl.float32)
         diag = tl.zeros((SQ, SQ), dtype=tl.float32)
+        full = J < -1  # main holds the diagonal block (dense, :func:`_strip`)
         if (J < 0) | taken:  # row tile 0 has no column tile before it
             pass
         elif REDUCE:
             c = slab * per_group
             while c < tl.minimum((slab + 1) * per_group, n_chan):
-                main_c, diag_c = _strip(c, I, i, J, L, ssm, max_growth, sloc_ptr, tot_ptr, growth_ptr, A_ptr,
-                                        C_ptr, W_ptr, fix_ptr, seg_ptr, left_ptr, pmask_ptr, N, NP, K, Q, SQ,
-                                        SPLIT, True)  # fmt: skip
+                main_c, diag_c, _ = _strip(c, I, i, J, L, ssm, max_growth, sloc_ptr, tot_ptr, growth_ptr,
+                                           A_ptr, C_ptr, W_ptr, fix_ptr, seg_ptr, left_ptr, pmask_ptr, N, NP,
+                                           K, Q, SQ, SPLIT, True)  # fmt: skip
                 main = _reduce_at(main, main_c, c, t, j, L, rw_ptr, cw_ptr, TRANSFORM)
                 diag = _reduce_at(diag, diag_c, c, t, jd, L, rw_ptr, cw_ptr, TRANSFORM)
                 c += 1
         else:
-            main, diag = _strip(slab, I, i, J, L, ssm, max_growth, sloc_ptr, tot_ptr, growth_ptr, A_ptr,
-                                C_ptr, W_ptr, fix_ptr, seg_ptr, left_ptr, pmask_ptr, N, NP, K, Q, SQ,
-                                SPLIT, False)  # fmt: skip
+            main, diag, full = _strip(slab, I, i, J, L, ssm, max_growth, sloc_ptr, tot_ptr, growth_ptr,
+                                      A_ptr, C_ptr, W_ptr, fix_ptr, seg_ptr, left_ptr, pmask_ptr, N, NP, K, Q,
+                                      SQ, SPLIT, False)  # fmt: skip
         mine = tl.where(taken, False, J >= 0)
-        outside = tl.where(mine, (j < R) | (j >= R + SQ), False)  # diag's columns are the other store's
+        outside = tl.where(mine, (j < R) | (j >= R + SQ) | full, False)  # diag's columns: the other store's
         _store_at(out_ptr, slab, stride_slab, stride_t, t, j, r0, r1, c0, c1, main, outside[None, :], ALIGNED)
-        _store_at(out_ptr, slab, stride_slab, stride_t, t, jd, r0, r1, c0, c1, diag, J == I, ALIGNED)
+        diag_keep = tl.where(full, False, J == I)
+        _store_at(out_ptr, slab, stride_slab, stride_t, t, jd, r0, r1, c0, c1, diag, diag_keep, ALIGNED)
         if not REDUCE:
             _store_band(out_ptr, slab, stride_slab, stride_t, t, jb, on, band, r0, r1, c0, c1, mine)
 
@@ -1083,7 +1094,8 @@ class DiagonalTiles(_Tiles):
         self.sb = torch.empty(nc, nT + 1, device=device, dtype=S.dtype)  # S at tile starts (and at L)
         self.tot = torch.empty(nc, nT, device=device, dtype=f32)
         self.sref = torch.empty(nc, nT, device=device, dtype=S.dtype)  # the far tiles' column reference
-        self.growth = torch.empty(nc, (L + STRIP - 1) // STRIP, device=device, dtype=f32)
+        # each strip's growth, and its diagonal block's
+        self.growth = torch.empty(nc, (L + STRIP - 1) // STRIP, 2, device=device, dtype=f32)
         self.segments = segment is not None
         if segment is None:
             self.seg, self.seg_ref = filled(L, 0, device, torch.int32), filled(nT, 0, device, torch.int32)

@@ -164,9 +164,10 @@ def test_reads_stored_in_a_narrower_dtype_round_the_float32_entries_once(dtype):
     assert rounded(fused.with_output_dtype(dtype)[key], A[key])
 
 
-@pytest.mark.parametrize("transform", ["signed", "abs", "positive"])
-@pytest.mark.parametrize("weights", [False, True])
+@pytest.mark.parametrize("transform, weights", [("signed", True), ("abs", False), ("positive", True)])
 def test_channel_reductions(transform, weights):
+    """Channel means and sums, each transform (weights go in before it; three cases of the six: each
+    costs the interpreter half a minute)."""
     rec, _, _ = record(model("cpu", channels=6), 140, "cpu")
     fused, plain = both(rec.attention)
     shape = rec.attention.values.shape
@@ -203,18 +204,26 @@ def test_near_strips_factorised_or_direct(monkeypatch):
     """Near tiles by strips: each strip factorises through its start where its column factors grow by at
     most ``e^STRIP_GROWTH`` and takes every entry directly elsewhere; a threshold at the median growth
     mixes both within a channel and across the channels summed in one program. Dense reads leave tile
-    ``I − 1`` to the far kernel's product where row tile ``I``'s first strip is factorised: some here."""
+    ``I − 1`` to the far kernel's product where row tile ``I``'s first strip is factorised, and take a
+    strip's diagonal block into its product where the block's columns grow as little: some of each here."""
     rec, (hidden, mask), mixer = record(model("cpu", channels=3), 140, "cpu")
     plain, fused = rec.attention.with_backend("torch"), rec.attention.with_backend("triton")
     reference_, impulses = plain.dense(), impulse_matrix(reference(mixer, hidden, mask))
-    growth = fused._fused_tiles(1, torch.arange(3)).growth  # (channels, strips), row 1: no padding
-    assert growth.shape == (3, 9) and bool((growth > 0).all())
-    for threshold in (float(growth.median()), 0.0):
+    growths = fused._fused_tiles(1, torch.arange(3)).growth  # (channels, strips, 2), row 1: no padding
+    assert growths.shape == (3, 9, 2) and bool((growths > 0).all())
+    growth, block = growths.unbind(-1)  # the strips' growths, their diagonal blocks' (larger)
+    # thresholds: half the strips factorised; all of them and half their diagonal blocks (dense); none
+    for threshold in (float(growth.median()), float(block.median()), 0.0):
         monkeypatch.setattr(kernels, "STRIP_GROWTH", threshold)
         share = float((growth <= threshold).float().mean())
-        assert 0.3 < share < 0.7 if threshold else share == 0.0
+        whole = float((block <= threshold).float().mean())  # dense: the product takes the diagonal block
         far = int((growth[:, 4::4] <= threshold).sum())  # first strips of row tiles 1 and 2 (of 6)
-        assert 0 < far < 6 if threshold else far == 0
+        if threshold == float(growth.median()):
+            assert 0.3 < share < 0.7 and whole == 0.0 and 0 < far < 6
+        elif threshold:
+            assert share == 1.0 and 0.3 < whole < 0.7 and far == 6
+        else:
+            assert share == whole == far == 0
         A = fused.dense()
         assert rel_err(A, reference_) < SAME
         assert rel_err(A, impulses) < TOL
@@ -346,19 +355,21 @@ def test_mamba2_scalar_decay_kernel(monkeypatch, by_head):
     assert rel_err(A, plain.dense()) < SAME
     assert rel_err(A, impulses()) < TOL  # the independent float64 recurrence fed unit impulses
     assert A[:, :, 128:, :64].abs().max() > 1e-3 * A.abs().max()  # far tiles matter
-    assert rel_err(fused.only("ssm")[0], plain.only("ssm")[0]) < SAME
     assert rel_err(fused.mean(absolute=True), plain.mean(absolute=True)) < SAME
-    key = (0, slice(10, 30), slice(70, 140), slice(0, 100))
-    assert rel_err(fused[key], plain[key]) < SAME
-    gen = torch.Generator().manual_seed(5)
-    w_rows, w_cols = (torch.randn(rec.attention.values.shape, generator=gen) for _ in range(2))
-    for transform in ("signed", "positive"):  # weighted sums of a block that cuts the tiles
-        options = dict(transform=transform, row_weight=w_rows, col_weight=w_cols, rows=slice(30, 140))
-        options["cols"] = slice(5, 131)
-        assert rel_err(fused.sum(**options), plain.sum(**options)) < SAME
-    for parts in (("skip",), ("gate", "conv", "skip"), ("ssm", "act"), ("gate",)):
-        a, b = fused.only(*parts)[0], plain.only(*parts)[0]
-        assert torch.allclose(a, b, rtol=0, atol=SAME * b.abs().max().clamp_min(1e-30)), parts
+    # the by-channel kernels' blocks, sums and parts are Mamba-1's and RG-LRU's (tested there); by head:
+    if by_head:
+        assert rel_err(fused.only("ssm")[0], plain.only("ssm")[0]) < SAME
+        key = (0, slice(10, 30), slice(70, 140), slice(0, 100))
+        assert rel_err(fused[key], plain[key]) < SAME
+        gen = torch.Generator().manual_seed(5)
+        w_rows, w_cols = (torch.randn(rec.attention.values.shape, generator=gen) for _ in range(2))
+        for transform in ("signed", "positive"):  # weighted sums of a block that cuts the tiles
+            options = dict(transform=transform, row_weight=w_rows, col_weight=w_cols, rows=slice(30, 140))
+            options["cols"] = slice(5, 131)
+            assert rel_err(fused.sum(**options), plain.sum(**options)) < SAME
+        for parts in (("skip",), ("gate", "conv", "skip"), ("ssm", "act"), ("gate",)):
+            a, b = fused.only(*parts)[0], plain.only(*parts)[0]
+            assert torch.allclose(a, b, rtol=0, atol=SAME * b.abs().max().clamp_min(1e-30)), parts
 
 
 @pytest.mark.parametrize("by_head", [False, True])
@@ -641,7 +652,7 @@ def test_fused_reads_take_runs_of_channels_as_views(family):
 def test_diagonal_preparation_runs_no_torch_operation_per_read():
     """:class:`kernels.DiagonalTiles` prepares everything its kernels read in one pass of its own kernel:
     the sums of ``S`` (each position's sum through its tile, the tiles' bounds, totals and far references,
-    each strip's growth, the tiles' reference segments) equal torch's float64 sums, and besides
+    each strip's growths, the tiles' reference segments) equal torch's float64 sums, and besides
     allocations no torch operation runs (each costs the host 10–25 µs a read on the H200's machine)."""
     # allocations, views, and the interpreter's copies into and out of its buffers
     plumbing = ("empty", "new_empty", "set_", "copy_", "select", "slice", "unsqueeze", "view", "detach")
@@ -670,5 +681,6 @@ def test_diagonal_preparation_runs_no_torch_operation_per_read():
     assert torch.equal(tiles.tot, (S[:, bounds[1:]] - S[:, bounds[:-1]]).to(f32))
     assert torch.equal(tiles.sref, S[:, ref])
     assert torch.equal(tiles.seg_ref, segment[ref - 1])
-    span = (S[:, (strips + K - 1).clamp(max=L)] - S[:, strips]).to(f32)
-    assert torch.equal(tiles.growth, A.abs().amax(1, keepdim=True) * span)
+    for which, past in enumerate((K - 1, kernels.STRIP + K - 1)):  # the strip's, its diagonal block's
+        span = (S[:, (strips + past).clamp(max=L)] - S[:, strips]).to(f32)
+        assert torch.equal(tiles.growth[..., which], A.abs().amax(1, keepdim=True) * span)
