@@ -34,27 +34,31 @@ Positions are cut into tiles of ``Q = 64``:
   gaps from per-tile local sums (float32 of small numbers). With ``N ≥ 16`` states (Mamba-1) they go by
   16-row strips (:func:`_strip`): a strip factorises through its first row ``R`` like a far tile, except
   its 16×16 diagonal block, wherever its column factors ``e^{A_n (S_R − S_{m+1})}`` (a column's last tap
-  lies at most ``K − 1`` positions past ``R``) grow by at most ``e^STRIP_GROWTH``. The ``K`` diagonals
-  ``0 ≤ t − j < K`` add what that form misses (``fix``: the taps at or before ``t`` when ``t < m``, and
-  the skip), prepared with ``W``;
+  lies at most ``K − 1`` positions past ``R``) grow by at most ``e^STRIP_GROWTH`` (dense reads: its
+  diagonal block too where that block's columns grow as little, and tile ``I − 1`` goes to the far
+  kernel's product where the tile's first strip factorises). The ``K`` diagonals ``0 ≤ t − j < K`` are
+  ``fix``, prepared with ``W`` as whole entries (the taps at or before ``t`` and the skip) and stored over
+  the tile after it (:func:`_store_band`; channel sums put them in registers);
 * tiles above the diagonal are zeros.
 
 The far and strip products run on the tensor cores as three TF32 products of split operands (about float32
 accuracy: 2e-7 from IEEE float32 products on the H200; plain TF32 is too coarse and Triton 3.6's
-``"tf32x3"`` faulted in these kernels), the rest in IEEE float32; ``exp`` is the GPU's fast one: the result
-matches the torch path to ≤ 1e-5 relative. Two launches per read, so that each kernel keeps its own
-registers: one for the far tiles (one program per row tile, the row factors loaded once, the zeros above
-the diagonal too), one for the near tiles.
+``"tf32x3"`` faulted in these kernels), the rest in IEEE float32; ``exp`` is the GPU's fast one, one
+``MUFU.EX2`` (:func:`_exp`): the result matches the torch path to ≤ 1e-5 relative. Two launches per read,
+so that each kernel keeps its own registers: one for the far tiles (one program per row tile, the row
+factors loaded once, the zeros above the diagonal too), one for the near tiles.
 For any block of rows and columns, :meth:`DiagonalTiles.dense` writes ``(channels, rows, cols)`` and
 :meth:`DiagonalTiles.reduce` sums channels inside each program (with optional row/column weights and the
 ``abs``/``positive`` transforms), writing one ``(rows, cols)`` per channel group, so a channel mean never
 holds ``channels × L × L``. Reads whose columns and output strides are multiples of 16 (every dense read
 with ``L`` a multiple of 16) are launched ``ALIGNED`` and store 16 bytes at a time (:func:`_store_at`).
 Measured on the H200 (``benchmarks/results/gpu.md``), through the view, preparation included, dense reads at
-L = 512 / 1024 / 2048 take 3.9× / 2.5× / 1.8× the write floor (Mamba-1, 1536 channels; 1.5–1.6× at 4096),
-2.0× / 1.4× / 1.2× (RWKV-4, 1024 channels); the torch path 914× and 131× at L = 512. Every preparation
-runs in the kernels (:func:`_prep_kernel`; the WKV and by-head kernels read the core's arrays as they are):
-on the H200's machine each torch operation costs the host 10–25 µs, as much as a short read's kernels.
+L = 512 / 1024 / 2048 take 3.4–4.7× / 2.2–2.4× / 1.7× the write floor (Mamba-1, 1536 channels; 1.35× at
+4096), 2.1–2.4× / 1.7× / 1.65× (Mamba-2), 1.8–1.9× / 1.35× / 1.2× (RG-LRU, 2560 channels), 1.8–2.4× /
+1.35× / 1.2× (RWKV-4, 1024 channels); the torch path 983× and 131× at L = 512 (Mamba-1, RWKV-4). Every
+preparation runs in the kernels (:func:`_prep_kernel`; the WKV and by-head kernels read the core's arrays as
+they are): on the H200's machine each torch operation costs the host 10–25 µs, as much as a short read's
+kernels.
 """
 
 from __future__ import annotations
