@@ -217,6 +217,17 @@ if triton is not None:
         return tl.where(linked, acc, 0.0)
 
     @triton.jit
+    def _valid(t, m, L, seg_ptr):
+        """Where rows ``t`` see columns through their last conv tap ``m``: ``m ≤ t``, both inside the
+        sequence and in one segment."""
+        t_ok = t < L
+        m_ok = m < L
+        seg_t = tl.load(seg_ptr + t, mask=t_ok, other=0)
+        seg_m = tl.load(seg_ptr + m, mask=m_ok, other=-1)
+        valid = (m[None, :] <= t[:, None]) & m_ok[None, :] & t_ok[:, None]
+        return valid & (seg_t[:, None] == seg_m[None, :])
+
+    @triton.jit
     def _gaps(c, I, t, j, L, sloc_ptr, tot_ptr, seg_ptr, K: tl.constexpr, Q: tl.constexpr):
         """Rows ``t`` of row tile ``I``, columns ``j`` of tile ``I`` or ``I − 1`` seen from their last conv
         tap ``m = j + K − 1``: where ``t ≥ m`` in one segment (``valid``), and ``S_{t+1} − S_{m+1}`` there
@@ -224,10 +235,7 @@ if triton is not None:
         m = j + (K - 1)
         t_ok = t < L
         m_ok = m < L
-        seg_t = tl.load(seg_ptr + t, mask=t_ok, other=0)
-        seg_m = tl.load(seg_ptr + m, mask=m_ok, other=-1)
-        valid = (m[None, :] <= t[:, None]) & m_ok[None, :] & t_ok[:, None]
-        valid = valid & (seg_t[:, None] == seg_m[None, :])
+        valid = _valid(t, m, L, seg_ptr)
         n_tiles = (L + Q - 1) // Q
         tile_m = m // Q
         s_t = tl.load(sloc_ptr + c * L + t, mask=t_ok, other=0.0)
@@ -398,11 +406,7 @@ if triton is not None:
             cols = (j >= 0) & (j < tl.where(full, R + SQ, R)) & (j < L)
             w = tl.load(W_ptr + (c * L + j[:, None]) * N + n[None, :], mask=cols[:, None] & n_ok[None, :],
                         other=0.0)  # fmt: skip
-            # where t ≥ m in one segment (:func:`_gaps`, from the loads above)
-            seg_t = tl.load(seg_ptr + t, mask=t_ok, other=0)
-            seg_m = tl.load(seg_ptr + m, mask=m_ok, other=-1)
-            valid = (m[None, :] <= t[:, None]) & m_ok[None, :] & t_ok[:, None]
-            valid = valid & (seg_t[:, None] == seg_m[None, :])
+            valid = _valid(t, m, L, seg_ptr)
             if tl.where(full, False, J == I):
                 diag = _diagonal_block(c, I, t, jd, L, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, N, K,
                                        Q)  # fmt: skip
