@@ -31,14 +31,17 @@ Positions are cut into tiles of ``Q = 64``:
       W[j, n] = Σ_k w_k exp(A_n (S_{m+1} − S_{j+k+1})) u_{j+k} r_{j+k} B[j+k, n]
 
   one exponential per entry and state (one per entry with a scalar rate, ``C·Wᵀ`` then a product), the
-  gaps from per-tile local sums (float32 of small numbers). With ``N ≥ 16`` states (Mamba-1) they go by
-  16-row strips (:func:`_strip`): a strip factorises through its first row ``R`` like a far tile, except
-  its 16×16 diagonal block, wherever its column factors ``e^{A_n (S_R − S_{m+1})}`` (a column's last tap
-  lies at most ``K − 1`` positions past ``R``) grow by at most ``e^STRIP_GROWTH`` (dense reads: its
-  diagonal block too where that block's columns grow as little, and tile ``I − 1`` goes to the far
-  kernel's product where the tile's first strip factorises). The ``K`` diagonals ``0 ≤ t − j < K`` are
-  ``fix``, prepared with ``W`` as whole entries (the taps at or before ``t`` and the skip) and stored over
-  the tile after it (:func:`_store_band`; channel sums put them in registers);
+  gaps from per-tile local sums (float32 of small numbers); ``W`` and ``C`` are kept state-major, so that
+  loading one state for a run of rows or columns reads a run of memory. With ``N ≥ 16`` states (Mamba-1)
+  they go by 16-row strips: a strip factorises through its first row ``R`` like a far tile on the columns
+  whose factors ``e^{A_n (S_R − S_{m+1})}`` cannot grow (``j ≤ R − K``: the last tap before ``R``), on the
+  ``K − 1`` columns before its 16×16 diagonal block where those grow by at most ``e^STRIP_GROWTH``, and on
+  the block where its columns grow as little. Dense reads (:func:`_strip_tiles`, in the far kernel's
+  program of the row tile) compute what the product leaves out as 16×16 blocks, every entry directly, and
+  stored over it, and leave tile ``I − 1`` to the far product where the tile's first strip factorises;
+  channel sums (:func:`_strip`) take such a strip's every entry directly. The ``K`` diagonals
+  ``0 ≤ t − j < K`` are ``fix``, prepared with ``W`` as whole entries (the taps at or before ``t`` and the
+  skip) and stored over the tile after it (:func:`_store_band`; channel sums put them in registers);
 * tiles above the diagonal are zeros.
 
 The far and strip products run on the tensor cores as three TF32 products of split operands (about float32
@@ -46,7 +49,9 @@ accuracy: 2e-7 from IEEE float32 products on the H200; plain TF32 is too coarse 
 ``"tf32x3"`` faulted in these kernels), the rest in IEEE float32; ``exp`` is the GPU's fast one, one
 ``MUFU.EX2`` (:func:`_exp`): the result matches the torch path to ≤ 1e-5 relative. Two launches per read,
 so that each kernel keeps its own registers: one for the far tiles (one program per row tile, the row
-factors loaded once, the zeros above the diagonal too), one for the near tiles.
+factors loaded once, the zeros above the diagonal too), one for the near tiles; Mamba-1's dense reads take
+one, the far program of a row tile doing its near tiles after its far ones: one launch fewer for the host to
+issue (at L = 512 a read's kernels take about as long as the host takes to issue them).
 For any block of rows and columns, :meth:`DiagonalTiles.dense` writes ``(channels, rows, cols)`` and
 :meth:`DiagonalTiles.reduce` sums channels inside each program (with optional row/column weights and the
 ``abs``/``positive`` transforms), writing one ``(rows, cols)`` per channel group, so a channel mean never
@@ -255,8 +260,8 @@ if triton is not None:
         j_ok = (j >= 0) & (j < L)
         acc = tl.zeros((t.shape[0], j.shape[0]), dtype=tl.float32)
         for n in range(N):
-            c_n = tl.load(C_ptr + t * N + n, mask=t_ok, other=0.0)
-            w_n = tl.load(W_ptr + (c * L + j) * N + n, mask=j_ok, other=0.0)
+            c_n = tl.load(C_ptr + n * L + t, mask=t_ok, other=0.0)
+            w_n = tl.load(W_ptr + (c * N + n) * L + j, mask=j_ok, other=0.0)
             acc += c_n[:, None] * _exp(tl.load(A_ptr + c * N + n) * gap) * w_n[None, :]
         return tl.where(valid, acc, 0.0)
 
@@ -280,15 +285,14 @@ if triton is not None:
         return acc * left[:, None] * pm[None, :]
 
     @triton.jit
-    def _band_entries(c, t, J, L, fix_ptr, left_ptr, pmask_ptr, K: tl.constexpr, KP: tl.constexpr,
-                      Q: tl.constexpr):  # fmt: skip
-        """The ``K`` diagonals ``0 ≤ t − d`` of rows ``t`` that lie in column tile ``J``: ``fix`` times the
-        left factors and the input mask, ``(rows, KP)`` entries, their columns and where they are. Loaded
-        before the tile is computed; :func:`_store_band` writes them after it."""
+    def _band_entries(c, t, lo, hi, L, fix_ptr, left_ptr, pmask_ptr, K: tl.constexpr, KP: tl.constexpr):
+        """The ``K`` diagonals ``0 ≤ t − d`` of rows ``t`` that lie in columns ``lo … hi − 1``: ``fix`` times
+        the left factors and the input mask, ``(rows, KP)`` entries, their columns and where they are.
+        Loaded before the tile is computed; :func:`_store_band` writes them after it."""
         d = tl.arange(0, KP)
         j = t[:, None] - d[None, :]
         t_ok = t < L
-        on = (d < K)[None, :] & (j >= J * Q) & (j < J * Q + Q) & (j >= 0) & t_ok[:, None]
+        on = (d < K)[None, :] & (j >= lo) & (j < hi) & (j >= 0) & t_ok[:, None]
         band = tl.load(fix_ptr + (c * L + t)[:, None] * K + d[None, :], mask=on, other=0.0)
         band = band * tl.load(left_ptr + c * L + t, mask=t_ok, other=0.0)[:, None]
         return band * tl.load(pmask_ptr + j, mask=on, other=0.0), j, on
@@ -323,9 +327,9 @@ if triton is not None:
             if SCALAR:  # one rate for every state (Mamba-2): one exponential per entry, C_t · W_j a product
                 valid, gap = _gaps(c, I, t, j, L, sloc_ptr, tot_ptr, seg_ptr, K, Q)
                 n = tl.arange(0, N)
-                c_rows = tl.load(C_ptr + t[:, None] * N + n[None, :], mask=(t < L)[:, None], other=0.0)
+                c_rows = tl.load(C_ptr + n[None, :] * L + t[:, None], mask=(t < L)[:, None], other=0.0)
                 j_ok = (j >= 0) & (j < L)
-                w_rows = tl.load(W_ptr + (c * L + j[:, None]) * N + n[None, :], mask=j_ok[:, None], other=0.0)
+                w_rows = tl.load(W_ptr + (c * N + n[None, :]) * L + j[:, None], mask=j_ok[:, None], other=0.0)
                 acc = tl.dot(c_rows, tl.trans(w_rows), input_precision="ieee")
                 acc = tl.where(valid, acc * _exp(tl.load(A_ptr + c * N) * gap), 0.0)
             else:
@@ -341,10 +345,12 @@ if triton is not None:
 
     @triton.jit
     def _diagonal_block(c, I, t, j, L, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, N: tl.constexpr,
-                        K: tl.constexpr, Q: tl.constexpr):  # fmt: skip
-        """:func:`_direct` for a strip's ``SQ × SQ`` diagonal block, the state loop unrolled (up to 32
-        states): two entries a thread and state, so every state's loads go out at once and fit in registers,
-        where :func:`_direct`'s loop waits for each state's loads in turn. The same sums, term by term."""
+                        NP: tl.constexpr, K: tl.constexpr, Q: tl.constexpr):  # fmt: skip
+        """:func:`_direct` for an ``SQ × SQ`` block of a strip, the state loop unrolled (up to 32 states): two
+        entries a thread and state, so every state's loads go out at once and fit in registers, where
+        :func:`_direct`'s loop waits for each state's loads in turn. The same sums, term by term. (Every
+        state at once, ``SQ × SQ × NP`` terms summed in registers from rows loaded whole, compiles to three
+        times the instructions: the sum crosses lanes.)"""
         if N > 32:
             return _direct(c, I, t, j, L, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, N, K, Q)
         valid, gap = _gaps(c, I, t, j, L, sloc_ptr, tot_ptr, seg_ptr, K, Q)
@@ -352,8 +358,8 @@ if triton is not None:
         j_ok = (j >= 0) & (j < L)
         acc = tl.zeros((t.shape[0], j.shape[0]), dtype=tl.float32)
         for n in tl.static_range(N):
-            c_n = tl.load(C_ptr + t * N + n, mask=t_ok, other=0.0)
-            w_n = tl.load(W_ptr + (c * L + j) * N + n, mask=j_ok, other=0.0)
+            c_n = tl.load(C_ptr + n * L + t, mask=t_ok, other=0.0)
+            w_n = tl.load(W_ptr + (c * N + n) * L + j, mask=j_ok, other=0.0)
             acc += c_n[:, None] * _exp(tl.load(A_ptr + c * N + n) * gap) * w_n[None, :]
         return tl.where(valid, acc, 0.0)
 
@@ -361,37 +367,32 @@ if triton is not None:
     def _strip(
         c, I, i, J, L, ssm, max_growth, sloc_ptr, tot_ptr, growth_ptr, A_ptr, C_ptr, W_ptr, fix_ptr, seg_ptr,
         left_ptr, pmask_ptr, N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, Q: tl.constexpr,
-        SQ: tl.constexpr, SPLIT: tl.constexpr, BAND: tl.constexpr,
+        SQ: tl.constexpr, SPLIT: tl.constexpr,
     ):  # fmt: skip
-        """Row strip ``i`` (``SQ`` rows from ``R = IQ + i·SQ``) of near tile ``(I, J)`` of channel ``c``, in
-        two parts: ``main``, the columns ``j < R``, and ``diag``, the ``SQ`` columns from ``R`` (``J = I``).
+        """Row strip ``i`` (``SQ`` rows from ``R = IQ + i·SQ``) of near tile ``(I, J)`` of channel ``c`` for
+        channel sums, the band in registers, in two parts: ``main``, the columns ``j < R``, and ``diag``, the
+        ``SQ`` columns from ``R`` (``J = I``).
 
         ``main`` factorises through ``S_R``: ``Σ_n C[t, n] e^{A_n (S_{t+1} − S_R)} · e^{A_n (S_R − S_{m+1})}
         W[j, n]``, one ``SQ × NP × Q`` product and ``(SQ + Q)·NP`` exponentials instead of ``SQ·Q·N``. The
         row factors are ``≤ 1``; a column's last tap lies at most ``K − 1`` positions past ``R``, so its
         factor grows by at most ``e^{max|A| (S_{R+K−1} − S_R)}``: strips where that passes
         ``e^{max_growth}`` (large rates) take every entry directly, as ``diag`` does
-        (:func:`_diagonal_block`). Dense reads whose diagonal block's columns grow by at most that too
-        (``S_{R+SQ+K−1} − S_R``, ``full``, returned) take the block into the product as well: ``main`` holds
-        all ``Q`` columns and ``diag`` is left out. Every load of the strip is issued first, the diagonal
-        block's next, before the growth decides: a program waits for memory once, not once for the growth,
-        again for the mask and the factors and again for the diagonal block."""
+        (:func:`_diagonal_block`). Every load of the strip is issued first, the diagonal block's next, before
+        the growth decides: a program waits for memory once. Dense reads go by whole tiles instead
+        (:func:`_strip_tiles_kernel`)."""
         R, t, j, jd = _strip_at(I, i, J, Q, SQ)
         main = tl.zeros((SQ, Q), dtype=tl.float32)
         diag = tl.zeros((SQ, SQ), dtype=tl.float32)
         left, pm = _sides(c, t, j, L, left_ptr, pmask_ptr)
         pm_diag = tl.load(pmask_ptr + jd, mask=jd < L, other=0.0)
-        full = J < -1  # the diagonal block in the product too (False so far)
         if ssm != 0:
-            n_strips = (L + SQ - 1) // SQ
-            growth = tl.load(growth_ptr + (c * n_strips + R // SQ) * 2)
-            if not BAND:  # dense: where the diagonal block's columns grow little enough, the product takes it
-                full = (J == I) & (tl.load(growth_ptr + (c * n_strips + R // SQ) * 2 + 1) <= max_growth)
+            growth = tl.load(growth_ptr + (c * ((L + SQ - 1) // SQ) + R // SQ) * 2)
             t_ok = t < L
             n = tl.arange(0, NP)
             n_ok = n < N
             a = tl.load(A_ptr + c * N + n, mask=n_ok, other=0.0)
-            c_rows = tl.load(C_ptr + t[:, None] * N + n[None, :], mask=t_ok[:, None] & n_ok[None, :],
+            c_rows = tl.load(C_ptr + n[None, :] * L + t[:, None], mask=t_ok[:, None] & n_ok[None, :],
                              other=0.0)  # fmt: skip
             # S_R − S_IQ (0 for the tile's first strip); the index is clamped, its value unused then
             off = tl.load(sloc_ptr + c * L + tl.minimum(tl.maximum(R - 1, 0), L - 1))
@@ -403,13 +404,13 @@ if triton is not None:
             s_m = tl.load(sloc_ptr + c * L + m, mask=m_ok, other=0.0)
             n_tiles = (L + Q - 1) // Q
             carry = tl.load(tot_ptr + c * n_tiles + tile_m, mask=m_ok & (tile_m < I), other=0.0)
-            cols = (j >= 0) & (j < tl.where(full, R + SQ, R)) & (j < L)
-            w = tl.load(W_ptr + (c * L + j[:, None]) * N + n[None, :], mask=cols[:, None] & n_ok[None, :],
+            cols = (j >= 0) & (j < R) & (j < L)
+            w = tl.load(W_ptr + (c * N + n[None, :]) * L + j[:, None], mask=cols[:, None] & n_ok[None, :],
                         other=0.0)  # fmt: skip
             valid = _valid(t, m, L, seg_ptr)
-            if tl.where(full, False, J == I):
-                diag = _diagonal_block(c, I, t, jd, L, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, N, K,
-                                       Q)  # fmt: skip
+            if J == I:
+                diag = _diagonal_block(c, I, t, jd, L, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, N, NP,
+                                       K, Q)  # fmt: skip
             if growth <= max_growth:
                 u = c_rows * _exp(a[None, :] * row_gap[:, None])
                 col_gap = tl.where(cols, off - (s_m - carry), 0.0)  # S_R − S_{m+1} ≥ −(S_{R+K−1} − S_R)
@@ -421,11 +422,10 @@ if triton is not None:
                 main = tl.where(valid, main, 0.0)
             else:
                 main = _direct(c, I, t, j, L, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, N, K, Q)
-        main = _band(main, c, t, j, L, fix_ptr, left, pm, K, BAND)
-        # the diag part's columns (unless full) and the zeros past them
-        main = tl.where(((j < R) | full)[None, :], main, 0.0)
-        diag = _band(diag, c, t, jd, L, fix_ptr, left, pm_diag, K, BAND)
-        return main, diag, full
+        main = _band(main, c, t, j, L, fix_ptr, left, pm, K, True)
+        main = tl.where((j < R)[None, :], main, 0.0)  # the diag part's columns and the zeros past them
+        diag = _band(diag, c, t, jd, L, fix_ptr, left, pm_diag, K, True)
+        return main, diag
 
     @triton.jit
     def _store_at(out_ptr, slab, stride_slab, stride_t, t, j, r0, r1, c0, c1, acc, keep,
@@ -479,7 +479,7 @@ if triton is not None:
         "_prep_kernel": ["L", "ssm", "skip", "has_right", "has_segments"],
         "_far_kernel": _SPAN + ["J0", "nJ", "span", "ssm", "n_chan", "per_group", "max_growth", "near_far"],
         "_near_kernel": _SPAN + ["ssm", "n_chan", "per_group"],
-        "_strip_kernel": _SPAN + ["ssm", "n_chan", "per_group", "max_growth", "near_far"],
+        "_strip_kernel": _SPAN + ["ssm", "n_chan", "per_group", "max_growth"],
         "_wkv_kernel": _SPAN + ["J0", "nJ", "span", "n_chan", "per_group", "left_stride", "right_stride"],
         "_head_kernel": _SPAN + ["J0", "nI", "nJ", "ssm", "n_heads", "K", "skip"],
         # one slab: no stride_slab
@@ -499,7 +499,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=UNSPECIALISED["_prep_kernel"])
     def _prep_kernel(
         S_ptr, A_ptr, B_ptr, C_ptr, u_ptr, r_ptr, D_ptr, taps_ptr, seg_ptr, segref_ptr,
-        sloc_ptr, sb_ptr, tot_ptr, sref_ptr, growth_ptr, U_ptr, V_ptr, W_ptr, fix_ptr,
+        sloc_ptr, sb_ptr, tot_ptr, sref_ptr, growth_ptr, U_ptr, V_ptr, W_ptr, Ct_ptr, fix_ptr,
         L, ssm, skip, has_right, has_segments,
         N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, Q: tl.constexpr,
         P: tl.constexpr, SQ: tl.constexpr,
@@ -575,9 +575,11 @@ if triton is not None:
                 b = tl.load(B_ptr + m[:, None] * N + n[None, :], mask=pn_ok, other=0.0)
                 W += _exp(a[None, :] * gap[:, None]) * (tl.where(inside, weight, 0.0)[:, None] * b)
             rows = c * L + p
-            tl.store(W_ptr + rows[:, None] * N + n[None, :], W, mask=pn_ok)
+            tl.store(W_ptr + (c * N + n[None, :]) * L + p[:, None], W, mask=pn_ok)  # state-major
             before = tl.load(seg_ptr + tl.maximum(start - 1, 0), mask=p_ok, other=0)
             c_rows = tl.load(C_ptr + p[:, None] * N + n[None, :], mask=pn_ok, other=0.0)
+            # C state-major for the tiles, by one channel: a state's entries of consecutive rows in a run
+            tl.store(Ct_ptr + n[None, :] * L + p[:, None], c_rows, mask=tl.where(c == 0, pn_ok, False))
             U = c_rows * _exp(a[None, :] * sl[:, None]) * (seg_p == before).to(tl.float32)[:, None]
             tl.store(U_ptr + rows[:, None] * NP + n[None, :], U, mask=p_ok[:, None])
             linked = seg_last == seg_ref
@@ -604,20 +606,22 @@ if triton is not None:
     def _far_kernel(
         out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, J0, nJ, span, L, ssm, n_chan, per_group,
         sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr, left_ptr, pmask_ptr, seg_ptr, segref_ptr, rw_ptr, cw_ptr,
-        growth_ptr, max_growth, near_far, fix_ptr,
+        growth_ptr, max_growth, near_far, fix_ptr, sloc_ptr, tot_ptr, C_ptr, W_ptr,
         N: tl.constexpr, NP: tl.constexpr, Q: tl.constexpr, FAR_DOT: tl.constexpr, SPLIT: tl.constexpr,
-        K: tl.constexpr, KP: tl.constexpr, SQ: tl.constexpr, REDUCE: tl.constexpr,
+        K: tl.constexpr, KP: tl.constexpr, SQ: tl.constexpr, STRIPS: tl.constexpr, REDUCE: tl.constexpr,
         TRANSFORM: tl.constexpr, ALIGNED: tl.constexpr,
     ):  # fmt: skip
         """Every tile but the near ones: far tiles computed, tiles above the diagonal zeros. One program per
         row tile, run of ``span`` column tiles and channel (dense: the row factors loaded once per run) or
         group of ``per_group`` channels (reduce: summed in the program).
 
-        With ``near_far`` (dense reads of strips without resets) also the near tile ``J = I − 1`` of every
-        channel whose first strip of row tile ``I`` grows by at most ``e^max_growth`` (:func:`_strip`): its
-        reference ``S_ref(J)`` lies ``K − 1`` positions past ``S_IQ``, so the middle factor grows by just
-        that, and the entries the factorisation gets wrong (``t < j + K − 1``) are all on the band, stored
-        over the tile (:func:`_store_band`). The strip kernel leaves those tiles alone."""
+        With ``STRIPS`` (dense reads of Mamba-1, one run of every column tile) the program also takes its
+        row tile's near tiles, after the far ones (:func:`_strip_tiles`): one launch fewer per read. With
+        ``near_far`` (no resets) the far product takes near tile ``J = I − 1`` of every channel whose first
+        strip of row tile ``I`` grows by at most ``e^max_growth`` (:func:`_strip`): its reference ``S_ref(J)``
+        lies ``K − 1`` positions past ``S_IQ``, so the middle factor grows by just that, and the entries the
+        factorisation gets wrong (``t < j + K − 1``) are all on the band, stored over the tile last
+        (:func:`_store_band`, with the band of tile ``I``)."""
         I = I0 + tl.program_id(0)
         J = J0 + tl.program_id(1) * span
         J_end = tl.minimum(J + span, J0 + nJ)
@@ -625,10 +629,12 @@ if triton is not None:
         u, left = _far_rows(slab, I, L, ssm, U_ptr, left_ptr, NP, Q, FAR_DOT)  # dense: this channel's
         t = I * Q + tl.arange(0, Q)
         near_far = (near_far != 0) & (ssm != 0) & (I > 0)
-        if not REDUCE:  # loaded with the row factors
+        if STRIPS:  # loaded with the row factors: the first strip's growth, the band of both near tiles
             first_strip = slab * ((L + SQ - 1) // SQ) + I * (Q // SQ)
             near_far = near_far & (tl.load(growth_ptr + first_strip * 2) <= max_growth)
-            band, jb, on = _band_entries(slab, t, I - 1, L, fix_ptr, left_ptr, pmask_ptr, K, KP, Q)
+            lo = I * Q - Q
+            band, jb, on = _band_entries(slab, t, lo, I * Q + Q, L, fix_ptr, left_ptr, pmask_ptr, K, KP)
+        near_in = (I >= J) & (I - 1 < J_end)  # this run holds a near tile of the row tile
         while J < J_end:  # while: Triton's interpreter cannot range() over arguments
             far = ((I >= J + 2) | ((I == J + 1) & near_far)) & (ssm != 0)
             total = tl.zeros((Q, Q), dtype=tl.float32)
@@ -644,13 +650,16 @@ if triton is not None:
             elif far:
                 total = _outer(slab, I, J, L, u, left, sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr, pmask_ptr,
                                seg_ptr, segref_ptr, N, NP, Q, FAR_DOT, SPLIT)  # fmt: skip
-            not_near = (I < J) | (I >= J + 2)  # the near tiles are the other launch's
+            not_near = (I < J) | (I >= J + 2)  # the near tiles are the other launch's, or the strips'
             _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, not_near | far,
                    ALIGNED)  # fmt: skip
-            if not REDUCE:
-                if far & (I == J + 1):
-                    _store_band(out_ptr, slab, stride_slab, stride_t, t, jb, on, band, r0, r1, c0, c1, True)
             J += 1
+        if STRIPS:
+            if near_in:
+                _strip_tiles(out_ptr, slab, stride_slab, stride_t, r0, r1, c0, c1, I, L, max_growth, near_far,
+                             sloc_ptr, tot_ptr, growth_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, left_ptr, pmask_ptr,
+                             N, NP, K, Q, SQ, SPLIT, ALIGNED)  # fmt: skip
+            _store_band(out_ptr, slab, stride_slab, stride_t, t, jb, on, band, r0, r1, c0, c1, True)
 
     @triton.jit(do_not_specialize=UNSPECIALISED["_near_kernel"])
     def _near_kernel(
@@ -666,7 +675,7 @@ if triton is not None:
         slab = tl.program_id(2)
         t = I * Q + tl.arange(0, Q)
         if not REDUCE:  # loaded with the tile's first loads
-            band, jb, on = _band_entries(slab, t, J, L, fix_ptr, left_ptr, pmask_ptr, K, KP, Q)
+            band, jb, on = _band_entries(slab, t, J * Q, J * Q + Q, L, fix_ptr, left_ptr, pmask_ptr, K, KP)
         total = tl.zeros((Q, Q), dtype=tl.float32)
         if J < 0:  # row tile 0 has no column tile before it
             pass
@@ -686,53 +695,135 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=UNSPECIALISED["_strip_kernel"])
     def _strip_kernel(
-        out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, L, ssm, n_chan, per_group, max_growth, near_far,
+        out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, L, ssm, n_chan, per_group, max_growth,
         sloc_ptr, tot_ptr, growth_ptr, A_ptr, C_ptr, W_ptr, fix_ptr, seg_ptr, left_ptr, pmask_ptr,
-        rw_ptr, cw_ptr, N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, Q: tl.constexpr,
-        SQ: tl.constexpr, SPLIT: tl.constexpr, REDUCE: tl.constexpr, TRANSFORM: tl.constexpr,
-        ALIGNED: tl.constexpr,
+        rw_ptr, cw_ptr, N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, Q: tl.constexpr,
+        SQ: tl.constexpr, SPLIT: tl.constexpr, TRANSFORM: tl.constexpr, ALIGNED: tl.constexpr,
     ):  # fmt: skip
-        """The near tiles by row strips (:func:`_strip`): strip ``i`` of row tile ``I`` against column
-        tiles ``I`` and ``I − 1``; ``main`` written with the zeros past the strip's diagonal block, ``diag``
-        apart. Dense reads with ``near_far`` leave tile ``I − 1`` to the far kernel wherever it takes it
-        (:func:`_far_kernel`)."""
+        """Channel sums of the near tiles by row strips (:func:`_strip`): strip ``i`` of row tile ``I``
+        against column tiles ``I`` and ``I − 1``, summed over a group of ``per_group`` channels; ``main``
+        written with the zeros past the strip's diagonal block, ``diag`` apart."""
         I = I0 + tl.program_id(0) // (Q // SQ)
         i = tl.program_id(0) % (Q // SQ)
         J = I - tl.program_id(1)
         slab = tl.program_id(2)
         R, t, j, jd = _strip_at(I, i, J, Q, SQ)
-        taken = J < -1  # by the far kernel (False so far)
-        if not REDUCE:
-            if (near_far != 0) & (ssm != 0) & (J == I - 1) & (J >= 0):
-                taken = tl.load(growth_ptr + (slab * ((L + SQ - 1) // SQ) + I * (Q // SQ)) * 2) <= max_growth
-            # loaded with the strip's first loads (none where taken: column tile −2 holds no band entry)
-            band, jb, on = _band_entries(slab, t, tl.where(taken, -2, J), L, fix_ptr, left_ptr, pmask_ptr, K,
-                                         KP, Q)  # fmt: skip
         main = tl.zeros((SQ, Q), dtype=tl.float32)
         diag = tl.zeros((SQ, SQ), dtype=tl.float32)
-        full = J < -1  # main holds the diagonal block (dense, :func:`_strip`)
-        if (J < 0) | taken:  # row tile 0 has no column tile before it
-            pass
-        elif REDUCE:
+        if J >= 0:  # row tile 0 has no column tile before it
             c = slab * per_group
             while c < tl.minimum((slab + 1) * per_group, n_chan):
-                main_c, diag_c, _ = _strip(c, I, i, J, L, ssm, max_growth, sloc_ptr, tot_ptr, growth_ptr,
-                                           A_ptr, C_ptr, W_ptr, fix_ptr, seg_ptr, left_ptr, pmask_ptr, N, NP,
-                                           K, Q, SQ, SPLIT, True)  # fmt: skip
+                main_c, diag_c = _strip(c, I, i, J, L, ssm, max_growth, sloc_ptr, tot_ptr, growth_ptr, A_ptr,
+                                        C_ptr, W_ptr, fix_ptr, seg_ptr, left_ptr, pmask_ptr, N, NP, K, Q, SQ,
+                                        SPLIT)  # fmt: skip
                 main = _reduce_at(main, main_c, c, t, j, L, rw_ptr, cw_ptr, TRANSFORM)
                 diag = _reduce_at(diag, diag_c, c, t, jd, L, rw_ptr, cw_ptr, TRANSFORM)
                 c += 1
-        else:
-            main, diag, full = _strip(slab, I, i, J, L, ssm, max_growth, sloc_ptr, tot_ptr, growth_ptr,
-                                      A_ptr, C_ptr, W_ptr, fix_ptr, seg_ptr, left_ptr, pmask_ptr, N, NP, K, Q,
-                                      SQ, SPLIT, False)  # fmt: skip
-        mine = tl.where(taken, False, J >= 0)
-        outside = tl.where(mine, (j < R) | (j >= R + SQ) | full, False)  # diag's columns: the other store's
+        outside = tl.where(J >= 0, (j < R) | (j >= R + SQ), False)  # diag's columns: the other store's
         _store_at(out_ptr, slab, stride_slab, stride_t, t, j, r0, r1, c0, c1, main, outside[None, :], ALIGNED)
-        diag_keep = tl.where(full, False, J == I)
-        _store_at(out_ptr, slab, stride_slab, stride_t, t, jd, r0, r1, c0, c1, diag, diag_keep, ALIGNED)
-        if not REDUCE:
-            _store_band(out_ptr, slab, stride_slab, stride_t, t, jb, on, band, r0, r1, c0, c1, mine)
+        _store_at(out_ptr, slab, stride_slab, stride_t, t, jd, r0, r1, c0, c1, diag, J == I, ALIGNED)
+
+    @triton.jit
+    def _column_side(c, I, J, L, sloc_ptr, tot_ptr, W_ptr, pmask_ptr, N: tl.constexpr, NP: tl.constexpr,
+                     K: tl.constexpr, Q: tl.constexpr):  # fmt: skip
+        """Column tile ``J``'s side of row tile ``I``'s near tiles: the columns ``j``, their last conv taps
+        ``m``, ``S_{m+1} − S_{IQ}`` (a tile-local sum, plus the carry of ``m``'s tile where it is ``I − 1``),
+        ``W`` (``Q × NP``) and the input mask."""
+        j = J * Q + tl.arange(0, Q)
+        j_ok = (j >= 0) & (j < L)
+        m = j + (K - 1)
+        m_ok = m < L
+        tile_m = m // Q
+        n = tl.arange(0, NP)
+        s_m = tl.load(sloc_ptr + c * L + m, mask=m_ok, other=0.0)
+        carry = tl.load(tot_ptr + c * ((L + Q - 1) // Q) + tile_m, mask=m_ok & (tile_m < I), other=0.0)
+        w = tl.load(W_ptr + (c * N + n[None, :]) * L + j[:, None], mask=j_ok[:, None] & (n < N)[None, :],
+                    other=0.0)  # fmt: skip
+        return j, m, s_m - carry, w, tl.load(pmask_ptr + j, mask=j_ok, other=0.0)
+
+    @triton.jit
+    def _strip_product(c, I, s, L, max_growth, j, m, s_m, w, a, sloc_ptr, growth_ptr, C_ptr, seg_ptr,
+                       left_ptr, N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, Q: tl.constexpr,
+                       SQ: tl.constexpr, SPLIT: tl.constexpr):  # fmt: skip
+        """Strip ``s`` of row tile ``I`` (rows ``t`` from ``R = IQ + s·SQ``) against the columns of
+        :func:`_column_side`, factorised through ``S_R``: ``U · Yᵀ`` with ``U[t, n] = C[t, n] e^{A_n (S_{t+1}
+        − S_R)} ≤ |C|`` and ``Y[j, n] = e^{A_n (S_R − S_{m+1})} W[j, n]`` on the columns whose factors
+        cannot overflow: every ``j ≤ R − K`` (its last tap at or before ``R − 1``, factor ``≤ 1``), the
+        ``K − 1`` before ``R`` where the strip's growth is at most ``max_growth``, the diagonal block's where
+        its growth is too. The other columns of the strip's diagonal band are zeros here
+        (:func:`_strip_blocks` writes them), the left factors applied."""
+        R = I * Q + s * SQ
+        t = R + tl.arange(0, SQ)
+        t_ok = t < L
+        n = tl.arange(0, NP)
+        at = growth_ptr + (c * ((L + SQ - 1) // SQ) + R // SQ) * 2
+        growth = tl.load(at)
+        block = tl.load(at + 1)
+        c_rows = tl.load(C_ptr + n[None, :] * L + t[:, None], mask=t_ok[:, None] & (n < N)[None, :],
+                         other=0.0)  # fmt: skip
+        # S_R − S_IQ (0 for the tile's first strip)
+        off = tl.load(sloc_ptr + c * L + tl.maximum(R - 1, 0), mask=(R > I * Q) & (R - 1 < L), other=0.0)
+        row_gap = tl.load(sloc_ptr + c * L + t, mask=t_ok, other=0.0) - off  # S_{t+1} − S_R ≥ 0
+        u = c_rows * _exp(a[None, :] * row_gap[:, None])
+        # (scalar conditions: where(), not &, for every Triton)
+        cols = (j <= R - K) | tl.where(growth <= max_growth, j < R, False)
+        cols = cols | tl.where(block <= max_growth, j < R + SQ, False)
+        y = w * _exp(a[None, :] * tl.where(cols, off - s_m, 0.0)[:, None])
+        y = tl.where(cols[:, None], y, 0.0)
+        if SPLIT:
+            acc = _split_product(u, y)
+        else:
+            acc = tl.dot(u, tl.trans(y), input_precision="ieee")
+        acc = tl.where(_valid(t, m, L, seg_ptr), acc, 0.0)
+        return t, acc * tl.load(left_ptr + c * L + t, mask=t_ok, other=0.0)[:, None]
+
+    @triton.jit
+    def _strip_blocks(out_ptr, c, stride_slab, stride_t, r0, r1, c0, c1, I, s, L, max_growth, sloc_ptr,
+                      tot_ptr, growth_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, left_ptr, pmask_ptr, N: tl.constexpr,
+                      NP: tl.constexpr, K: tl.constexpr, Q: tl.constexpr, SQ: tl.constexpr,
+                      ALIGNED: tl.constexpr):  # fmt: skip
+        """What :func:`_strip_product` leaves out of strip ``s``, every entry directly (``SQ × SQ`` blocks,
+        :func:`_diagonal_block`), stored over it: the diagonal block where it grows too much, and the block
+        before it too where the strip's columns do."""
+        R = I * Q + s * SQ
+        t = R + tl.arange(0, SQ)
+        at = growth_ptr + (c * ((L + SQ - 1) // SQ) + R // SQ) * 2
+        first = tl.where(tl.load(at + 1) <= max_growth, R + SQ, R)
+        first = tl.maximum(tl.where(tl.load(at) <= max_growth, first, R - SQ), 0)
+        left = tl.load(left_ptr + c * L + t, mask=t < L, other=0.0)
+        while first < R + SQ:
+            j = first + tl.arange(0, SQ)
+            acc = _diagonal_block(c, I, t, j, L, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, N, NP, K, Q)
+            acc = acc * left[:, None] * tl.load(pmask_ptr + j, mask=(j >= 0) & (j < L), other=0.0)[None, :]
+            _store_at(out_ptr, c, stride_slab, stride_t, t, j, r0, r1, c0, c1, acc, True, ALIGNED)
+            first += SQ
+
+    @triton.jit
+    def _strip_tiles(
+        out_ptr, c, stride_slab, stride_t, r0, r1, c0, c1, I, L, max_growth, taken,
+        sloc_ptr, tot_ptr, growth_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, left_ptr, pmask_ptr,
+        N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, Q: tl.constexpr, SQ: tl.constexpr,
+        SPLIT: tl.constexpr, ALIGNED: tl.constexpr,
+    ):  # fmt: skip
+        """Dense reads of row tile ``I``'s near tiles by strips (Mamba-1), in the far kernel's program: tile
+        ``(I, I)`` and, unless the far product ``taken`` it, ``(I, I − 1)``, each strip of each by
+        :func:`_strip_product` (the column side loaded once a tile), then, after a barrier, the blocks those
+        leave out (:func:`_strip_blocks`). The band is the caller's to store over them."""
+        J = tl.where(taken | (I == 0), I, I - 1)
+        a = tl.load(A_ptr + c * N + tl.arange(0, NP), mask=tl.arange(0, NP) < N, other=0.0)
+        while J <= I:
+            j, m, s_m, w, pm = _column_side(c, I, J, L, sloc_ptr, tot_ptr, W_ptr, pmask_ptr, N, NP, K, Q)
+            for s in range(Q // SQ):
+                ts, acc = _strip_product(c, I, s, L, max_growth, j, m, s_m, w, a, sloc_ptr, growth_ptr, C_ptr,
+                                         seg_ptr, left_ptr, N, NP, K, Q, SQ, SPLIT)  # fmt: skip
+                _store_at(out_ptr, c, stride_slab, stride_t, ts, j, r0, r1, c0, c1, acc * pm[None, :], True,
+                          ALIGNED)  # fmt: skip
+            J += 1
+        tl.debug_barrier()  # the blocks go over the products' zeros
+        for s in range(Q // SQ):
+            _strip_blocks(out_ptr, c, stride_slab, stride_t, r0, r1, c0, c1, I, s, L, max_growth, sloc_ptr,
+                          tot_ptr, growth_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, left_ptr, pmask_ptr, N, NP, K, Q,
+                          SQ, ALIGNED)  # fmt: skip
 
     @triton.jit
     def _wkv_tile(c, I, J, L, key_ptr, logz_ptr, w_ptr, u_ptr, left_ptr, right_ptr, pmask_ptr, left_stride,
@@ -1116,7 +1207,7 @@ class DiagonalTiles(_Tiles):
         D = D.to(f32).contiguous() if skip else weight  # unread without skip
         self.A = A.to(f32).contiguous()
         self.B = B.to(f32).contiguous()
-        self.C = C.to(f32).contiguous()
+        C = C.to(f32).contiguous()
         w = torch.ones(nc, 1, device=device, dtype=f32) if taps is None else taps.to(f32)
         self.taps = w.contiguous()
         self.left = torch.ones(nc, L, device=device, dtype=f32) if left is None else left.to(f32).contiguous()
@@ -1124,14 +1215,17 @@ class DiagonalTiles(_Tiles):
         self.N, self.NP, self.K, self.L, self.ssm = N, NP, K, L, ssm
         self.n_chan, self.device = nc, device
         # W, U, V: written by the preparation with the recurrence; without it unread (sloc stands in)
-        self.W = torch.empty(nc, L, N, device=device, dtype=f32) if ssm else self.sloc
+        # W and C state-major: a state's entries of consecutive positions in one run, for the loads of one
+        # state at a time (:func:`_direct`; a sector per entry row-major)
+        self.W = torch.empty(nc, N, L, device=device, dtype=f32) if ssm else self.sloc
+        self.C = torch.empty(N, L, device=device, dtype=f32) if ssm else self.sloc
         self.U = torch.empty(nc, L, NP, device=device, dtype=f32) if ssm else self.sloc
         self.V = torch.empty_like(self.U) if ssm else self.sloc
         self.fix = torch.empty(nc, L, K, device=device, dtype=f32)
         P = max(16, min(64, 2048 // NP))  # positions a program: a (P, NP) tile of every factor
         _prep_kernel[(nc, triton.cdiv(L, P))](
-            S.contiguous(), self.A, self.B, self.C, weight, right, D, self.taps, self.seg, self.seg_ref,
-            self.sloc, self.sb, self.tot, self.sref, self.growth, self.U, self.V, self.W, self.fix,
+            S.contiguous(), self.A, self.B, C, weight, right, D, self.taps, self.seg, self.seg_ref,
+            self.sloc, self.sb, self.tot, self.sref, self.growth, self.U, self.V, self.W, self.C, self.fix,
             L, int(ssm), int(skip), int(right is not weight), int(segment is not None),
             N=N, NP=NP, K=K, KP=triton.next_power_of_2(K), Q=Q, P=P, SQ=STRIP,
         )  # fmt: skip
@@ -1153,24 +1247,28 @@ class DiagonalTiles(_Tiles):
         far_warps = max(TUNING["far_warps"], 8 if self.NP >= 64 else 1)
         far_kind = "far_outer" if not self.far_dot else "far_wide" if self.NP >= 64 else "far"
         far_options = _options(far_kind, far_warps, groups > 0)
-        # dense reads of strips without resets: the far kernel also takes tile I − 1 where the growth allows
-        near_far = int(self.strips and bool(TUNING["NEAR_STRIPS"]) and not groups and not self.segments)
+        # dense reads by strips: the far kernel's programs take their row tile's near tiles too, and (without
+        # resets) tile I − 1 into the far product where the growth allows
+        strips = self.strips and bool(TUNING["NEAR_STRIPS"]) and not groups
+        near_far = int(strips and not self.segments)
         KP = triton.next_power_of_2(self.K)
+        split = bool(TUNING["FAR_SPLIT_TF32"])
         _far_kernel[(nI, triton.cdiv(nJ, span), slabs)](
             *head, I0, J0, nJ, span, self.L, int(self.ssm), self.n_chan, per_group,
             self.sb, self.sref, self.A, self.U, self.V, self.left, self.pmask, self.seg, self.seg_ref, rw, cw,
-            self.growth, float(STRIP_GROWTH), near_far, self.fix,
-            N=self.N, NP=self.NP, Q=TILE, FAR_DOT=self.far_dot, SPLIT=bool(TUNING["FAR_SPLIT_TF32"]),
-            K=self.K, KP=KP, SQ=STRIP, **far_options, **reduce,
+            self.growth, float(STRIP_GROWTH), near_far, self.fix, self.sloc, self.tot, self.C, self.W,
+            N=self.N, NP=self.NP, Q=TILE, FAR_DOT=self.far_dot, SPLIT=split, K=self.K, KP=KP, SQ=STRIP,
+            STRIPS=strips, **far_options, **reduce,
         )  # fmt: skip
-        # near tiles: row tiles I0 … with column tiles I and I − 1 (those outside the read are masked)
-        if self.strips and TUNING["NEAR_STRIPS"]:
+        if strips:
+            return
+        if self.strips and TUNING["NEAR_STRIPS"]:  # channel sums of the near tiles: a strip's rows a program
             _strip_kernel[(nI * (TILE // STRIP), 2, slabs)](
-                *head, I0, self.L, int(self.ssm), self.n_chan, per_group, float(STRIP_GROWTH), near_far,
+                *head, I0, self.L, int(self.ssm), self.n_chan, per_group, float(STRIP_GROWTH),
                 self.sloc, self.tot, self.growth, self.A, self.C, self.W, self.fix, self.seg, self.left,
-                self.pmask, rw, cw,
-                N=self.N, NP=self.NP, K=self.K, KP=KP, Q=TILE, SQ=STRIP, SPLIT=bool(TUNING["FAR_SPLIT_TF32"]),
-                **_options("strip", TUNING["near_warps"], groups > 0), **reduce,
+                self.pmask, rw, cw, N=self.N, NP=self.NP, K=self.K, Q=TILE, SQ=STRIP, SPLIT=split,
+                TRANSFORM=TRANSFORMS[transform], ALIGNED=aligned,
+                **_options("strip", TUNING["near_warps"], True),
             )  # fmt: skip
             return
         near_warps = max(TUNING["near_warps"], 8 if self.scalar else 1)
