@@ -26,7 +26,7 @@ VARIANTS = {
     "mamba": {
         "far uncapped": {"maxnreg": {"far": None}},
         "far 8 warps": {"far_warps": 8},
-        "far 128 registers": {"maxnreg": {"far": 128}},
+        "far 168 registers": {"maxnreg": {"far": 168}},
         "stores of 4": {"aligned_run": {"tiles": 4}},
     },
     "mamba2": {

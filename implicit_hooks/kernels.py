@@ -119,7 +119,9 @@ TUNING: dict = {
     # names + "_reduce"; none: ptxas chooses, up to 255), traded against spills for more programs an SM.
     # On the H200, 168 registers (3 programs of 4 warps an SM) made dense reads 6–9 % faster at L = 2048,
     # the same matrices bit for bit (benchmarks/sweep_dense.py); reductions would spill 160–1500 bytes.
-    "maxnreg": {"far": 168, "near": 168, "wkv": 168},
+    # Mamba-1's far kernel, which takes its near tiles too: 128 (four programs an SM, 12 bytes spilled),
+    # 5–7 % faster than 168 at L = 1024 and 2048 (benchmarks/results/sweep_jj.json).
+    "maxnreg": {"far": 128, "near": 168, "wkv": 168},
 }
 
 
