@@ -389,7 +389,8 @@ if triton is not None:
         left, pm = _sides(c, t, j, L, left_ptr, pmask_ptr)
         pm_diag = tl.load(pmask_ptr + jd, mask=jd < L, other=0.0)
         if ssm != 0:
-            growth = tl.load(growth_ptr + (c * ((L + SQ - 1) // SQ) + R // SQ) * 2)
+            # strips past the sequence (rows cut by L) have no growth: read none
+            growth = tl.load(growth_ptr + (c * ((L + SQ - 1) // SQ) + R // SQ) * 2, mask=R < L, other=0.0)
             t_ok = t < L
             n = tl.arange(0, NP)
             n_ok = n < N
@@ -759,8 +760,8 @@ if triton is not None:
         t_ok = t < L
         n = tl.arange(0, NP)
         at = growth_ptr + (c * ((L + SQ - 1) // SQ) + R // SQ) * 2
-        growth = tl.load(at)
-        block = tl.load(at + 1)
+        growth = tl.load(at, mask=R < L, other=0.0)  # strips past the sequence have none: read none
+        block = tl.load(at + 1, mask=R < L, other=0.0)
         c_rows = tl.load(C_ptr + n[None, :] * L + t[:, None], mask=t_ok[:, None] & (n < N)[None, :],
                          other=0.0)  # fmt: skip
         # S_R − S_IQ (0 for the tile's first strip)
@@ -790,8 +791,8 @@ if triton is not None:
         R = I * Q + s * SQ
         t = R + tl.arange(0, SQ)
         at = growth_ptr + (c * ((L + SQ - 1) // SQ) + R // SQ) * 2
-        first = tl.where(tl.load(at + 1) <= max_growth, R + SQ, R)
-        first = tl.maximum(tl.where(tl.load(at) <= max_growth, first, R - SQ), 0)
+        first = tl.where(tl.load(at + 1, mask=R < L, other=0.0) <= max_growth, R + SQ, R)  # (none past L)
+        first = tl.maximum(tl.where(tl.load(at, mask=R < L, other=0.0) <= max_growth, first, R - SQ), 0)
         left = tl.load(left_ptr + c * L + t, mask=t < L, other=0.0)
         while first < R + SQ:
             j = first + tl.arange(0, SQ)
