@@ -382,7 +382,7 @@ if triton is not None:
         ``e^{max_growth}`` (large rates) take every entry directly, as ``diag`` does
         (:func:`_diagonal_block`). Every load of the strip is issued first, the diagonal block's next, before
         the growth decides: a program waits for memory once. Dense reads go by whole tiles instead
-        (:func:`_strip_tiles_kernel`)."""
+        (:func:`_strip_tiles`)."""
         R, t, j, jd = _strip_at(I, i, J, Q, SQ)
         main = tl.zeros((SQ, Q), dtype=tl.float32)
         diag = tl.zeros((SQ, SQ), dtype=tl.float32)
