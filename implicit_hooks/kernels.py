@@ -90,7 +90,7 @@ HEAD_TAPS = 4
 TRANSFORMS = {"signed": 0, "abs": 1, "positive": 2}
 #: code paths and launch settings (benchmarks/bench_kernel.py compares them): the far tiles as one tile
 #: product (``FAR_DOT``; ``N < 16`` always takes ``N`` outer products), its operands split for three TF32
-#: tensor-core products (``FAR_SPLIT_TF32``, :func:`_split_product`: 2e-8 from the IEEE float32 product on
+#: tensor-core products (``FAR_SPLIT_TF32``, :func:`_product`: 2e-8 from the IEEE float32 product on
 #: the H200, 20 % faster; Triton 3.6's own ``"tf32x3"`` faults in these kernels; the same switch takes
 #: Mamba-1's strips and Mamba-2's by-head core to the tensor cores), Mamba-2's dense blocks by head
 #: (``HEAD_TILES``), warps.
@@ -119,7 +119,7 @@ TUNING: dict = {
     # names + "_reduce"; none: ptxas chooses, up to 255), traded against spills for more programs an SM.
     # On the H200, 168 registers (3 programs of 4 warps an SM) made dense reads 6–9 % faster at L = 2048,
     # the same matrices bit for bit (benchmarks/sweep_dense.py); reductions would spill 160–1500 bytes.
-    # Mamba-1's far kernel, which takes its near tiles too: 128 (four programs an SM, 12 bytes spilled),
+    # Mamba-1's far kernel, which takes its near tiles too: 128 (four programs an SM, no spill),
     # 5–7 % faster than 168 at L = 1024 and 2048 (benchmarks/results/sweep_jj.json).
     "maxnreg": {"far": 128, "near": 168, "wkv": 168},
 }
@@ -181,10 +181,13 @@ if triton is not None:
         return u, left
 
     @triton.jit
-    def _split_product(x, y):
-        """``x · yᵀ`` on the tensor cores to about float32 accuracy: each operand split into a TF32 head (the
-        top 10 mantissa bits, masked) and its remainder, three TF32 products (the remainders' product, 2⁻²²
-        of the result, is left out). Triton's own ``"tf32x3"`` faulted in these kernels (3.6, H200)."""
+    def _product(x, y, SPLIT: tl.constexpr):
+        """``x · yᵀ``: with ``SPLIT`` on the tensor cores to about float32 accuracy, each operand split into a
+        TF32 head (the top 10 mantissa bits, masked) and its remainder, three TF32 products (the remainders'
+        product, 2⁻²² of the result, is left out; Triton's own ``"tf32x3"`` faulted in these kernels, 3.6,
+        H200); else in IEEE float32."""
+        if not SPLIT:
+            return tl.dot(x, tl.trans(y), input_precision="ieee")
         x_hi = (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)  # -8192 = 0xFFFFE000
         y_hi = (y.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
         acc = tl.dot(x_hi, tl.trans(y_hi), input_precision="tf32")
@@ -207,10 +210,7 @@ if triton is not None:
             v = tl.load(V_ptr + (c * L + j[:, None]) * NP + n[None, :], mask=j_ok[:, None], other=0.0)
             a = tl.load(A_ptr + c * N + n, mask=n < N, other=0.0)
             mid = _exp(a * gap)  # (NP,), every exponent ≤ 0
-            if SPLIT:
-                acc = _split_product(u * mid[None, :], v)
-            else:
-                acc = tl.dot(u * mid[None, :], tl.trans(v), input_precision="ieee")
+            acc = _product(u * mid[None, :], v, SPLIT)
         else:
             acc = tl.zeros((Q, Q), dtype=tl.float32)
             for n in tl.static_range(N):
@@ -401,28 +401,17 @@ if triton is not None:
             off = tl.load(sloc_ptr + c * L + tl.minimum(tl.maximum(R - 1, 0), L - 1))
             off = tl.where(i > 0, off, 0.0)
             row_gap = tl.load(sloc_ptr + c * L + t, mask=t_ok, other=0.0) - off  # S_{t+1} − S_R ≥ 0
-            m = j + (K - 1)
-            m_ok = m < L
-            tile_m = m // Q
-            s_m = tl.load(sloc_ptr + c * L + m, mask=m_ok, other=0.0)
-            n_tiles = (L + Q - 1) // Q
-            carry = tl.load(tot_ptr + c * n_tiles + tile_m, mask=m_ok & (tile_m < I), other=0.0)
+            _, m, s_m, w, _ = _column_side(c, I, J, L, sloc_ptr, tot_ptr, W_ptr, pmask_ptr, N, NP, K, Q)
             cols = (j >= 0) & (j < R) & (j < L)
-            w = tl.load(W_ptr + (c * N + n[None, :]) * L + j[:, None], mask=cols[:, None] & n_ok[None, :],
-                        other=0.0)  # fmt: skip
             valid = _valid(t, m, L, seg_ptr)
             if J == I:
                 diag = _diagonal_block(c, I, t, jd, L, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, N, NP,
                                        K, Q)  # fmt: skip
             if growth <= max_growth:
                 u = c_rows * _exp(a[None, :] * row_gap[:, None])
-                col_gap = tl.where(cols, off - (s_m - carry), 0.0)  # S_R − S_{m+1} ≥ −(S_{R+K−1} − S_R)
-                w = w * _exp(a[None, :] * col_gap[:, None])
-                if SPLIT:
-                    main = _split_product(u, w)
-                else:
-                    main = tl.dot(u, tl.trans(w), input_precision="ieee")
-                main = tl.where(valid, main, 0.0)
+                col_gap = tl.where(cols, off - s_m, 0.0)  # S_R − S_{m+1} ≥ −(S_{R+K−1} − S_R)
+                w = tl.where(cols[:, None], w * _exp(a[None, :] * col_gap[:, None]), 0.0)
+                main = tl.where(valid, _product(u, w, SPLIT), 0.0)
             else:
                 main = _direct(c, I, t, j, L, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, N, K, Q)
         main = _band(main, c, t, j, L, fix_ptr, left, pm, K, True)
@@ -773,10 +762,7 @@ if triton is not None:
         cols = cols | tl.where(block <= max_growth, j < R + SQ, False)
         y = w * _exp(a[None, :] * tl.where(cols, off - s_m, 0.0)[:, None])
         y = tl.where(cols[:, None], y, 0.0)
-        if SPLIT:
-            acc = _split_product(u, y)
-        else:
-            acc = tl.dot(u, tl.trans(y), input_precision="ieee")
+        acc = _product(u, y, SPLIT)
         acc = tl.where(_valid(t, m, L, seg_ptr), acc, 0.0)
         return t, acc * tl.load(left_ptr + c * L + t, mask=t_ok, other=0.0)[:, None]
 
@@ -887,17 +873,14 @@ if triton is not None:
 
         ``C_t · B_m`` in chunks of ``NC`` states (a loop, not unrolled): one product over all ``N = 128``
         holds each thread's operand rows in registers and spills (``benchmarks/kernel_registers.py``);
-        ``SPLIT``: on the tensor cores (:func:`_split_product`), else IEEE float32 products."""
+        ``SPLIT``: on the tensor cores (:func:`_product`), else IEEE float32 products."""
         m_ok = m < L
         scores = tl.zeros((t.shape[0], m.shape[0]), dtype=tl.float32)
         for n0 in range(0, N, NC):
             n = n0 + tl.arange(0, NC)
             c_rows = tl.load(C_ptr + t[:, None] * N + n[None, :], mask=t_ok[:, None], other=0.0)
             b_rows = tl.load(B_ptr + m[:, None] * N + n[None, :], mask=m_ok[:, None], other=0.0)
-            if SPLIT:
-                scores += _split_product(c_rows, b_rows)
-            else:
-                scores += tl.dot(c_rows, tl.trans(b_rows), input_precision="ieee")
+            scores += _product(c_rows, b_rows, SPLIT)
         cum_m = tl.load(cum_ptr + hh * L + m, mask=m_ok, other=0.0)
         gap = tl.maximum((cum_t[:, None] - cum_m[None, :]).to(tl.float32), 0.0)  # float64 difference
         delta = tl.load(delta_ptr + hh * L + m, mask=m_ok, other=0.0)
