@@ -2,7 +2,8 @@
 
 Each variant is a change of ``kernels.TUNING`` (warps, register caps, programs an SM, store widths); it is
 timed through the view (``view.dense()``, median of 5 synchronised reads after a warm-up that compiles;
-with ``--bfloat16`` also stored in bfloat16, against half the floor) and compared with the default
+with ``--bfloat16`` also stored in bfloat16, against half the floor; with ``--kernels`` also each kernel's
+device time and the time of a read issued back to back with others) and compared with the default
 setting's matrix, so that a faster setting is also shown to be the same matrix. Same models and widths as
 ``bench_gpu.py``; results as JSON lines and, with ``--out``, one file.
 
@@ -17,7 +18,9 @@ import json
 from pathlib import Path
 
 import torch
-from bench_gpu import build, configs, record, timer, write_bandwidth
+from bench_gpu import back_to_back, build, configs, record, timer, write_bandwidth
+from profile_dense import kernels_of
+from torch.profiler import ProfilerActivity, profile
 
 from implicit_hooks import kernels
 
@@ -28,6 +31,9 @@ VARIANTS = {
         "far 8 warps": {"far_warps": 8},
         "far 168 registers": {"maxnreg": {"far": 168}},
         "stores of 4": {"aligned_run": {"tiles": 4}},
+        "prep 4 warps": {"prep_warps": 4},
+        "prep 1 warp, 32 positions": {"prep_warps": 1, "prep_positions": 32},
+        "prep 128 positions": {"prep_positions": 128},
     },
     "mamba2": {
         "head 8 warps": {"head_warps": 8},
@@ -42,6 +48,8 @@ VARIANTS = {
         "far 8 warps": {"far_warps": 8},
         "near 8 warps": {"near_warps": 8},
         "stores of 4": {"aligned_run": {"tiles": 4}},
+        "prep 4 warps": {"prep_warps": 4},
+        "prep 256 positions, 4 warps": {"prep_positions": 256, "prep_warps": 4},
     },
     "rwkv4": {
         "wkv uncapped": {"maxnreg": {"wkv": None}},
@@ -59,6 +67,16 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return (num / den) ** 0.5
 
 
+def device_times(read, reads: int = 5) -> dict[str, float]:
+    """Seconds per read of each device kernel of ``read`` (``torch.profiler``)."""
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(reads):
+            read()
+        torch.cuda.synchronize()
+    return kernels_of(prof, reads, torch.device("cuda"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", nargs="+", default=list(VARIANTS))
@@ -66,6 +84,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="passes over the variants, interleaved")
     parser.add_argument("--bfloat16", action="store_true", help="also time reads stored in bfloat16")
     parser.add_argument("--variants", nargs="+", default=None, help="only these variants (and the default)")
+    parser.add_argument(
+        "--kernels",
+        action="store_true",
+        help="also each kernel's device time a read (torch.profiler) and "
+        "the time of a read issued back to back with others",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -97,11 +121,16 @@ def main() -> None:
                     seconds = timed(view.dense, 5)
                     error = relative(view.dense(), reference)
                     narrow = timed(narrow_view.dense, 5) if args.bfloat16 else None
+                    kernel_s = device_times(view.dense) if args.kernels else None
+                    pipelined = back_to_back(view.dense, device) if args.kernels else None
                 except Exception as e:  # a setting this Triton rejects: reported, not fatal to the sweep
                     seconds, narrow, error = None, None, f"{type(e).__name__}: {str(e)[:200]}"
+                    kernel_s = pipelined = None
                 row = {"family": family, "L": L, "variant": name, "repeat": repeat, "s": seconds}
                 row["floor_s"], row["vs_default_rel"] = floor, error
                 row["over_floor"] = seconds / floor if seconds else None
+                if kernel_s is not None:
+                    row["kernels_s"], row["back_to_back_s"] = kernel_s, pipelined
                 if narrow is not None:  # stored in bfloat16, against its own floor (half the bytes)
                     row["bf16_s"], row["bf16_over_floor"] = narrow, narrow / (floor / 2)
                 rows.append(row)

@@ -57,10 +57,12 @@ For any block of rows and columns, :meth:`DiagonalTiles.dense` writes ``(channel
 ``abs``/``positive`` transforms), writing one ``(rows, cols)`` per channel group, so a channel mean never
 holds ``channels × L × L``. Reads whose columns and output strides are multiples of 16 (every dense read
 with ``L`` a multiple of 16) are launched ``ALIGNED`` and store 16 bytes at a time (:func:`_store_at`).
-Measured on the H200 (``benchmarks/results/gpu.md``), through the view, preparation included, dense reads at
-L = 512 / 1024 / 2048 take 3.0–3.8× / 1.9–2.0× / 1.55× the write floor (Mamba-1, 1536 channels; 1.38× at
-4096), 2.1–2.4× / 1.7× / 1.65× (Mamba-2), 1.8–1.9× / 1.35× / 1.2× (RG-LRU, 2560 channels), 1.8–2.4× /
-1.35× / 1.2× (RWKV-4, 1024 channels); the torch path 983× and 131× at L = 512 (Mamba-1, RWKV-4). Every
+Measured on the H200 (``benchmarks/results/gpu.md``), through the view, preparation included, lone dense
+reads at L = 512 / 1024 / 2048 take 3.0–3.8× / 1.9–2.0× / 1.55× the write floor (Mamba-1, 1536 channels;
+1.38× at 4096), 2.1–2.9× / 1.7–2.0× / 1.65× (Mamba-2), 1.8–2.1× / 1.35–1.6× / 1.2× (RG-LRU, 2560
+channels), 1.8–2.8× / 1.35–1.7× / 1.2× (RWKV-4, 1024 channels); reads issued back to back (the host issuing
+one while the device runs the one before) 2.5× / 1.8× / 1.5× (Mamba-1) and 1.4–1.7× / 1.3–1.6× / 1.15–1.6×
+(the others); the torch path 983× and 131× at L = 512 (Mamba-1, RWKV-4). Every
 preparation runs in the kernels (:func:`_prep_kernel`; the WKV and by-head kernels read the core's arrays as
 they are): on the H200's machine each torch operation costs the host 10–25 µs, as much as a short read's
 kernels.
@@ -110,6 +112,13 @@ TUNING: dict = {
     # a thread, and wider runs made its bfloat16 stores reshuffle each tile through shared memory first
     "aligned_run": {"tiles": 16, "wkv": 16, "head": 4},
     "NEAR_STRIPS": True,
+    # the preparation (_prep_kernel): positions a program (at most, and at most prep_elements / NP) and
+    # warps (wide states, NP ≥ 64, take 4). Two warps: Mamba-1's preparation 0.110 → 0.092 ms at L = 512,
+    # 0.438 → 0.369 ms at 2048, RG-LRU's (one state: four warps held one position in 128 threads) 0.079 →
+    # 0.033 and 0.313 → 0.127 ms, the same arrays bit for bit (benchmarks/results/sweep_ll.json)
+    "prep_positions": 64,
+    "prep_elements": 2048,
+    "prep_warps": 2,
     # programs an SM of the by-head kernels (HeadTiles), each looping over its items: as many as run at
     # once (dense blocks: 254 registers at 4 warps, two an SM), channel sums four
     "head_programs_per_sm": 2,
@@ -1208,12 +1217,14 @@ class DiagonalTiles(_Tiles):
         self.U = torch.empty(nc, L, NP, device=device, dtype=f32) if ssm else self.sloc
         self.V = torch.empty_like(self.U) if ssm else self.sloc
         self.fix = torch.empty(nc, L, K, device=device, dtype=f32)
-        P = max(16, min(64, 2048 // NP))  # positions a program: a (P, NP) tile of every factor
+        # positions a program: a (P, NP) tile of every factor
+        P = max(16, min(TUNING["prep_positions"], TUNING["prep_elements"] // NP))
         _prep_kernel[(nc, triton.cdiv(L, P))](
             S.contiguous(), self.A, self.B, C, weight, right, D, self.taps, self.seg, self.seg_ref,
             self.sloc, self.sb, self.tot, self.sref, self.growth, self.U, self.V, self.W, self.C, self.fix,
             L, int(ssm), int(skip), int(right is not weight), int(segment is not None),
             N=N, NP=NP, K=K, KP=triton.next_power_of_2(K), Q=Q, P=P, SQ=STRIP,
+            num_warps=max(TUNING["prep_warps"], 4 if NP >= 64 else 1),
         )  # fmt: skip
         # near tiles by strips where the far tiles take a product (Mamba-1) and the conv fits in a strip
         self.strips = bool(TUNING["NEAR_STRIPS"]) and self.far_dot and not scalar and ssm and K - 1 < STRIP
