@@ -664,8 +664,31 @@ def test_float64_views_and_gradients(device):
     embeds = model.backbone.embeddings(ids[:1, :7]).detach().requires_grad_()
     with ih.record(model, grad=True) as rec:
         model(inputs_embeds=embeds)
-    (grad,) = torch.autograd.grad(rec[0].attention[0, :, -1].sum(), embeds)
-    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    view = rec[0].attention
+    # each read builds its own graph over the factors' (the forward's, kept for the second read)
+    grads = [torch.autograd.grad(view[0, :, -1].sum(), embeds, retain_graph=True)[0] for _ in range(2)]
+    assert torch.isfinite(grads[0]).all() and grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0])
+    assert not [key for key in view._cache if key[0] == "diagonal"]  # no product with a graph is kept
+
+
+def test_products_of_diagonal_factors_are_kept_per_batch_row(device):
+    """The gate and the norm (two left factors), and the activation and the padding mask, multiply once per
+    batch row; an ablation that keeps the same factors reads the same products, one that leaves one out
+    its own."""
+    model = mamba2(device, layers=1)
+    ids, mask = padded_batch(device)
+    with torch.no_grad(), capture_mixers(model) as calls, ih.record(model) as rec:
+        model(ids, attention_mask=mask)
+    view, fr = rec[0].attention, run_reference(calls[0])
+    for _ in range(2):
+        assert rel_err(view[1, :, -1], impulse_matrix(fr)[1, :, -1]) < TOL
+    kept = [key for key in view._cache if key[0] == "diagonal"]  # gate · norm; act · the padding mask
+    assert len(kept) == 2 and {key[-1] for key in kept} == {1}
+    no_conv = view.without("conv")
+    assert rel_err(no_conv[1, :, -1], impulse_matrix(fr, conv=False)[1, :, -1]) < TOL
+    assert [key for key in view._cache if key[0] == "diagonal"] == kept  # the same products
+    assert rel_err(view.without("norm")[1, :, -1], impulse_matrix(fr, norm=False)[1, :, -1]) < TOL
 
 
 def test_errors_say_what_is_wrong(device):
