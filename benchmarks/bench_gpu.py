@@ -106,6 +106,21 @@ def once(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def back_to_back(fn: Callable[[], Any], device: torch.device, reads: int = 10) -> float:
+    """Seconds a read of ``fn`` costs when ``reads`` of them are issued back to back (one warm-up first,
+    results dropped as they come): the host issues a read while the device runs the one before, as when
+    every layer of a model is read, where :func:`once` also counts the host's issue of a lone read."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reads):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / reads
+
+
 def write_bandwidth(device: torch.device, timed: Callable[..., float]) -> float:
     """Bytes per second the device writes (a fill of 4 GiB; 4 MiB on CPU)."""
     n = (1 << 20) if device.type == "cpu" else (1 << 30)
@@ -302,6 +317,10 @@ def assembly(family, cfg, args, device, timed, bandwidth) -> list[dict]:
                 seconds = timed(lambda v=v: v.dense(), 1 if backend == "torch" else 3)
                 row[f"dense_{backend}_s"] = seconds
                 row[f"dense_{backend}_over_floor"] = seconds / row["dense_floor_s"]
+                if backend == "triton":  # reads issued back to back: the device's rate
+                    seconds = back_to_back(lambda v=v: v.dense(), device)
+                    row["dense_triton_back_to_back_s"] = seconds
+                    row["dense_triton_back_to_back_over_floor"] = seconds / row["dense_floor_s"]
                 torch.cuda.empty_cache() if device.type == "cuda" else None
             if "triton" in backends:  # stored in bfloat16: half the bytes, against its own floor
                 v = view.with_backend("triton")
@@ -309,6 +328,9 @@ def assembly(family, cfg, args, device, timed, bandwidth) -> list[dict]:
                 row["dense_bf16_floor_s"] = row["dense_floor_s"] / 2
                 row["dense_triton_bf16_s"] = seconds
                 row["dense_triton_bf16_over_floor"] = seconds / row["dense_bf16_floor_s"]
+                seconds = back_to_back(lambda v=v: v.dense(torch.bfloat16), device)
+                row["dense_triton_bf16_back_to_back_s"] = seconds
+                row["dense_triton_bf16_back_to_back_over_floor"] = seconds / row["dense_bf16_floor_s"]
                 torch.cuda.empty_cache()
             if family == "mamba2" and "triton" in backends:  # the default is by head: also by channel
                 kernels.TUNING["HEAD_TILES"] = False
