@@ -939,18 +939,31 @@ if triton is not None:
         return tl.where(k < K, tl.load(taps_ptr + c * K + tl.maximum(K - 1 - k, 0)), 0.0)
 
     @triton.jit
-    def _head_channel(c, I, J, t, j, L, w0, w1, w2, w3, pm, taps_ptr, K, right_ptr, left_ptr):
-        """Channel ``c``'s entries of tile ``(I, J)`` from its head's windows (the skip in them):
-        ``Σ_k window_k · w_k r_{j+k}``, the gate and the input mask (``pm``): four multiply-adds an entry."""
-        acc = tl.zeros((t.shape[0], j.shape[0]), dtype=tl.float32)
+    def _head_factors(c, I, J, t, j, L, pm, taps_ptr, K, right_ptr, left_ptr):
+        """Channel ``c``'s factors on tile ``(I, J)``: its column factors ``w_k r_{j+k}`` (``k < 4``, the
+        input mask ``pm`` in them, not on every entry) and its left factors (none above the diagonal)."""
+        cols = (j < L) & (J <= I)
+        x0 = _column_factor(c, j, 0, L, cols, pm, taps_ptr, K, right_ptr)
+        x1 = _column_factor(c, j, 1, L, cols, pm, taps_ptr, K, right_ptr)
+        x2 = _column_factor(c, j, 2, L, cols, pm, taps_ptr, K, right_ptr)
+        x3 = _column_factor(c, j, 3, L, cols, pm, taps_ptr, K, right_ptr)
+        return x0, x1, x2, x3, tl.load(left_ptr + c * L + t, mask=(t < L) & (J <= I), other=0.0)
+
+    @triton.jit
+    def _column_factor(c, j, k, L, cols, pm, taps_ptr, K, right_ptr):
+        """``w_k r_{j+k}`` of channel ``c`` times the input mask ``pm`` (zero outside ``cols``)."""
+        right = tl.load(right_ptr + c * L + j + k, mask=cols & (j + k < L), other=0.0)
+        return _tap(taps_ptr, c, K, k) * right * pm
+
+    @triton.jit
+    def _head_channel(I, J, w0, w1, w2, w3, x0, x1, x2, x3, left):
+        """A channel's entries of tile ``(I, J)`` from its head's windows (the skip in them) and its factors
+        (:func:`_head_factors`): ``Σ_k window_k · w_k r_{j+k}`` times the gate, four multiply-adds an entry;
+        above the diagonal zeros (``+0.0``: products of the zeros there could carry a sign)."""
+        acc = tl.zeros(w0.shape, dtype=tl.float32)
         if J <= I:
-            # the input mask on the column factors, not on every entry
-            x0 = _tap(taps_ptr, c, K, 0) * tl.load(right_ptr + c * L + j, mask=j < L, other=0.0) * pm
-            x1 = _tap(taps_ptr, c, K, 1) * tl.load(right_ptr + c * L + j + 1, mask=j + 1 < L, other=0.0) * pm
-            x2 = _tap(taps_ptr, c, K, 2) * tl.load(right_ptr + c * L + j + 2, mask=j + 2 < L, other=0.0) * pm
-            x3 = _tap(taps_ptr, c, K, 3) * tl.load(right_ptr + c * L + j + 3, mask=j + 3 < L, other=0.0) * pm
             acc = w0 * x0[None, :] + w1 * x1[None, :] + w2 * x2[None, :] + w3 * x3[None, :]
-            acc = acc * tl.load(left_ptr + c * L + t, mask=t < L, other=0.0)[:, None]
+            acc = acc * left[:, None]
         return acc
 
     @triton.jit(do_not_specialize=UNSPECIALISED["_head_kernel"])
@@ -989,12 +1002,17 @@ if triton is not None:
                     I, J, hh, t, t < L, cum_t, a, L, ssm, d_skip, scratch, cum_ptr, delta_ptr, B_ptr, C_ptr,
                     N, Q, H, NC, SPLIT,
                 )  # fmt: skip
+                # each channel's factors are loaded while the channel before is computed and stored: a
+                # channel's own loads (its id, then its factors) would stall its arithmetic
+                c = tl.load(chan_ptr + p)
+                x0, x1, x2, x3, left = _head_factors(c, I, J, t, j, L, pm, taps_ptr, K, right_ptr, left_ptr)
                 while p < end:
-                    c = tl.load(chan_ptr + p)
-                    acc = _head_channel(
-                        c, I, J, t, j, L, w0, w1, w2, w3, pm, taps_ptr, K, right_ptr, left_ptr
-                    )
+                    c_next = tl.load(chan_ptr + tl.minimum(p + 1, end - 1))
+                    n0, n1, n2, n3, n_left = _head_factors(c_next, I, J, t, j, L, pm, taps_ptr, K, right_ptr,
+                                                           left_ptr)  # fmt: skip
+                    acc = _head_channel(I, J, w0, w1, w2, w3, x0, x1, x2, x3, left)
                     _store(out_ptr, c, stride_slab, stride_t, I, J, r0, r1, c0, c1, acc, Q, J >= 0, ALIGNED)
+                    c, x0, x1, x2, x3, left = c_next, n0, n1, n2, n3, n_left
                     p += 1
             item += tl.num_programs(0)
 
@@ -1035,9 +1053,9 @@ if triton is not None:
                         )  # fmt: skip
                         while p < end:
                             c = tl.load(chan_ptr + p)
-                            acc = _head_channel(
-                                c, I, J, t, j, L, w0, w1, w2, w3, pm, taps_ptr, K, right_ptr, left_ptr
-                            )
+                            x0, x1, x2, x3, left = _head_factors(c, I, J, t, j, L, pm, taps_ptr, K, right_ptr,
+                                                                 left_ptr)  # fmt: skip
+                            acc = _head_channel(I, J, w0, w1, w2, w3, x0, x1, x2, x3, left)
                             total = _reduce_at(total, acc, c, t, j, L, rw_ptr, cw_ptr, TRANSFORM)
                             p += 1
                     hh += 1
