@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
+from bench_kernel import cuda_time
 
 TILE = 64
 
@@ -62,20 +63,6 @@ def _row_strips(out_ptr, L, value, R: tl.constexpr, W: tl.constexpr):
         tl.store(rows + j[None, :], block, mask=(t < L)[:, None] & (j < L)[None, :])
 
 
-def timed(fn, repeat: int = 5) -> float:
-    """Median seconds of ``repeat`` calls after a warm-up, by CUDA events."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e-3)
-    return sorted(times)[len(times) // 2]
-
-
 def ways(out: torch.Tensor) -> dict:
     """The writes of ``out`` (``(channels, L, L)`` float32) to time, by name."""
     nc, L, _ = out.shape
@@ -100,7 +87,7 @@ def main() -> None:
     for L in args.lengths:
         out = torch.empty(args.channels, L, L, device="cuda")
         for name, write in ways(out).items():
-            seconds = timed(write)
+            seconds = cuda_time(write)
             assert bool((out == 1.0).all()), name  # every entry written
             out.zero_()
             row = {"L": L, "channels": args.channels, "way": name, "s": seconds}
