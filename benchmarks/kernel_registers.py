@@ -79,7 +79,9 @@ def report(kernel, constants: dict, warps: int, maxnreg: int | None = None, outp
     # pointers 16-byte aligned, as Triton specialises them at a launch on torch's allocations
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature) if name.endswith("_ptr")}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=aligned)
-    options = {"num_warps": warps} if maxnreg is None else {"num_warps": warps, "maxnreg": maxnreg}
+    options = {"num_warps": warps, **kernels.FP_FUSION}  # as the kernels are launched
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     ptx = compiled.asm["ptx"]
     with tempfile.TemporaryDirectory() as tmp:

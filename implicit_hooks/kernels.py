@@ -134,10 +134,19 @@ TUNING: dict = {
 }
 
 
+#: every launch contracts ``a·b + c`` into one FMA, as Triton has by default up to 3.9: Triton 3.10 turns
+#: the default off (3.9 warns), which would split the by-head kernel's four multiply-adds an entry, the
+#: strips' and the WKV kernel's into multiplies and adds (``fma.rn`` in the PTX: 116 → 0 by head, 42 → 0
+#: in Mamba-1's strips; the same PTX with the option given, Triton 3.6, sm_90)
+FP_FUSION = {"enable_fp_fusion": True}
+
+
 def _options(kernel: str, warps: int, reduce: bool) -> dict:
-    """Launch options of ``kernel``: its warps and, where ``TUNING["maxnreg"]`` caps it, its registers."""
+    """Launch options of ``kernel``: its warps, FMA contraction (:data:`FP_FUSION`) and, where
+    ``TUNING["maxnreg"]`` caps it, its registers."""
     cap = TUNING["maxnreg"].get(kernel + "_reduce" if reduce else kernel)
-    return {"num_warps": warps} if cap is None else {"num_warps": warps, "maxnreg": cap}
+    options = {"num_warps": warps, **FP_FUSION}
+    return options if cap is None else {**options, "maxnreg": cap}
 
 
 #: near tiles by row strips of ``STRIP`` rows (:func:`_strip`), whose column factors may grow by at most
@@ -1242,7 +1251,7 @@ class DiagonalTiles(_Tiles):
             self.sloc, self.sb, self.tot, self.sref, self.growth, self.U, self.V, self.W, self.C, self.fix,
             L, int(ssm), int(skip), int(right is not weight), int(segment is not None),
             N=N, NP=NP, K=K, KP=triton.next_power_of_2(K), Q=Q, P=P, SQ=STRIP,
-            num_warps=max(TUNING["prep_warps"], 4 if NP >= 64 else 1),
+            num_warps=max(TUNING["prep_warps"], 4 if NP >= 64 else 1), **FP_FUSION,
         )  # fmt: skip
         # near tiles by strips where the far tiles take a product (Mamba-1) and the conv fits in a strip
         self.strips = bool(TUNING["NEAR_STRIPS"]) and self.far_dot and not scalar and ssm and K - 1 < STRIP
