@@ -951,12 +951,12 @@ if triton is not None:
     def _head_factors(c, I, J, t, j, L, pm, taps_ptr, K, right_ptr, left_ptr):
         """Channel ``c``'s factors on tile ``(I, J)``: its column factors ``w_k r_{j+k}`` (``k < 4``, the
         input mask ``pm`` in them, not on every entry) and its left factors (none above the diagonal)."""
-        cols = (j < L) & (J <= I)
+        cols = tl.where(J <= I, j < L, False)  # (a scalar condition: where(), not &, for every Triton)
         x0 = _column_factor(c, j, 0, L, cols, pm, taps_ptr, K, right_ptr)
         x1 = _column_factor(c, j, 1, L, cols, pm, taps_ptr, K, right_ptr)
         x2 = _column_factor(c, j, 2, L, cols, pm, taps_ptr, K, right_ptr)
         x3 = _column_factor(c, j, 3, L, cols, pm, taps_ptr, K, right_ptr)
-        return x0, x1, x2, x3, tl.load(left_ptr + c * L + t, mask=(t < L) & (J <= I), other=0.0)
+        return x0, x1, x2, x3, tl.load(left_ptr + c * L + t, mask=tl.where(J <= I, t < L, False), other=0.0)
 
     @triton.jit
     def _column_factor(c, j, k, L, cols, pm, taps_ptr, K, right_ptr):
