@@ -262,7 +262,9 @@ class AttentionView:
     def factors(self) -> Factors:
         """The factors behind the view (computed on first access, then shared by ablations)."""
         if "factors" not in self._cache:
-            with self._grad_mode():
+            # a view recorded with grad builds its factors' graph whatever the context of its first read (a
+            # first read under no_grad would otherwise leave every later read without a graph)
+            with torch.enable_grad() if self.grad else torch.no_grad():
                 self._cache["factors"] = self._build()
         return self._cache["factors"]
 
@@ -419,8 +421,10 @@ class AttentionView:
             return None
         if len(parts) == 1 and extra is None:
             return take(parts[0][b], chans)
+        # a read that builds a graph neither keeps its product nor takes one kept by a read without a graph
+        kept = not (self.grad and torch.is_grad_enabled())
         key = ("diagonal", id(group), tuple(n for n in group if n in self.kept), extra is not None, b)
-        out = self._cache.get(key)
+        out = self._cache.get(key) if kept else None
         if out is None:
             out = parts[0][b] if parts else None
             for part in parts[1:]:
@@ -428,7 +432,7 @@ class AttentionView:
             if extra is not None:
                 mask = extra[b].to(self.dtype)[None, :]
                 out = mask.expand(self.shape[1], -1) if out is None else out * mask
-            if not (self.grad and torch.is_grad_enabled()):
+            if kept:
                 self._cache[key] = out
         return take(out, chans)
 

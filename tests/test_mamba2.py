@@ -665,11 +665,17 @@ def test_float64_views_and_gradients(device):
     with ih.record(model, grad=True) as rec:
         model(inputs_embeds=embeds)
     view = rec[0].attention
+    with torch.no_grad():
+        view[0, :, -1]  # a read without a graph first: what it keeps must not cut the graph of the next
     # each read builds its own graph over the factors' (the forward's, kept for the second read)
     grads = [torch.autograd.grad(view[0, :, -1].sum(), embeds, retain_graph=True)[0] for _ in range(2)]
     assert torch.isfinite(grads[0]).all() and grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0])
-    assert not [key for key in view._cache if key[0] == "diagonal"]  # no product with a graph is kept
+    kept = [view._cache[key] for key in view._cache if key[0] == "diagonal"]
+    assert kept and not any(t.requires_grad for t in kept)  # only the graph-less read's products are kept
+    with ih.record(model, grad=True) as fresh:  # the same gradient where nothing was kept before
+        model(inputs_embeds=embeds)
+    torch.testing.assert_close(grads[0], torch.autograd.grad(fresh[0].attention[0, :, -1].sum(), embeds)[0])
 
 
 def test_products_of_diagonal_factors_are_kept_per_batch_row(device):
