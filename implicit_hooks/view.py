@@ -49,6 +49,14 @@ def take(t: Tensor, chans: Tensor | slice, dim: int = 0) -> Tensor:
     return t.index_select(dim, chans)
 
 
+def _product(parts: list[Tensor], mask: Tensor | None, n: int) -> Tensor:
+    """The product of ``(n, L)`` factors ``parts`` and a ``(1, L)`` ``mask`` (either may be missing)."""
+    out = parts[0] if parts else mask.expand(n, -1)
+    for part in parts[1:]:
+        out = out * part
+    return out if mask is None or not parts else out * mask
+
+
 def count(chans: Tensor | slice) -> int:
     """How many channels ``chans`` (a list or a run, as :func:`take` takes them) names."""
     return chans.stop - chans.start if isinstance(chans, slice) else len(chans)
@@ -413,27 +421,24 @@ class AttentionView:
         """Product of the kept diagonal factors of ``group`` for batch row ``b``: ``(nc, L)`` or None.
 
         Where that takes a multiplication (two factors or more, or ``extra``), the product of every channel
-        is formed once per batch row and kept with the factors (``(C, L)``, the size of one factor), unless
-        it carries an autograd graph: every read of a row would otherwise launch the same elementwise
-        product, and on a GPU machine each torch operation costs the host 10–25 µs of a read."""
-        parts = [t for name, t in group.items() if name in self.kept]
+        of the batch row is kept with the factors until a read of another row replaces it (``(C, L)``: one
+        batch row of one factor): every read of a row would otherwise launch the same elementwise product,
+        and on a GPU machine each torch operation costs the host 10–25 µs of a read. A read that builds an
+        autograd graph multiplies only its channels and keeps nothing (nor takes what a read without a graph
+        kept)."""
+        parts = [t[b] for name, t in group.items() if name in self.kept]
         if not parts and extra is None:
             return None
         if len(parts) == 1 and extra is None:
-            return take(parts[0][b], chans)
-        # a read that builds a graph neither keeps its product nor takes one kept by a read without a graph
-        kept = not (self.grad and torch.is_grad_enabled())
-        key = ("diagonal", id(group), tuple(n for n in group if n in self.kept), extra is not None, b)
-        out = self._cache.get(key) if kept else None
-        if out is None:
-            out = parts[0][b] if parts else None
-            for part in parts[1:]:
-                out = out * part[b]
-            if extra is not None:
-                mask = extra[b].to(self.dtype)[None, :]
-                out = mask.expand(self.shape[1], -1) if out is None else out * mask
-            if kept:
-                self._cache[key] = out
+            return take(parts[0], chans)
+        mask = None if extra is None else extra[b].to(self.dtype)[None, :]
+        if self.grad and torch.is_grad_enabled():  # a graph per read, of these channels only: nothing kept
+            return _product([take(part, chans) for part in parts], mask, count(chans))
+        key = ("diagonal", id(group), tuple(n for n in group if n in self.kept), extra is not None)
+        row, out = self._cache.get(key, (None, None))
+        if row != b:
+            out = _product(parts, mask, self.shape[1])
+            self._cache[key] = (b, out)
         return take(out, chans)
 
     def _tiles(self, n_chans: int, n_rows: int, n_cols: int) -> tuple[int, int]:

@@ -671,7 +671,7 @@ def test_float64_views_and_gradients(device):
     grads = [torch.autograd.grad(view[0, :, -1].sum(), embeds, retain_graph=True)[0] for _ in range(2)]
     assert torch.isfinite(grads[0]).all() and grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0])
-    kept = [view._cache[key] for key in view._cache if key[0] == "diagonal"]
+    kept = [view._cache[key][1] for key in view._cache if key[0] == "diagonal"]
     assert kept and not any(t.requires_grad for t in kept)  # only the graph-less read's products are kept
     with ih.record(model, grad=True) as fresh:  # the same gradient where nothing was kept before
         model(inputs_embeds=embeds)
@@ -680,8 +680,8 @@ def test_float64_views_and_gradients(device):
 
 def test_products_of_diagonal_factors_are_kept_per_batch_row(device):
     """The gate and the norm (two left factors), and the activation and the padding mask, multiply once per
-    batch row; an ablation that keeps the same factors reads the same products, one that leaves one out
-    its own."""
+    batch row, kept for that row only; an ablation that keeps the same factors reads the same products, one
+    that leaves one out its own."""
     model = mamba2(device, layers=1)
     ids, mask = padded_batch(device)
     with torch.no_grad(), capture_mixers(model) as calls, ih.record(model) as rec:
@@ -689,12 +689,14 @@ def test_products_of_diagonal_factors_are_kept_per_batch_row(device):
     view, fr = rec[0].attention, run_reference(calls[0])
     for _ in range(2):
         assert rel_err(view[1, :, -1], impulse_matrix(fr)[1, :, -1]) < TOL
-    kept = [key for key in view._cache if key[0] == "diagonal"]  # gate · norm; act · the padding mask
-    assert len(kept) == 2 and {key[-1] for key in kept} == {1}
+    kept = {key: view._cache[key] for key in view._cache if key[0] == "diagonal"}  # gate·norm, act·mask
+    assert len(kept) == 2 and {row for row, _ in kept.values()} == {1}
     no_conv = view.without("conv")
     assert rel_err(no_conv[1, :, -1], impulse_matrix(fr, conv=False)[1, :, -1]) < TOL
-    assert [key for key in view._cache if key[0] == "diagonal"] == kept  # the same products
+    assert all(view._cache[key][1] is product for key, (_, product) in kept.items())  # the same products
     assert rel_err(view.without("norm")[1, :, -1], impulse_matrix(fr, norm=False)[1, :, -1]) < TOL
+    assert rel_err(view[0, :, -1], impulse_matrix(fr)[0, :, -1]) < TOL  # another row replaces them
+    assert {view._cache[key][0] for key in kept} == {0}
 
 
 def test_errors_say_what_is_wrong(device):
