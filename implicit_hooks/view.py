@@ -51,10 +51,12 @@ def take(t: Tensor, chans: Tensor | slice, dim: int = 0) -> Tensor:
 
 def _product(parts: list[Tensor], mask: Tensor | None, n: int) -> Tensor:
     """The product of ``(n, L)`` factors ``parts`` and a ``(1, L)`` ``mask`` (either may be missing)."""
-    out = parts[0] if parts else mask.expand(n, -1)
+    if not parts:
+        return mask.expand(n, -1)
+    out = parts[0]
     for part in parts[1:]:
         out = out * part
-    return out if mask is None or not parts else out * mask
+    return out if mask is None else out * mask
 
 
 def count(chans: Tensor | slice) -> int:
@@ -426,7 +428,9 @@ class AttentionView:
         and on a GPU machine each torch operation costs the host 10–25 µs of a read. A read that builds an
         autograd graph multiplies only its channels and keeps nothing (nor takes what a read without a graph
         kept)."""
-        parts = [t[b] for name, t in group.items() if name in self.kept]
+        kept = self.kept  # a property that builds a set: once, not per factor
+        names = tuple(name for name in group if name in kept)
+        parts = [group[name][b] for name in names]
         if not parts and extra is None:
             return None
         if len(parts) == 1 and extra is None:
@@ -434,7 +438,7 @@ class AttentionView:
         mask = None if extra is None else extra[b].to(self.dtype)[None, :]
         if self.grad and torch.is_grad_enabled():  # a graph per read, of these channels only: nothing kept
             return _product([take(part, chans) for part in parts], mask, count(chans))
-        key = ("diagonal", id(group), tuple(n for n in group if n in self.kept), extra is not None)
+        key = ("diagonal", id(group), names, extra is not None)
         row, out = self._cache.get(key, (None, None))
         if row != b:
             out = _product(parts, mask, self.shape[1])
