@@ -30,6 +30,7 @@ VARIANTS = {
         "far uncapped": {"maxnreg": {"far": None}},
         "far 8 warps": {"far_warps": 8},
         "far 168 registers": {"maxnreg": {"far": 168}},
+        "far 96 registers": {"maxnreg": {"far": 96}},
         "stores of 4": {"aligned_run": {"tiles": 4}},
         "prep 4 warps": {"prep_warps": 4},
         "prep 1 warp, 32 positions": {"prep_warps": 1, "prep_positions": 32},
@@ -45,6 +46,7 @@ VARIANTS = {
     },
     "rglru": {
         "far, near uncapped": {"maxnreg": {"far": None, "near": None}},
+        "far 96 registers": {"maxnreg": {"far": 96}},
         "far 8 warps": {"far_warps": 8},
         "near 8 warps": {"near_warps": 8},
         "stores of 4": {"aligned_run": {"tiles": 4}},

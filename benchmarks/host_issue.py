@@ -1,0 +1,133 @@
+"""What the host spends issuing one dense read: Python and torch glue against Triton's launches.
+
+A lone short read is issued by the host for about as long as the device runs it (``profile_dense.py``).
+This splits the issue time (from the call until ``dense()`` returns, the device idle before it) three
+ways, each the median of ``--reads`` synchronised reads of one layer:
+
+- ``whole_us``: the read as shipped;
+- ``glue_us``: the same read with every kernel launch replaced by a no-op (allocations, views, checks,
+  the factors' glue: everything but the launches);
+- ``launches_us``: the read's own launches replayed alone, with the arguments they were given (Triton's
+  binding, specialisation and launch of each).
+
+``whole_us − glue_us − launches_us`` is noise of either sign. Same models and widths as ``bench_gpu.py``.
+
+    python benchmarks/host_issue.py --out host_issue.json     # on the GPU machine
+    python benchmarks/host_issue.py --smoke                   # tiny shapes, interpreted kernels on CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+if "--smoke" in sys.argv:  # before Triton is imported: launches go through its interpreter
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch
+from bench_gpu import build, configs, record
+
+from implicit_hooks import kernels
+
+KERNELS = [name for name in dir(kernels) if name.startswith("_") and name.endswith("_kernel")]
+
+
+class _Launches:
+    """Stands in for every kernel while installed: ``run=False`` drops each launch, else launches it and
+    keeps ``(kernel, grid, args, kwargs)`` for a replay."""
+
+    def __init__(self, run: bool):
+        self.run, self.calls, self.saved = run, [], {}
+
+    def __enter__(self) -> _Launches:
+        for name in KERNELS:
+            self.saved[name] = real = getattr(kernels, name)
+            setattr(kernels, name, _Stand(real, self))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, real in self.saved.items():
+            setattr(kernels, name, real)
+
+
+class _Stand:
+    def __init__(self, real, owner: _Launches):
+        self.real, self.owner = real, owner
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            if self.owner.run:
+                self.owner.calls.append((self.real, grid, args, kwargs))
+                self.real[grid](*args, **kwargs)
+
+        return launch
+
+
+def issue_us(fn, device: torch.device, reads: int) -> float:
+    """Median microseconds from the call of ``fn`` until it returns, the device idle at each call."""
+    times = []
+    for _ in range(reads):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[reads // 2] * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--families", nargs="+", default=["mamba", "mamba2", "rglru", "rwkv4"])
+    parser.add_argument("--lengths", type=int, nargs="+", default=None)
+    parser.add_argument("--reads", type=int, default=60)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    device = torch.device("cpu" if args.smoke else "cuda")
+    lengths = args.lengths or ([48] if args.smoke else [512, 2048])
+    torch.backends.cuda.matmul.allow_tf32 = False
+    rows = []
+    for family, cfg in configs(args.smoke, 2).items():
+        if family not in args.families:
+            continue
+        model = build(cfg, 2, device)
+        for L in lengths:
+            ids = torch.randint(0, 1024, (1, L), device=device)
+            view = record(model, ids, layers=[0])[0].attention.with_backend("triton")
+            view.dense()  # compile, allocate, keep the view's factors
+            whole = issue_us(view.dense, device, args.reads)
+            with _Launches(run=False):
+                glue = issue_us(view.dense, device, args.reads)
+            with _Launches(run=True) as launches:
+                view.dense()
+            calls = launches.calls
+
+            def replay(calls=calls):
+                for kernel, grid, a, k in calls:
+                    kernel[grid](*a, **k)
+
+            row = {
+                "family": family,
+                "L": L,
+                "whole_us": whole,
+                "glue_us": glue,
+                "launches_us": issue_us(replay, device, args.reads),
+                "launches": [len(a) + len(k) for _, _, a, k in calls],  # arguments of each
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del view, calls
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if args.out:
+        meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                "torch": torch.__version__, "triton": kernels.triton.__version__}  # fmt: skip
+        Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
