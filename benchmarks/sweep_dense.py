@@ -1,6 +1,7 @@
 """Launch settings of the fused kernels, swept on the dense read of one layer of each family.
 
-Each variant is a change of ``kernels.TUNING`` (warps, register caps, programs an SM, store widths); it is
+Each variant is a change of ``kernels.TUNING`` (warps, register caps, programs an SM, store widths) or of the
+tile size every kernel takes (``kernels.TILE``, 64 as shipped: ``"tiles of 32"``); it is
 timed through the view (``view.dense()``, median of 5 synchronised reads after a warm-up that compiles;
 with ``--bfloat16`` also stored in bfloat16, against half the floor; with ``--kernels`` also each kernel's
 device time and the time of a read issued back to back with others) and compared with the default
@@ -24,7 +25,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from implicit_hooks import kernels
 
-#: family → variant name → TUNING changes (``maxnreg`` entries merge into the default caps)
+#: family → variant name → TUNING changes (``maxnreg`` entries merge into the default caps; ``TILE`` sets the
+#: module's tile size instead)
 VARIANTS = {
     "mamba": {
         "far uncapped": {"maxnreg": {"far": None}},
@@ -35,6 +37,7 @@ VARIANTS = {
         "prep 4 warps": {"prep_warps": 4},
         "prep 1 warp, 32 positions": {"prep_warps": 1, "prep_positions": 32},
         "prep 128 positions": {"prep_positions": 128},
+        **{f"tiles of {t}": {"TILE": t} for t in (32, 128)},
     },
     "mamba2": {
         "head 8 warps": {"head_warps": 8},
@@ -43,6 +46,7 @@ VARIANTS = {
         "head 4 programs/SM": {"head_programs_per_sm": 4},
         "head 1 program/SM": {"head_programs_per_sm": 1},
         "head stores of 16": {"aligned_run": {"head": 16}},
+        **{f"tiles of {t}": {"TILE": t} for t in (32, 128)},
     },
     "rglru": {
         "far, near uncapped": {"maxnreg": {"far": None, "near": None}},
@@ -52,12 +56,14 @@ VARIANTS = {
         "stores of 4": {"aligned_run": {"tiles": 4}},
         "prep 4 warps": {"prep_warps": 4},
         "prep 256 positions, 4 warps": {"prep_positions": 256, "prep_warps": 4},
+        **{f"tiles of {t}": {"TILE": t} for t in (32, 128)},
     },
     "rwkv4": {
         "wkv uncapped": {"maxnreg": {"wkv": None}},
         "wkv 8 warps": {"wkv_warps": 8},
         "wkv 2 warps": {"wkv_warps": 2},
         "stores of 4": {"aligned_run": {"wkv": 4}},
+        **{f"tiles of {t}": {"TILE": t} for t in (32, 128)},
     },
 }
 
@@ -98,7 +104,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     timed = timer(device)
     bandwidth = write_bandwidth(device, timed)
-    default = copy.deepcopy(kernels.TUNING)
+    default, default_tile = copy.deepcopy(kernels.TUNING), kernels.TILE
     rows = []
     for family, cfg in configs(False, 2).items():
         if family not in args.families:
@@ -117,8 +123,10 @@ def main() -> None:
             for repeat, name, change in variants:
                 kernels.TUNING.clear()
                 kernels.TUNING.update(copy.deepcopy(default))
+                kernels.TILE = change.get("TILE", default_tile)
                 for key, value in change.items():  # dictionaries (maxnreg, aligned_run) merge
-                    kernels.TUNING[key] = {**default[key], **value} if isinstance(value, dict) else value
+                    if key != "TILE":
+                        kernels.TUNING[key] = {**default[key], **value} if isinstance(value, dict) else value
                 try:
                     seconds = timed(view.dense, 5)
                     error = relative(view.dense(), reference)
@@ -139,6 +147,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
             kernels.TUNING.clear()
             kernels.TUNING.update(copy.deepcopy(default))
+            kernels.TILE = default_tile
             del view, narrow_view, reference
             torch.cuda.empty_cache()
         if args.out:
