@@ -23,7 +23,7 @@ import gc
 import json
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +152,38 @@ def record(model: torch.nn.Module, ids: torch.Tensor, layers: list[int] | None =
     with torch.no_grad(), ih.record(model, layers=layers) as rec:
         model(ids, use_cache=False)
     return rec
+
+
+def one_layer_views(
+    families: list[str], lengths: list[int], device: torch.device, smoke: bool, backend: str = "auto"
+) -> Iterator[tuple[str, int, ih.AttentionView]]:
+    """``(family, L, view)``: the first layer's view of each family's model (:func:`configs`, two layers) at
+    each length, after one dense read (kernels compiled, factors kept); the device's cache emptied after."""
+    for family, cfg in configs(smoke, 2).items():
+        if family not in families:
+            continue
+        model = build(cfg, 2, device)
+        for L in lengths:
+            ids = torch.randint(0, 1024, (1, L), device=device)
+            view = record(model, ids, layers=[0])[0].attention.with_backend(backend)
+            view.dense()
+            yield family, L, view
+            del view
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def issue_seconds(fn: Callable[[], Any], device: torch.device, reads: int) -> float:
+    """Median seconds from the call of ``fn`` until it returns (not until the device is done), the device
+    idle at each call: what the host spends issuing it."""
+    times = []
+    for _ in range(reads):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[reads // 2]
 
 
 def hook_cost(device: torch.device, calls: int = 2000) -> float:

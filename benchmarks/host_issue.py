@@ -22,14 +22,13 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 if "--smoke" in sys.argv:  # before Triton is imported: launches go through its interpreter
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch
-from bench_gpu import build, configs, record
+from bench_gpu import issue_seconds, one_layer_views
 
 from implicit_hooks import kernels
 
@@ -67,18 +66,6 @@ class _Stand:
         return launch
 
 
-def issue_us(fn, device: torch.device, reads: int) -> float:
-    """Median microseconds from the call of ``fn`` until it returns, the device idle at each call."""
-    times = []
-    for _ in range(reads):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[reads // 2] * 1e6
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true")
@@ -91,38 +78,29 @@ def main() -> None:
     lengths = args.lengths or ([48] if args.smoke else [512, 2048])
     torch.backends.cuda.matmul.allow_tf32 = False
     rows = []
-    for family, cfg in configs(args.smoke, 2).items():
-        if family not in args.families:
-            continue
-        model = build(cfg, 2, device)
-        for L in lengths:
-            ids = torch.randint(0, 1024, (1, L), device=device)
-            view = record(model, ids, layers=[0])[0].attention.with_backend("triton")
-            view.dense()  # compile, allocate, keep the view's factors
-            whole = issue_us(view.dense, device, args.reads)
-            with _Launches(run=False):
-                glue = issue_us(view.dense, device, args.reads)
-            with _Launches(run=True) as launches:
-                view.dense()
-            calls = launches.calls
+    for family, L, view in one_layer_views(args.families, lengths, device, args.smoke, "triton"):
+        whole = 1e6 * issue_seconds(view.dense, device, args.reads)
+        with _Launches(run=False):
+            glue = 1e6 * issue_seconds(view.dense, device, args.reads)
+        with _Launches(run=True) as launches:
+            view.dense()
+        calls = launches.calls
 
-            def replay(calls=calls):
-                for kernel, grid, a, k in calls:
-                    kernel[grid](*a, **k)
+        def replay(calls=calls):
+            for kernel, grid, a, k in calls:
+                kernel[grid](*a, **k)
 
-            row = {
-                "family": family,
-                "L": L,
-                "whole_us": whole,
-                "glue_us": glue,
-                "launches_us": issue_us(replay, device, args.reads),
-                "launches": [len(a) + len(k) for _, _, a, k in calls],  # arguments of each
-            }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            del view, calls
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        row = {
+            "family": family,
+            "L": L,
+            "whole_us": whole,
+            "glue_us": glue,
+            "launches_us": 1e6 * issue_seconds(replay, device, args.reads),
+            "launches": [len(a) + len(k) for _, _, a, k in calls],  # arguments of each
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del view, calls
     if args.out:
         meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                 "torch": torch.__version__, "triton": kernels.triton.__version__}  # fmt: skip

@@ -15,12 +15,11 @@ import argparse
 import cProfile
 import json
 import pstats
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-from bench_gpu import build, configs, once, record
+from bench_gpu import issue_seconds, once, one_layer_views
 from torch.profiler import ProfilerActivity, profile
 
 
@@ -67,44 +66,30 @@ def main() -> None:
     lengths = args.lengths or ([48] if args.smoke else [512, 2048])
     torch.backends.cuda.matmul.allow_tf32 = False
     rows = []
-    for family, cfg in configs(args.smoke, 2).items():
-        if family not in args.families:
-            continue
-        model = build(cfg, 2, device)
-        for L in lengths:
-            ids = torch.randint(0, 1024, (1, L), device=device)
-            view = record(model, ids, layers=[0])[0].attention.with_backend("auto")
-            view.dense()  # compile, allocate
-            wall = sorted(once(view.dense, device) for _ in range(args.reads))[args.reads // 2]
-            host = []
+    for family, L, view in one_layer_views(args.families, lengths, device, args.smoke):
+        wall = sorted(once(view.dense, device) for _ in range(args.reads))[args.reads // 2]
+        host = issue_seconds(view.dense, device, args.reads)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
             for _ in range(args.reads):
-                torch.cuda.synchronize() if device.type == "cuda" else None
-                start = time.perf_counter()
                 view.dense()
-                host.append(time.perf_counter() - start)
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-            with profile(activities=activities) as prof:
-                for _ in range(args.reads):
-                    view.dense()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-            per_kernel = kernels_of(prof, args.reads, device)
-            python = host_functions(view.dense, args.reads, args.python) if args.python else None
-            row = {
-                "family": family,
-                "L": L,
-                "wall_s": wall,
-                "host_s": sorted(host)[args.reads // 2],
-                "busy_s": sum(per_kernel.values()),
-                "top": dict(list(per_kernel.items())[: args.top]),
-            }
-            if python is not None:
-                row["host_functions"] = python
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            del view
             if device.type == "cuda":
-                torch.cuda.empty_cache()
+                torch.cuda.synchronize()
+        per_kernel = kernels_of(prof, args.reads, device)
+        python = host_functions(view.dense, args.reads, args.python) if args.python else None
+        row = {
+            "family": family,
+            "L": L,
+            "wall_s": wall,
+            "host_s": host,
+            "busy_s": sum(per_kernel.values()),
+            "top": dict(list(per_kernel.items())[: args.top]),
+        }
+        if python is not None:
+            row["host_functions"] = python
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del view
     if args.out:
         Path(args.out).write_text(json.dumps({"device": str(device), "rows": rows}, indent=1))
 
