@@ -54,6 +54,8 @@ class _Launches:
 
 
 class _Stand:
+    """One kernel while :class:`_Launches` is installed: ``kernel[grid](...)`` goes through its owner."""
+
     def __init__(self, real, owner: _Launches):
         self.real, self.owner = real, owner
 
