@@ -81,6 +81,42 @@ def test_a_users_block_through_register_patcher():
         rec[0].output_error()
 
 
+HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+              "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")  # fmt: skip
+
+
+def hooks_left(net):
+    return [(name, d) for name, m in net.named_modules() for d in HOOK_DICTS if getattr(m, d)]
+
+
+def test_hooks_run_in_order_with_torch_hooks_and_leave_nothing_behind():
+    ih.register_patcher(EmaBlock, EmaPatcher)
+    net = Net()
+    order = []
+    block = net.blocks[0]
+    first = block.register_forward_pre_hook(lambda m, a, k: order.append("user before"), with_kwargs=True)
+    with torch.no_grad(), ih.record(net) as rec:
+        last = block.register_forward_pre_hook(lambda m, a: order.append(f"user after {len(rec)}"))
+        net(torch.randn(1, 4, 5))
+        last.remove()
+    first.remove()
+    # torch calls hooks in the order they were added: the user's, ours (the record opens), the user's
+    assert order == ["user before", "user after 1"]
+    assert hooks_left(net) == []
+    assert [r.status for r in rec] == ["complete", "complete"]
+
+
+def test_a_tap_that_names_neither_input_nor_output_leaves_no_hook():
+    class Bad(EmaPatcher):
+        def taps(self):
+            return {"v": (self.module.value, "output"), "g": (self.module.gate, "outputs")}
+
+    net = Net()
+    with pytest.raises(ValueError, match="where must be 'input' or 'output'"):
+        Bad(net.blocks[0], "blocks.0").attach(lambda record: None)
+    assert hooks_left(net) == []
+
+
 def test_lazy_registration_by_string_and_conflicts():
     path = f"{__name__}.EmaBlock"
     ih.register_patcher(path, f"{__name__}:EmaPatcher", replace=True)
