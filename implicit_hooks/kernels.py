@@ -18,12 +18,13 @@ Positions are cut into tiles of ``Q = 64``:
 * **far tiles** (row tile ``I ≥ J + 2``): every decay factorises through two tile boundaries, each
   factor ``≤ 1`` (so nothing overflows)::
 
-      A[t, j] = g[t] p[j] · Σ_n U[t, n] · exp(A_n (S_{IQ} − S_ref(J))) · V[j, n]
-      U[t, n] = C[t, n] exp(A_n (S_{t+1} − S_{IQ})),
-      V[j, n] = Σ_k w_k exp(A_n (S_ref(J) − S_{j+k+1})) u_{j+k} r_{j+k} B[j+k, n],   S_ref(J) = S_{(J+1)Q+K−1}
+      A[t, j] = Σ_n U[t, n] · exp(A_n (S_{IQ} − S_ref(J))) · V[j, n]
+      U[t, n] = g[t] C[t, n] exp(A_n (S_{t+1} − S_{IQ})),
+      V[j, n] = p[j] Σ_k w_k exp(A_n (S_ref(J) − S_{j+k+1})) u_{j+k} r_{j+k} B[j+k, n],
+      S_ref(J) = S_{(J+1)Q+K−1}
 
   (``U`` and ``V``, ``O(L·N)`` per channel, are prepared by :func:`_prep_kernel`, one pass; the tile is
-  one ``Q×N×Q`` product);
+  one ``Q×N×Q`` product and nothing else an entry);
 * **near tiles** (``I ∈ {J, J+1}``): each column is seen from its last conv tap ``m = j + K − 1``, so the
   conv folds into the input side as it does for ``V`` and costs nothing in the tile::
 
@@ -173,30 +174,35 @@ if triton is not None:
     #: Triton's interpreter (the tests without a GPU) has no libdevice: :func:`_exp` takes ``tl.exp`` there
     _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
-    @triton.jit
-    def _exp(x):
-        """``e^x`` as one ``MUFU.EX2`` of ``x · log₂e``, subnormal results flushed to zero (libdevice's
-        ``exp2`` under Triton's default reflect-ftz): ``tl.exp`` guards subnormal results with three more
-        instructions an entry (a compare and two multiplies), a fifth of what a near tile issues."""
-        if _INTERPRETED:
-            return tl.exp(x)
-        else:
-            return libdevice.exp2(x * 1.4426950408889634)
+    #: ``log₂e``: exponents scaled by it once (a rate, or a gap shared by every state) take ``2^x`` directly
+    LOG2E = tl.constexpr(1.4426950408889634)
 
     @triton.jit
-    def _far_rows(c, I, L, ssm, U_ptr, left_ptr, NP: tl.constexpr, Q: tl.constexpr, FAR_DOT: tl.constexpr):
-        """The row factors of row tile ``I``: ``U`` (``Q × NP``, for the product; only with the recurrence:
-        without it ``U_ptr`` is a stand-in) and the left factors."""
+    def _exp2(x):
+        """``2^x`` as one ``MUFU.EX2``, subnormal results flushed to zero (libdevice's ``exp2`` under Triton's
+        default reflect-ftz): ``tl.exp`` guards subnormal results with three more instructions an entry (a
+        compare and two multiplies), a fifth of what a near tile issues."""
+        if _INTERPRETED:
+            return tl.exp2(x)
+        else:
+            return libdevice.exp2(x)
+
+    @triton.jit
+    def _exp(x):
+        """``e^x``: :func:`_exp2` of ``x · log₂e`` (one multiply more an entry than a pre-scaled exponent)."""
+        return _exp2(x * LOG2E)
+
+    @triton.jit
+    def _far_rows(c, I, L, ssm, U_ptr, NP: tl.constexpr, Q: tl.constexpr, FAR_DOT: tl.constexpr):
+        """The row factors of row tile ``I``, ``U`` (``Q × NP``, for the product; only with the recurrence:
+        without it ``U_ptr`` is a stand-in)."""
         t = I * Q + tl.arange(0, Q)
-        t_ok = t < L
-        left = tl.load(left_ptr + c * L + t, mask=t_ok, other=0.0)
         if FAR_DOT:
             n = tl.arange(0, NP)
             u_ok = t < L * ssm  # ssm is 0 or 1; a scalar condition in a mask fails Triton 3.9's interpreter
-            u = tl.load(U_ptr + (c * L + t[:, None]) * NP + n[None, :], mask=u_ok[:, None], other=0.0)
+            return tl.load(U_ptr + (c * L + t[:, None]) * NP + n[None, :], mask=u_ok[:, None], other=0.0)
         else:
-            u = left  # unused: the outer products load U per state
-        return u, left
+            return t  # unused: the outer products load U per state
 
     @triton.jit
     def _product(x, y, SPLIT: tl.constexpr):
@@ -213,33 +219,33 @@ if triton is not None:
         return acc + tl.dot(x - x_hi, tl.trans(y_hi), input_precision="tf32")
 
     @triton.jit
-    def _outer(c, I, J, L, u, left, sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr, pmask_ptr, seg_ptr, segref_ptr,
-               N: tl.constexpr, NP: tl.constexpr, Q: tl.constexpr, FAR_DOT: tl.constexpr,
-               SPLIT: tl.constexpr):  # fmt: skip
-        """A far tile (``I ≥ J + 2``) of channel ``c``: ``U · diag(mid) · Vᵀ`` with the left/right masks."""
+    def _outer(c, I, J, L, u, sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr, seg_ptr, segref_ptr, N: tl.constexpr,
+               NP: tl.constexpr, Q: tl.constexpr, FAR_DOT: tl.constexpr, SPLIT: tl.constexpr):  # fmt: skip
+        """A far tile (``I ≥ J + 2``) of channel ``c``: ``U · diag(mid) · Vᵀ`` (the left factors and the input
+        mask ride in ``U`` and ``V``, :func:`_prep_kernel`)."""
         t = I * Q + tl.arange(0, Q)
         j = J * Q + tl.arange(0, Q)
         t_ok = t < L
         j_ok = j < L
         n_tiles = (L + Q - 1) // Q
         gap = (tl.load(sb_ptr + c * (n_tiles + 1) + I) - tl.load(sref_ptr + c * n_tiles + J)).to(tl.float32)
+        # one segment from the column tile's reference to the row tile's start (U and V check the ends): in
+        # the middle factor, not an entry at a time
+        linked = (tl.load(seg_ptr + I * Q - 1) == tl.load(segref_ptr + J)).to(tl.float32)
         if FAR_DOT:
             n = tl.arange(0, NP)
             v = tl.load(V_ptr + (c * L + j[:, None]) * NP + n[None, :], mask=j_ok[:, None], other=0.0)
             a = tl.load(A_ptr + c * N + n, mask=n < N, other=0.0)
-            mid = _exp(a * gap)  # (NP,), every exponent ≤ 0
+            mid = _exp(a * gap) * linked  # (NP,), every exponent ≤ 0
             acc = _product(u * mid[None, :], v, SPLIT)
         else:
             acc = tl.zeros((Q, Q), dtype=tl.float32)
             for n in tl.static_range(N):
-                mid_n = _exp(tl.load(A_ptr + c * N + n) * gap)
+                mid_n = _exp(tl.load(A_ptr + c * N + n) * gap) * linked
                 u_n = tl.load(U_ptr + (c * L + t) * NP + n, mask=t_ok, other=0.0)
                 v_n = tl.load(V_ptr + (c * L + j) * NP + n, mask=j_ok, other=0.0)
                 acc += (u_n * mid_n)[:, None] * v_n[None, :]
-        # one segment from the column tile's reference to the row tile's start (U and V check the ends)
-        linked = tl.load(seg_ptr + I * Q - 1) == tl.load(segref_ptr + J)
-        acc = acc * left[:, None] * tl.load(pmask_ptr + j, mask=j_ok, other=0.0)[None, :]
-        return tl.where(linked, acc, 0.0)
+        return acc
 
     @triton.jit
     def _valid(t, m, L, seg_ptr):
@@ -284,6 +290,13 @@ if triton is not None:
             w_n = tl.load(W_ptr + (c * N + n) * L + j, mask=j_ok, other=0.0)
             acc += c_n[:, None] * _exp(tl.load(A_ptr + c * N + n) * gap) * w_n[None, :]
         return tl.where(valid, acc, 0.0)
+
+    @triton.jit
+    def _clamped(t, j, L):
+        """Rows and columns clamped into the sequence, for loads whose entries ``valid`` drops wherever they
+        fall outside it: unmasked loads need no predicate and no zero set before each (two instructions a
+        load, a state of a direct block issues three loads)."""
+        return tl.minimum(tl.maximum(t, 0), L - 1), tl.minimum(tl.maximum(j, 0), L - 1)
 
     @triton.jit
     def _sides(c, t, j, L, left_ptr, pmask_ptr):
@@ -374,13 +387,13 @@ if triton is not None:
         if N > 32:
             return _direct(c, I, t, j, L, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, N, K, Q)
         valid, gap = _gaps(c, I, t, j, L, sloc_ptr, tot_ptr, seg_ptr, K, Q)
-        t_ok = t < L
-        j_ok = (j >= 0) & (j < L)
+        gap = gap * LOG2E
+        t_in, j_in = _clamped(t, j, L)
         acc = tl.zeros((t.shape[0], j.shape[0]), dtype=tl.float32)
         for n in tl.static_range(N):
-            c_n = tl.load(C_ptr + n * L + t, mask=t_ok, other=0.0)
-            w_n = tl.load(W_ptr + (c * N + n) * L + j, mask=j_ok, other=0.0)
-            acc += c_n[:, None] * _exp(tl.load(A_ptr + c * N + n) * gap) * w_n[None, :]
+            c_n = tl.load(C_ptr + n * L + t_in)
+            w_n = tl.load(W_ptr + (c * N + n) * L + j_in)
+            acc += c_n[:, None] * _exp2(tl.load(A_ptr + c * N + n) * gap) * w_n[None, :]
         return tl.where(valid, acc, 0.0)
 
     @triton.jit
@@ -419,7 +432,7 @@ if triton is not None:
             off = tl.load(sloc_ptr + c * L + tl.minimum(tl.maximum(R - 1, 0), L - 1))
             off = tl.where(i > 0, off, 0.0)
             row_gap = tl.load(sloc_ptr + c * L + t, mask=t_ok, other=0.0) - off  # S_{t+1} − S_R ≥ 0
-            _, m, s_m, w, _ = _column_side(c, I, J, L, sloc_ptr, tot_ptr, W_ptr, pmask_ptr, N, NP, K, Q)
+            _, m, s_m, w, _ = _column_side(c, I, J, L, sloc_ptr, tot_ptr, W_ptr, pmask_ptr, N, NP, K, Q, Q)
             cols = (j >= 0) & (j < R) & (j < L)
             valid = _valid(t, m, L, seg_ptr)
             if J == I:
@@ -508,7 +521,7 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=UNSPECIALISED["_prep_kernel"])
     def _prep_kernel(
-        S_ptr, A_ptr, B_ptr, C_ptr, u_ptr, r_ptr, D_ptr, taps_ptr, seg_ptr, segref_ptr,
+        S_ptr, A_ptr, B_ptr, C_ptr, u_ptr, r_ptr, D_ptr, taps_ptr, seg_ptr, segref_ptr, left_ptr, pmask_ptr,
         sloc_ptr, sb_ptr, tot_ptr, sref_ptr, growth_ptr, U_ptr, V_ptr, W_ptr, Ct_ptr, fix_ptr,
         L, ssm, skip, has_right, has_segments,
         N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, Q: tl.constexpr,
@@ -524,8 +537,10 @@ if triton is not None:
           written by the lane of the tile's or strip's first position;
         * ``W[p, n] = Σ_k w_k exp(A_n (S_{l+1} − S_{p+k+1})) u_{p+k} r_{p+k} B[p+k, n]`` with ``l`` the last
           tap ``min(p + K − 1, L − 1)``, over the taps inside the sequence and in ``l``'s segment;
-        * ``U[p, n] = C[p, n] exp(A_n (S_{p+1} − S_{start}))``, zero past a reset since the tile's start;
-        * ``V[p, n] = exp(A_n (S_ref − S_{l+1})) W[p, n]``, zero past a reset before the tile's reference;
+        * ``U[p, n] = g_p C[p, n] exp(A_n (S_{p+1} − S_{start}))``, zero past a reset since the tile's
+          start, and ``V[p, n] = p_p exp(A_n (S_ref − S_{l+1})) W[p, n]``, zero past a reset before the
+          tile's reference: the left factors ``g`` and the input mask ``p`` ride in the far tiles' operands
+          (two multiplies an entry of every far tile fewer, a fifth of what its loop issues);
         * ``fix[p, d]`` (``d < K``), entry ``(p, p − d)`` of the band whole:
           ``Σ_{e ≤ d} w_{d−e} core[p, p − e]`` and the skip ``w_d D r_p`` (the near tiles' formula holds
           only its last diagonal, ``d = K − 1``).
@@ -590,11 +605,12 @@ if triton is not None:
             c_rows = tl.load(C_ptr + p[:, None] * N + n[None, :], mask=pn_ok, other=0.0)
             # C state-major for the tiles, by one channel: a state's entries of consecutive rows in a run
             tl.store(Ct_ptr + n[None, :] * L + p[:, None], c_rows, mask=tl.where(c == 0, pn_ok, False))
-            U = c_rows * _exp(a[None, :] * sl[:, None]) * (seg_p == before).to(tl.float32)[:, None]
+            left = tl.where(seg_p == before, tl.load(left_ptr + rows, mask=p_ok, other=0.0), 0.0)
+            U = c_rows * _exp(a[None, :] * sl[:, None]) * left[:, None]
             tl.store(U_ptr + rows[:, None] * NP + n[None, :], U, mask=p_ok[:, None])
-            linked = seg_last == seg_ref
             gap = tl.maximum(S_ref - S_last, 0.0).to(tl.float32)
-            V = _exp(a[None, :] * gap[:, None]) * W * linked.to(tl.float32)[:, None]
+            right = tl.where(seg_last == seg_ref, tl.load(pmask_ptr + p, mask=p_ok, other=0.0), 0.0)
+            V = _exp(a[None, :] * gap[:, None]) * W * right[:, None]
             tl.store(V_ptr + rows[:, None] * NP + n[None, :], V, mask=p_ok[:, None])
             for e in tl.static_range(K):  # the recurrence's entries core[p, p − e]
                 m = tl.maximum(p - e, 0)
@@ -636,7 +652,7 @@ if triton is not None:
         J = J0 + tl.program_id(1) * span
         J_end = tl.minimum(J + span, J0 + nJ)
         slab = tl.program_id(2)
-        u, left = _far_rows(slab, I, L, ssm, U_ptr, left_ptr, NP, Q, FAR_DOT)  # dense: this channel's
+        u = _far_rows(slab, I, L, ssm, U_ptr, NP, Q, FAR_DOT)  # dense: this channel's
         t = I * Q + tl.arange(0, Q)
         near_far = (near_far != 0) & (ssm != 0) & (I > 0)
         if STRIPS:  # loaded with the row factors: the first strip's growth, the band of both near tiles
@@ -652,14 +668,14 @@ if triton is not None:
                 if far:
                     c = slab * per_group
                     while c < tl.minimum((slab + 1) * per_group, n_chan):
-                        u_c, left_c = _far_rows(c, I, L, ssm, U_ptr, left_ptr, NP, Q, FAR_DOT)
-                        acc = _outer(c, I, J, L, u_c, left_c, sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr,
-                                     pmask_ptr, seg_ptr, segref_ptr, N, NP, Q, FAR_DOT, SPLIT)  # fmt: skip
+                        u_c = _far_rows(c, I, L, ssm, U_ptr, NP, Q, FAR_DOT)
+                        acc = _outer(c, I, J, L, u_c, sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr, seg_ptr,
+                                     segref_ptr, N, NP, Q, FAR_DOT, SPLIT)  # fmt: skip
                         total = _reduce_step(total, acc, c, I, J, L, rw_ptr, cw_ptr, TRANSFORM, Q)
                         c += 1
             elif far:
-                total = _outer(slab, I, J, L, u, left, sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr, pmask_ptr,
-                               seg_ptr, segref_ptr, N, NP, Q, FAR_DOT, SPLIT)  # fmt: skip
+                total = _outer(slab, I, J, L, u, sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr, seg_ptr, segref_ptr,
+                               N, NP, Q, FAR_DOT, SPLIT)  # fmt: skip
             not_near = (I < J) | (I >= J + 2)  # the near tiles are the other launch's, or the strips'
             _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, not_near | far,
                    ALIGNED)  # fmt: skip
@@ -735,11 +751,11 @@ if triton is not None:
 
     @triton.jit
     def _column_side(c, I, J, L, sloc_ptr, tot_ptr, W_ptr, pmask_ptr, N: tl.constexpr, NP: tl.constexpr,
-                     K: tl.constexpr, Q: tl.constexpr):  # fmt: skip
-        """Column tile ``J``'s side of row tile ``I``'s near tiles: the columns ``j``, their last conv taps
-        ``m``, ``S_{m+1} − S_{IQ}`` (a tile-local sum, plus the carry of ``m``'s tile where it is ``I − 1``),
-        ``W`` (``Q × NP``) and the input mask."""
-        j = J * Q + tl.arange(0, Q)
+                     K: tl.constexpr, Q: tl.constexpr, WIDTH: tl.constexpr):  # fmt: skip
+        """Column tile ``J``'s side of row tile ``I``'s near tiles, its first ``WIDTH`` columns: the columns
+        ``j``, their last conv taps ``m``, ``S_{m+1} − S_{IQ}`` (a tile-local sum, plus the carry of ``m``'s
+        tile where it is ``I − 1``), ``W`` (``WIDTH × NP``) and the input mask."""
+        j = J * Q + tl.arange(0, WIDTH)
         j_ok = (j >= 0) & (j < L)
         m = j + (K - 1)
         m_ok = m < L
@@ -752,7 +768,7 @@ if triton is not None:
         return j, m, s_m - carry, w, tl.load(pmask_ptr + j, mask=j_ok, other=0.0)
 
     @triton.jit
-    def _strip_product(c, I, s, L, max_growth, j, m, s_m, w, a, sloc_ptr, growth_ptr, C_ptr, seg_ptr,
+    def _strip_product(c, I, s, L, max_growth, j, m, s_m, w, a2, sloc_ptr, growth_ptr, C_ptr, seg_ptr,
                        left_ptr, N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, Q: tl.constexpr,
                        SQ: tl.constexpr, SPLIT: tl.constexpr):  # fmt: skip
         """Strip ``s`` of row tile ``I`` (rows ``t`` from ``R = IQ + s·SQ``) against the columns of
@@ -761,7 +777,7 @@ if triton is not None:
         cannot overflow: every ``j ≤ R − K`` (its last tap at or before ``R − 1``, factor ``≤ 1``), the
         ``K − 1`` before ``R`` where the strip's growth is at most ``max_growth``, the diagonal block's where
         its growth is too. The other columns of the strip's diagonal band are zeros here
-        (:func:`_strip_blocks` writes them), the left factors applied."""
+        (:func:`_strip_blocks` writes them), the left factors applied. ``a2``: the rates times ``log₂e``."""
         R = I * Q + s * SQ
         t = R + tl.arange(0, SQ)
         t_ok = t < L
@@ -774,11 +790,11 @@ if triton is not None:
         # S_R − S_IQ (0 for the tile's first strip)
         off = tl.load(sloc_ptr + c * L + tl.maximum(R - 1, 0), mask=(R > I * Q) & (R - 1 < L), other=0.0)
         row_gap = tl.load(sloc_ptr + c * L + t, mask=t_ok, other=0.0) - off  # S_{t+1} − S_R ≥ 0
-        u = c_rows * _exp(a[None, :] * row_gap[:, None])
+        u = c_rows * _exp2(a2[None, :] * row_gap[:, None])
         # (scalar conditions: where(), not &, for every Triton)
         cols = (j <= R - K) | tl.where(growth <= max_growth, j < R, False)
         cols = cols | tl.where(block <= max_growth, j < R + SQ, False)
-        y = w * _exp(a[None, :] * tl.where(cols, off - s_m, 0.0)[:, None])
+        y = w * _exp2(a2[None, :] * tl.where(cols, off - s_m, 0.0)[:, None])
         y = tl.where(cols[:, None], y, 0.0)
         acc = _product(u, y, SPLIT)
         acc = tl.where(_valid(t, m, L, seg_ptr), acc, 0.0)
@@ -787,23 +803,46 @@ if triton is not None:
     @triton.jit
     def _strip_blocks(out_ptr, c, stride_slab, stride_t, r0, r1, c0, c1, I, s, L, max_growth, sloc_ptr,
                       tot_ptr, growth_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, left_ptr, pmask_ptr, N: tl.constexpr,
-                      NP: tl.constexpr, K: tl.constexpr, Q: tl.constexpr, SQ: tl.constexpr,
-                      ALIGNED: tl.constexpr):  # fmt: skip
-        """What :func:`_strip_product` leaves out of strip ``s``, every entry directly (``SQ × SQ`` blocks,
-        :func:`_diagonal_block`), stored over it: the diagonal block where it grows too much, and the block
-        before it too where the strip's columns do."""
+                      NP: tl.constexpr, K: tl.constexpr, Q: tl.constexpr, SQ: tl.constexpr):  # fmt: skip
+        """What :func:`_strip_product` leaves out of strip ``s``, every entry directly, stored over it: where
+        its diagonal block grows too much, the ``SQ`` columns ``R − K + 1 … R − K + SQ``. Those are all the
+        columns whose factor may grow (the last tap past ``R − 1``) and have an entry off the band in the
+        strip (the last tap at or before ``R + SQ − 1``), so one block holds both what the product leaves out
+        before the diagonal block (where the strip's own growth is too large: then so is its block's) and in
+        it. Its columns start anywhere: stored without 16-byte runs."""
         R = I * Q + s * SQ
         t = R + tl.arange(0, SQ)
         at = growth_ptr + (c * ((L + SQ - 1) // SQ) + R // SQ) * 2
-        first = tl.where(tl.load(at + 1, mask=R < L, other=0.0) <= max_growth, R + SQ, R)  # (none past L)
-        first = tl.maximum(tl.where(tl.load(at, mask=R < L, other=0.0) <= max_growth, first, R - SQ), 0)
-        left = tl.load(left_ptr + c * L + t, mask=t < L, other=0.0)
-        while first < R + SQ:
-            j = first + tl.arange(0, SQ)
+        if tl.load(at + 1, mask=R < L, other=0.0) > max_growth:  # (none past L)
+            j = R - (K - 1) + tl.arange(0, SQ)
             acc = _diagonal_block(c, I, t, j, L, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, N, NP, K, Q)
+            left = tl.load(left_ptr + c * L + t, mask=t < L, other=0.0)
             acc = acc * left[:, None] * tl.load(pmask_ptr + j, mask=(j >= 0) & (j < L), other=0.0)[None, :]
-            _store_at(out_ptr, c, stride_slab, stride_t, t, j, r0, r1, c0, c1, acc, True, ALIGNED)
-            first += SQ
+            _store_at(out_ptr, c, stride_slab, stride_t, t, j, r0, r1, c0, c1, acc, True, 0)
+
+    @triton.jit
+    def _zeros_past(out_ptr, c, stride_slab, stride_t, t, first, r0, r1, c0, c1, COLS: tl.constexpr,
+                    SQ: tl.constexpr, ALIGNED: tl.constexpr):  # fmt: skip
+        """Zeros in rows ``t`` over the ``COLS`` columns from ``first`` (both multiples of ``SQ``), ``SQ`` at
+        a time."""
+        zeros = tl.zeros((SQ, SQ), dtype=tl.float32)
+        for k in tl.static_range(COLS // SQ):
+            j = first + k * SQ + tl.arange(0, SQ)
+            _store_at(out_ptr, c, stride_slab, stride_t, t, j, r0, r1, c0, c1, zeros, True, ALIGNED)
+
+    @triton.jit
+    def _near_strip(out_ptr, c, stride_slab, stride_t, r0, r1, c0, c1, I, J, s, L, max_growth, a2, sloc_ptr,
+                    tot_ptr, growth_ptr, C_ptr, W_ptr, seg_ptr, left_ptr, pmask_ptr, N: tl.constexpr,
+                    NP: tl.constexpr, K: tl.constexpr, Q: tl.constexpr, SQ: tl.constexpr, WIDTH: tl.constexpr,
+                    SPLIT: tl.constexpr, ALIGNED: tl.constexpr):  # fmt: skip
+        """Strip ``s`` of near tile ``(I, J)``: :func:`_strip_product` over the tile's first ``WIDTH``
+        columns, zeros past them (``WIDTH < Q``: tile ``(I, I)``, where they are above the diagonal)."""
+        j, m, s_m, w, pm = _column_side(c, I, J, L, sloc_ptr, tot_ptr, W_ptr, pmask_ptr, N, NP, K, Q, WIDTH)
+        ts, acc = _strip_product(c, I, s, L, max_growth, j, m, s_m, w, a2, sloc_ptr, growth_ptr, C_ptr,
+                                 seg_ptr, left_ptr, N, NP, K, Q, SQ, SPLIT)  # fmt: skip
+        _store_at(out_ptr, c, stride_slab, stride_t, ts, j, r0, r1, c0, c1, acc * pm[None, :], True, ALIGNED)
+        _zeros_past(out_ptr, c, stride_slab, stride_t, ts, I * Q + WIDTH, r0, r1, c0, c1, Q - WIDTH, SQ,
+                    ALIGNED)  # fmt: skip
 
     @triton.jit
     def _strip_tiles(
@@ -814,23 +853,40 @@ if triton is not None:
     ):  # fmt: skip
         """Dense reads of row tile ``I``'s near tiles by strips (Mamba-1), in the far kernel's program: tile
         ``(I, I)`` and, unless the far product ``taken`` it, ``(I, I − 1)``, each strip of each by
-        :func:`_strip_product` (the column side loaded once a tile), then, after a barrier, the blocks those
-        leave out (:func:`_strip_blocks`). The band is the caller's to store over them."""
-        J = tl.where(taken | (I == 0), I, I - 1)
-        a = tl.load(A_ptr + c * N + tl.arange(0, NP), mask=tl.arange(0, NP) < N, other=0.0)
-        while J <= I:
-            j, m, s_m, w, pm = _column_side(c, I, J, L, sloc_ptr, tot_ptr, W_ptr, pmask_ptr, N, NP, K, Q)
-            for s in range(Q // SQ):
-                ts, acc = _strip_product(c, I, s, L, max_growth, j, m, s_m, w, a, sloc_ptr, growth_ptr, C_ptr,
-                                         seg_ptr, left_ptr, N, NP, K, Q, SQ, SPLIT)  # fmt: skip
-                _store_at(out_ptr, c, stride_slab, stride_t, ts, j, r0, r1, c0, c1, acc * pm[None, :], True,
-                          ALIGNED)  # fmt: skip
-            J += 1
+        :func:`_strip_product` (:func:`_near_strip`), then, after a barrier, the blocks those leave out
+        (:func:`_strip_blocks`). The band is the caller's to store over them.
+
+        Strip ``s`` of tile ``(I, I)`` is zero past its diagonal block: its product takes the tile's first
+        ``2^g·SQ`` columns, the least that hold its block but at least two strips' (with 16-row strips of a
+        64-tile: 32, 32, 64, 64, 192 columns of products where there were 256), and the columns past them
+        are stored as zeros. Strips of one width go in a loop, the widest with tile ``(I, I − 1)``'s: two
+        loops of one width let the compiler hold both loops' loads at once (100 bytes spilled at 128
+        registers), and software-pipelining the loops did too (``num_stages=1``)."""
+        a2 = tl.load(A_ptr + c * N + tl.arange(0, NP), mask=tl.arange(0, NP) < N, other=0.0) * LOG2E
+        STRIPS: tl.constexpr = Q // SQ
+        WIDEST: tl.constexpr = 0 if STRIPS == 2 else STRIPS // 2  # tile (I, I)'s first strip as wide as Q
+        for g in tl.static_range(1, 4):  # tile (I, I)'s strips [2^(g−1), 2^g) (from 0 for g = 1), 2^g·SQ wide
+            if 2**g < STRIPS:
+                for s in tl.range(0 if g == 1 else 2 ** (g - 1), 2**g, num_stages=1):
+                    _near_strip(out_ptr, c, stride_slab, stride_t, r0, r1, c0, c1, I, I, s, L, max_growth, a2,
+                                sloc_ptr, tot_ptr, growth_ptr, C_ptr, W_ptr, seg_ptr, left_ptr, pmask_ptr, N,
+                                NP, K, Q, SQ, (2**g) * SQ, SPLIT, ALIGNED)  # fmt: skip
+        # one loop for the rest, all as wide as Q: tile (I, I)'s last strips, then tile (I, I − 1)'s every
+        # strip (a second loop would let the compiler keep both loops' loads in registers at once: spills)
+        n = STRIPS - WIDEST + tl.where(taken | (I == 0), 0, STRIPS)
+        k = 0
+        while k < n:  # while: Triton's interpreter cannot range() over arguments
+            J = tl.where(k < STRIPS - WIDEST, I, I - 1)
+            s = tl.where(k < STRIPS - WIDEST, WIDEST + k, k - (STRIPS - WIDEST))
+            _near_strip(out_ptr, c, stride_slab, stride_t, r0, r1, c0, c1, I, J, s, L, max_growth, a2,
+                        sloc_ptr, tot_ptr, growth_ptr, C_ptr, W_ptr, seg_ptr, left_ptr, pmask_ptr, N, NP, K,
+                        Q, SQ, Q, SPLIT, ALIGNED)  # fmt: skip
+            k += 1
         tl.debug_barrier()  # the blocks go over the products' zeros
         for s in range(Q // SQ):
             _strip_blocks(out_ptr, c, stride_slab, stride_t, r0, r1, c0, c1, I, s, L, max_growth, sloc_ptr,
                           tot_ptr, growth_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, left_ptr, pmask_ptr, N, NP, K, Q,
-                          SQ, ALIGNED)  # fmt: skip
+                          SQ)  # fmt: skip
 
     @triton.jit
     def _wkv_tile(c, I, J, L, key_ptr, logz_ptr, w_ptr, u_ptr, left_ptr, right_ptr, pmask_ptr, left_stride,
@@ -1164,9 +1220,10 @@ class DiagonalTiles(_Tiles):
     Mamba-1 (``w = Δ``, ``S = ΣΔ``) and RG-LRU (``N = 1``, ``A = −1``, ``S = −Σ log a``, ``w`` the input
     scale, ``seg`` the reset count) are two instances. Prepared in ``O(channels · L · N)``, in one pass
     (:func:`_prep_kernel`) from the arrays as given: the sums of ``S`` the tiles read, ``W``, ``U``, ``V``
-    and ``fix``; ``U`` and ``V`` are the far tiles' factors, the rest serves the near tiles (``growth``:
-    the strips'). Besides allocations no torch operation runs per read: on the H200's machine each costs
-    the host 10–25 µs, and a short read is issued by the host as much as computed by the device.
+    and ``fix``; ``U`` and ``V`` are the far tiles' factors (the left factors and the input mask in them),
+    the rest serves the near tiles (``growth``: the strips'). Besides allocations no torch operation runs
+    per read: on the H200's machine each costs the host 10–25 µs, and a short read is issued by the host as
+    much as computed by the device.
 
     Args:
         S: ``(nc, L + 1)`` float64 cumulative rates, ``S[p + 1] = Σ_{k ≤ p}``, ``S[0] = 0``.
@@ -1247,8 +1304,9 @@ class DiagonalTiles(_Tiles):
         # positions a program: a (P, NP) tile of every factor
         P = max(16, min(TUNING["prep_positions"], TUNING["prep_elements"] // NP))
         _prep_kernel[(nc, triton.cdiv(L, P))](
-            S.contiguous(), self.A, self.B, C, weight, right, D, self.taps, self.seg, self.seg_ref,
-            self.sloc, self.sb, self.tot, self.sref, self.growth, self.U, self.V, self.W, self.C, self.fix,
+            S.contiguous(), self.A, self.B, C, weight, right, D, self.taps, self.seg, self.seg_ref, self.left,
+            self.pmask, self.sloc, self.sb, self.tot, self.sref, self.growth, self.U, self.V, self.W, self.C,
+            self.fix,
             L, int(ssm), int(skip), int(right is not weight), int(segment is not None),
             N=N, NP=NP, K=K, KP=triton.next_power_of_2(K), Q=Q, P=P, SQ=STRIP,
             num_warps=max(TUNING["prep_warps"], 4 if NP >= 64 else 1), **FP_FUSION,

@@ -7,6 +7,7 @@ On CUDA the kernels are compiled; elsewhere they run under Triton's interpreter 
 """
 
 import copy
+import os
 
 import pytest
 import torch
@@ -27,6 +28,10 @@ SAME = 2e-6  # the kernel against the torch path: both float32, different summat
 SAME_CUDA = 1e-5  # compiled, exp is ex2.approx: ~ulp errors grow with the exponent (tiny, far entries)
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)"
+)
+interpreted = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="CPU tensors reach the kernels under Triton's interpreter",
 )
 
 
@@ -203,6 +208,24 @@ def test_every_code_path_of_the_kernel(monkeypatch, far_dot, split, strips):
     A = rec.attention.with_backend("triton").dense()
     assert rel_err(A, reference_) < SAME
     assert rel_err(A, impulse_matrix(reference(mixer, hidden, mask))) < TOL  # the float64 recurrence
+
+
+@pytest.mark.parametrize(
+    "device", [pytest.param("cpu", marks=interpreted), pytest.param("cuda", marks=needs_cuda)]
+)
+@pytest.mark.parametrize("tile", [32, 128])
+def test_other_tile_sizes(monkeypatch, device, tile):
+    """Every kernel is written for any power-of-two tile (``kernels.TILE``; benchmarks/sweep_dense.py times
+    32 and 128): the diagonal tile's strips go in as many widths as the tile has powers of two of strips,
+    and half the strips factorised, half direct, all of them direct."""
+    rec, _, _ = record(model(device, channels=2), 150, device)
+    reference_ = rec.attention.with_backend("torch").dense()
+    monkeypatch.setattr(kernels, "TILE", tile)
+    fused = rec.attention.with_backend("triton")
+    growth = fused._fused_tiles(1, torch.arange(2, device=device)).growth[..., 0]
+    for threshold in (float(growth.median()), 0.0):
+        monkeypatch.setattr(kernels, "STRIP_GROWTH", threshold)
+        assert rel_err(fused.dense(), reference_) < (SAME if device == "cpu" else SAME_CUDA)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
