@@ -32,6 +32,7 @@ import transformers
 
 import implicit_hooks as ih
 from implicit_hooks import kernels
+from implicit_hooks.patcher import Hooks
 
 HERE = Path(__file__).parent
 
@@ -226,8 +227,9 @@ def device_busy(fn: Callable[[], Any], device: torch.device) -> tuple[float, int
 def overhead_parts(model, ids, device, forward_s: float, per_call: float) -> dict:
     """What recording adds to one forward, measured part by part (each is stable where the forward's own
     time swings by ±20 %): entering and leaving ``record`` (``setup_s``), the host time inside our hooks
-    (``hooks_s``, timed by wrapping each hook as it is registered), torch's extra work per hooked module
-    call (``dispatch_s`` = calls × :func:`hook_cost`), and the device time of kernels the recording adds
+    (``hooks_s``, timed by wrapping each hook as :class:`implicit_hooks.patcher.Hooks` adds it), torch's
+    extra work per hooked module call (``dispatch_s`` = calls × :func:`hook_cost`), and the device time of
+    kernels the recording adds
     (``extra_device_s``, by the profiler; copies of taps the model overwrites in place). Their sum over the
     forward bounds the overhead from above, as host and device work overlap."""
     spent = [0.0, 0]
@@ -250,6 +252,11 @@ def overhead_parts(model, ids, device, forward_s: float, per_call: float) -> dic
     def patched(name):
         return lambda module, hook, *a, **k: registers[name](module, timed_hook(hook), *a, **k)
 
+    add = Hooks.add  # how patchers attach their hooks (older code: torch's register_*, patched too)
+
+    def timed_add(hooks, module, hook, **options):
+        return add(hooks, module, timed_hook(hook), **options)
+
     def recorded():
         with torch.no_grad(), ih.record(model):
             model(ids, use_cache=False)
@@ -266,9 +273,11 @@ def overhead_parts(model, ids, device, forward_s: float, per_call: float) -> dic
         setup.append(time.perf_counter() - start)
     for name in registers:
         setattr(torch.nn.Module, name, patched(name))
+    Hooks.add = timed_add
     try:
         recorded()
     finally:
+        Hooks.add = add
         for name, fn in registers.items():
             setattr(torch.nn.Module, name, fn)
     modules = {id(m) for m in model.modules() if m._forward_hooks or m._forward_pre_hooks}
