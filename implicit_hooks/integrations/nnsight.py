@@ -27,8 +27,9 @@ their own); they record one forward of the model. Example::
     rec["backbone.layers.0.mixer"].attention[0, :, -1]
 
 nnsight runs a module's class ``forward`` captured when it wraps the model; nothing here patches a
-forward, a class or a module global: the hooks route uses ``register_forward_(pre_)hook`` only, the
-saves route nnsight's own reads.
+forward, a class or a module global: the hooks route uses torch's forward hooks only (entries in the
+modules' hook dictionaries, written by ``implicit_hooks.patcher.Hooks`` as ``register_forward_hook``
+writes them), the saves route nnsight's own reads.
 """
 
 from __future__ import annotations
