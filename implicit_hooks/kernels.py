@@ -865,7 +865,7 @@ if triton is not None:
         a2 = tl.load(A_ptr + c * N + tl.arange(0, NP), mask=tl.arange(0, NP) < N, other=0.0) * LOG2E
         STRIPS: tl.constexpr = Q // SQ
         WIDEST: tl.constexpr = 0 if STRIPS == 2 else STRIPS // 2  # tile (I, I)'s first strip as wide as Q
-        for g in tl.static_range(1, 4):  # tile (I, I)'s strips [2^(g−1), 2^g) (from 0 for g = 1), 2^g·SQ wide
+        for g in tl.static_range(1, 8):  # tile (I, I)'s strips [2^(g−1), 2^g) (from 0 for g = 1), 2^g·SQ wide
             if 2**g < STRIPS:
                 for s in tl.range(0 if g == 1 else 2 ** (g - 1), 2**g, num_stages=1):
                     _near_strip(out_ptr, c, stride_slab, stride_t, r0, r1, c0, c1, I, I, s, L, max_growth, a2,
