@@ -227,15 +227,19 @@ def test_every_code_path_of_the_kernel(monkeypatch, far_dot, split, strips):
 def test_other_tile_sizes(monkeypatch, device, tile):
     """Every kernel is written for any power-of-two tile (``kernels.TILE``; benchmarks/sweep_dense.py times
     32 and 128): the diagonal tile's strips go in as many widths as the tile has powers of two of strips,
-    and half the strips factorised, half direct, all of them direct."""
-    rec, _, _ = record(model(device, channels=2), 150, device)
+    and half the strips factorised, half direct, all of them direct. Two rows, row 0 left-padded, against
+    the torch path and the float64 recurrence fed unit impulses."""
+    rec, (hidden, mask), mixer = record(model(device, channels=2), 150, device)
     reference_ = rec.attention.with_backend("torch").dense()
+    impulses = impulse_matrix(reference(copy.deepcopy(mixer).cpu(), hidden.cpu(), mask.cpu()))
     monkeypatch.setattr(kernels, "TILE", tile)
     fused = rec.attention.with_backend("triton")
     growth = fused._fused_tiles(1, torch.arange(2, device=device)).growth[..., 0]
     for threshold in (float(growth.median()), 0.0):
         monkeypatch.setattr(kernels, "STRIP_GROWTH", threshold)
-        assert rel_err(fused.dense(), reference_) < (SAME if device == "cpu" else SAME_CUDA)
+        A = fused.dense()
+        assert rel_err(A, reference_) < (SAME if device == "cpu" else SAME_CUDA)
+        assert rel_err(A.cpu(), impulses) < TOL
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
