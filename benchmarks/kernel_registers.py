@@ -65,7 +65,10 @@ CASES = [
      dict(N=128, Q=64, H=16, NC=16, SPLIT=True, ALIGNED=4)),
     ("by head, sums", "head_reduce", kernels._head_reduce_kernel,
      dict(N=128, Q=64, H=16, NC=16, SPLIT=True, TRANSFORM=1, ALIGNED=4)),
+    ("preparation, Mamba-1", "prep", kernels._prep_kernel, dict(N=16, NP=16, K=4, KP=4, Q=64, P=64, SQ=16)),
 ]  # fmt: skip
+#: pointers of a kernel whose names mean another type elsewhere (the preparation's ``u``: the input weight)
+TYPES = {kernels._prep_kernel: {"S_ptr": "*fp64", "u_ptr": "*fp32"}}
 
 
 def report(kernel, constants: dict, warps: int, maxnreg: int | None = None, output: str = "*fp32") -> str:
@@ -76,9 +79,11 @@ def report(kernel, constants: dict, warps: int, maxnreg: int | None = None, outp
         elif name.endswith("_ptr"):
             integer = name.startswith(("seg", "chan", "start"))
             signature[name] = "*i32" if integer else "*fp64" if name in FLOAT64 else "*fp32"
+            signature[name] = TYPES.get(kernel, {}).get(name, signature[name])
         else:
             signature[name] = "fp32" if name == "max_growth" else "i32"
-    signature["out_ptr"] = output
+    if "out_ptr" in signature:
+        signature["out_ptr"] = output
     # pointers 16-byte aligned, as Triton specialises them at a launch on torch's allocations
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature) if name.endswith("_ptr")}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=aligned)
@@ -114,11 +119,11 @@ def report(kernel, constants: dict, warps: int, maxnreg: int | None = None, outp
 def main() -> None:
     for name, key, kernel, constants in CASES:
         cap = kernels.TUNING["maxnreg"].get(key)  # as shipped: capped by TUNING["maxnreg"]
-        for warps in (4, 8):
+        for warps in (2, 4) if key == "prep" else (4, 8):  # the preparation launches 2 (TUNING)
             print(f"{name:20s} {warps} warps: {report(kernel, constants, warps)}", flush=True)
             if cap is not None:
                 print(f"{'':20s} capped at {cap}: {report(kernel, constants, warps, cap)}", flush=True)
-        if not constants.get("REDUCE", key.endswith("reduce")):  # dense reads stored in bfloat16
+        if key != "prep" and not constants.get("REDUCE", key.endswith("reduce")):  # dense reads in bfloat16
             print(f"{'':20s} bfloat16, 4 warps: {report(kernel, constants, 4, output='*bf16')}", flush=True)
 
 

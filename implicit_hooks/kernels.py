@@ -528,7 +528,8 @@ if triton is not None:
         P: tl.constexpr, SQ: tl.constexpr,
     ):  # fmt: skip
         """What :class:`DiagonalTiles` prepares, for channel ``c`` and ``P`` positions ``p``, in one pass
-        (``2K + 1`` exponentials per position and state), from ``S``, the rates and the factors as given:
+        (``2K`` exponentials per position and state: a tap's gap to itself is 0 and takes none), from ``S``,
+        the rates and the factors as given:
 
         * the sums of ``S`` that the tiles read: ``sloc[p] = S_{p+1} − S_{start}`` (the tile's start), each
           tile's bounds ``sb``, total ``tot`` and far reference ``sref``, each strip's ``growth``
@@ -598,7 +599,11 @@ if triton is not None:
                 tap = tl.load(taps_ptr + c * K + K - 1 - k)
                 weight = _input_weight(c, m, L, p_ok, u_ptr, r_ptr, has_right) * tap
                 b = tl.load(B_ptr + m[:, None] * N + n[None, :], mask=pn_ok, other=0.0)
-                W += _exp(a[None, :] * gap[:, None]) * (tl.where(inside, weight, 0.0)[:, None] * b)
+                term = tl.where(inside, weight, 0.0)[:, None] * b
+                if k == K - 1:  # the last tap itself (m = l): a gap of 0, the term as it is
+                    W += term
+                else:
+                    W += _exp(a[None, :] * gap[:, None]) * term
             rows = c * L + p
             tl.store(W_ptr + (c * N + n[None, :]) * L + p[:, None], W, mask=pn_ok)  # state-major
             before = tl.load(seg_ptr + tl.maximum(start - 1, 0), mask=p_ok, other=0)
@@ -617,7 +622,10 @@ if triton is not None:
                 linked = p_ok & (p >= e) & (tl.load(seg_ptr + m, mask=p_ok, other=0) == seg_p)
                 gap = tl.maximum(S_p - tl.load(S_row + m + 1, mask=p_ok, other=0.0), 0.0).to(tl.float32)
                 b = tl.load(B_ptr + m[:, None] * N + n[None, :], mask=pn_ok, other=0.0)
-                entry = tl.sum(_exp(a[None, :] * gap[:, None]) * c_rows * b, axis=1)
+                if e == 0:  # the diagonal: a gap of 0
+                    entry = tl.sum(c_rows * b, axis=1)
+                else:
+                    entry = tl.sum(_exp(a[None, :] * gap[:, None]) * c_rows * b, axis=1)
                 entry = tl.where(linked, entry * _input_weight(c, m, L, p_ok, u_ptr, r_ptr, has_right), 0.0)
                 # column p − d takes it through tap d − e, for e ≤ d < K
                 on = (d >= e) & (d < K)
