@@ -208,6 +208,15 @@ def _signature_of(module: nn.Module) -> dict[str, int]:
     return dict(_SIGNATURES[key])
 
 
+#: ``"a.b.weight"`` → ``(("a", "b"), "weight")``: a block's weight paths, split once
+_PATHS: dict[str, tuple[tuple[str, ...], str]] = {}
+
+
+def _parsed(path: str) -> tuple[tuple[str, ...], str]:
+    *parents, name = path.split(".")
+    return tuple(parents), name
+
+
 def tensors_at(module: nn.Module, paths: Mapping[str, str]) -> dict[str, torch.Tensor]:
     """``{key: module.<path>}`` for the ``paths`` that name a tensor (a parameter, a buffer or a plain tensor
     attribute); the others are left out.
@@ -218,7 +227,7 @@ def tensors_at(module: nn.Module, paths: Mapping[str, str]) -> dict[str, torch.T
     """
     found = {}
     for key, path in paths.items():
-        *parents, name = path.split(".")
+        parents, name = _PATHS.get(path) or _PATHS.setdefault(path, _parsed(path))
         owner: nn.Module | None = module
         for parent in parents:
             owner = owner._modules.get(parent) if owner is not None else None

@@ -201,10 +201,31 @@ class Recording(Sequence):
         return f"Recording({len(self)} calls of {len(set(self.names()))} blocks)"
 
 
+def modules_of(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``model.named_modules()``, the same names in the same order (depth first, each module once), walked
+    with a stack: ``named_modules`` nests a generator per level, 0.6 µs a module, a quarter of what
+    entering ``record`` on a 24-layer model costs (a module tree's own ``_modules``; a class that overrides
+    ``named_modules`` is asked instead)."""
+    if type(model).named_modules is not nn.Module.named_modules:
+        yield from model.named_modules()
+        return
+    seen = set()
+    stack = [("", model)]
+    while stack:
+        name, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield name, module
+        if module._modules:
+            prefix = name + "." if name else ""
+            stack.extend([(prefix + k, m) for k, m in reversed(module._modules.items()) if m is not None])
+
+
 def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module, type[Patcher]]]:
     """Every sub-module of ``model`` with a registered patcher: ``(name, module, patcher_class)``."""
     found, by_type = [], {}  # a model repeats a few module types many times: one lookup per type
-    for name, module in model.named_modules():
+    for name, module in modules_of(model):
         kind = type(module)
         if kind not in by_type:
             by_type[kind] = patcher_class_for(module)

@@ -117,6 +117,27 @@ def test_a_tap_that_names_neither_input_nor_output_leaves_no_hook():
     assert hooks_left(net) == []
 
 
+def test_blocks_are_found_as_named_modules_finds_them():
+    """``record`` walks the module tree with a stack of its own: the names and order of ``named_modules``,
+    a module registered twice recorded once (under its first name), empty slots skipped, and a class that
+    overrides ``named_modules`` asked instead."""
+    ih.register_patcher(EmaBlock, EmaPatcher)
+    net = Net()
+    net.blocks.append(net.blocks[0])  # the same block twice
+    net.spare = None  # an empty slot
+    net.inner = Net()
+    walked = [(name, id(m)) for name, m in ih.recording.modules_of(net)]
+    assert walked == [(name, id(m)) for name, m in net.named_modules()]
+    names = ["blocks.0", "blocks.1", "inner.blocks.0", "inner.blocks.1"]
+    assert [name for name, _, _ in ih.recording.find_blocks(net)] == names
+
+    class OnlyFirst(Net):
+        def named_modules(self, *args, **kwargs):
+            yield "blocks.0", self.blocks[0]
+
+    assert [name for name, _, _ in ih.recording.find_blocks(OnlyFirst())] == ["blocks.0"]
+
+
 def test_lazy_registration_by_string_and_conflicts():
     path = f"{__name__}.EmaBlock"
     ih.register_patcher(path, f"{__name__}:EmaPatcher", replace=True)
