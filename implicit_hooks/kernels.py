@@ -38,8 +38,9 @@ Positions are cut into tiles of ``Q = 64``:
   whose factors ``e^{A_n (S_R − S_{m+1})}`` cannot grow (``j ≤ R − K``: the last tap before ``R``), on the
   ``K − 1`` columns before its 16×16 diagonal block where those grow by at most ``e^STRIP_GROWTH``, and on
   the block where its columns grow as little. Dense reads (:func:`_strip_tiles`, in the far kernel's
-  program of the row tile) compute what the product leaves out as 16×16 blocks, every entry directly, and
-  stored over it, and leave tile ``I − 1`` to the far product where the tile's first strip factorises;
+  program of the row tile) compute what the product leaves out, the entries of each 16×16 block below its
+  diagonal, every entry directly, four strips' at once, and store them over it, and leave tile ``I − 1`` to
+  the far product where the tile's first strip factorises;
   channel sums (:func:`_strip`) take such a strip's every entry directly. The ``K`` diagonals
   ``0 ≤ t − j < K`` are ``fix``, prepared with ``W`` as whole entries (the taps at or before ``t`` and the
   skip) and stored over the tile after it (:func:`_store_band`; channel sums put them in registers);
@@ -59,11 +60,11 @@ For any block of rows and columns, :meth:`DiagonalTiles.dense` writes ``(channel
 holds ``channels × L × L``. Reads whose columns and output strides are multiples of 16 (every dense read
 with ``L`` a multiple of 16) are launched ``ALIGNED`` and store 16 bytes at a time (:func:`_store_at`).
 Measured on the H200 (``benchmarks/results/gpu.md``), through the view, preparation included, lone dense
-reads at L = 512 / 1024 / 2048 take 2.8–3.7× / 1.8–2.0× / 1.55× the write floor (Mamba-1, 1536 channels;
+reads at L = 512 / 1024 / 2048 take 2.6–3.4× / 1.8–2.1× / 1.55× the write floor (Mamba-1, 1536 channels;
 1.38× at 4096), 2.1–2.9× / 1.7–2.0× / 1.65× (Mamba-2), 1.8–2.5× / 1.35–1.6× / 1.2× (RG-LRU, 2560
-channels), 1.8–2.8× / 1.35–1.7× / 1.2× (RWKV-4, 1024 channels); reads issued back to back (the host issuing
-one while the device runs the one before) 2.1–2.3× / 1.6–1.7× / 1.5× (Mamba-1) and 1.3–1.7× / 1.2–1.6× /
-1.1–1.6× (the others); the torch path 983× and 131× at L = 512 (Mamba-1, RWKV-4). Every
+channels), 1.8–2.8× / 1.35–1.7× / 1.2× (RWKV-4, 1024 channels); reads issued back to back (the host
+issuing one while the device runs the one before) 2.08–2.20× / 1.63–1.66× / 1.47–1.49× (Mamba-1) and
+1.3–1.7× / 1.2–1.6× / 1.1–1.6× (the others); the torch path 983× and 131× at L = 512 (Mamba-1, RWKV-4). Every
 preparation runs in the kernels (:func:`_prep_kernel`; the WKV and by-head kernels read the core's arrays as
 they are): on the H200's machine each torch operation costs the host 10–25 µs, as much as a short read's
 kernels.
@@ -251,11 +252,14 @@ if triton is not None:
     def _valid(t, m, L, seg_ptr):
         """Where rows ``t`` see columns through their last conv tap ``m``: ``m ≤ t``, both inside the
         sequence and in one segment."""
-        t_ok = t < L
-        m_ok = m < L
-        seg_t = tl.load(seg_ptr + t, mask=t_ok, other=0)
-        seg_m = tl.load(seg_ptr + m, mask=m_ok, other=-1)
-        valid = (m[None, :] <= t[:, None]) & m_ok[None, :] & t_ok[:, None]
+        seg_t = tl.load(seg_ptr + t, mask=t < L, other=0)
+        seg_m = tl.load(seg_ptr + m, mask=m < L, other=-1)
+        return _valid_in(t, m, L, seg_t, seg_m)
+
+    @triton.jit
+    def _valid_in(t, m, L, seg_t, seg_m):
+        """:func:`_valid` from the segments of rows and columns as loaded there."""
+        valid = (m[None, :] <= t[:, None]) & (m < L)[None, :] & (t < L)[:, None]
         return valid & (seg_t[:, None] == seg_m[None, :])
 
     @triton.jit
@@ -785,7 +789,9 @@ if triton is not None:
         cannot overflow: every ``j ≤ R − K`` (its last tap at or before ``R − 1``, factor ``≤ 1``), the
         ``K − 1`` before ``R`` where the strip's growth is at most ``max_growth``, the diagonal block's where
         its growth is too. The other columns of the strip's diagonal band are zeros here
-        (:func:`_strip_blocks` writes them), the left factors applied. ``a2``: the rates times ``log₂e``."""
+        (:func:`_strip_blocks` writes them), the left factors applied. ``a2``: the rates times ``log₂e``.
+        Every load of the strip is issued before its exponentials and product (the left factors and the
+        segments had waited until after the product: Mamba-1's kernel 0.637 → 0.621 ms at L = 512)."""
         R = I * Q + s * SQ
         t = R + tl.arange(0, SQ)
         t_ok = t < L
@@ -797,7 +803,12 @@ if triton is not None:
                          other=0.0)  # fmt: skip
         # S_R − S_IQ (0 for the tile's first strip)
         off = tl.load(sloc_ptr + c * L + tl.maximum(R - 1, 0), mask=(R > I * Q) & (R - 1 < L), other=0.0)
-        row_gap = tl.load(sloc_ptr + c * L + t, mask=t_ok, other=0.0) - off  # S_{t+1} − S_R ≥ 0
+        s_t = tl.load(sloc_ptr + c * L + t, mask=t_ok, other=0.0)
+        # every load of the strip goes out here, before the product: the left factors and the segments too
+        left = tl.load(left_ptr + c * L + t, mask=t_ok, other=0.0)
+        seg_t = tl.load(seg_ptr + t, mask=t_ok, other=0)
+        seg_m = tl.load(seg_ptr + m, mask=m < L, other=-1)
+        row_gap = s_t - off  # S_{t+1} − S_R ≥ 0
         u = c_rows * _exp2(a2[None, :] * row_gap[:, None])
         # (scalar conditions: where(), not &, for every Triton)
         cols = (j <= R - K) | tl.where(growth <= max_growth, j < R, False)
@@ -805,28 +816,71 @@ if triton is not None:
         y = w * _exp2(a2[None, :] * tl.where(cols, off - s_m, 0.0)[:, None])
         y = tl.where(cols[:, None], y, 0.0)
         acc = _product(u, y, SPLIT)
-        acc = tl.where(_valid(t, m, L, seg_ptr), acc, 0.0)
-        return t, acc * tl.load(left_ptr + c * L + t, mask=t_ok, other=0.0)[:, None]
+        acc = tl.where(_valid_in(t, m, L, seg_t, seg_m), acc, 0.0)
+        return t, acc * left[:, None]
+
+    #: strips whose blocks :func:`_strip_blocks` computes in one pass (a power of two): on the H200, Mamba-1's
+    #: kernel at L = 512 / 1024 / 2048 took 0.662 / 2.159 / 8.01 ms a strip at a time, 0.657 / 2.151 / 8.03
+    #: two, 0.637 / 2.10 / 7.82 four (the same matrices bit for bit; sweep_oo.json)
+    BLOCK_STRIPS = tl.constexpr(4)
 
     @triton.jit
-    def _strip_blocks(out_ptr, c, stride_slab, stride_t, r0, r1, c0, c1, I, s, L, max_growth, sloc_ptr,
-                      tot_ptr, growth_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, left_ptr, pmask_ptr, N: tl.constexpr,
-                      NP: tl.constexpr, K: tl.constexpr, Q: tl.constexpr, SQ: tl.constexpr):  # fmt: skip
-        """What :func:`_strip_product` leaves out of strip ``s``, every entry directly, stored over it: where
-        its diagonal block grows too much, the ``SQ`` columns ``R − K + 1 … R − K + SQ``. Those are all the
-        columns whose factor may grow (the last tap past ``R − 1``) and have an entry off the band in the
-        strip (the last tap at or before ``R + SQ − 1``), so one block holds both what the product leaves out
-        before the diagonal block (where the strip's own growth is too large: then so is its block's) and in
-        it. Its columns start anywhere: stored without 16-byte runs."""
-        R = I * Q + s * SQ
-        t = R + tl.arange(0, SQ)
-        at = growth_ptr + (c * ((L + SQ - 1) // SQ) + R // SQ) * 2
-        if tl.load(at + 1, mask=R < L, other=0.0) > max_growth:  # (none past L)
-            j = R - (K - 1) + tl.arange(0, SQ)
-            acc = _diagonal_block(c, I, t, j, L, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, N, NP, K, Q)
-            left = tl.load(left_ptr + c * L + t, mask=t < L, other=0.0)
-            acc = acc * left[:, None] * tl.load(pmask_ptr + j, mask=(j >= 0) & (j < L), other=0.0)[None, :]
-            _store_at(out_ptr, c, stride_slab, stride_t, t, j, r0, r1, c0, c1, acc, True, 0)
+    def _strip_blocks(out_ptr, c, stride_slab, stride_t, r0, r1, c0, c1, I, L, max_growth, sloc_ptr,
+                      growth_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, left_ptr, pmask_ptr, N: tl.constexpr,
+                      K: tl.constexpr, Q: tl.constexpr, SQ: tl.constexpr):  # fmt: skip
+        """What :func:`_strip_product` leaves out of row tile ``I``'s strips, every entry directly, stored
+        over it: in each strip whose diagonal block grows too much, the entries ``(t, j)`` of its rows and
+        the ``SQ`` columns ``R − K + 1 … R − K + SQ`` whose last tap ``m = j + K − 1`` lies before the row
+        (``m < t``). Those columns are all those whose factor may grow (the last tap past ``R − 1``) and have
+        an entry off the band in the strip (the last tap at or before ``R + SQ − 1``), so one block holds both
+        what the product leaves out before the diagonal block (where the strip's own growth is too large:
+        then so is its block's) and in it; ``m ≥ t`` is the product's zeros and the band's.
+
+        Only those ``SQ (SQ − 1) / 2`` entries a strip are computed: the block's lower triangle folded into
+        an ``SQ/2 × SQ`` rectangle (lane ``(i, q)``: ``(t, m) = (R + q, R + i)`` for ``q > i``, else
+        ``(R + SQ − 1 − q, R + SQ − 1 − i)``; ``q = i`` is idle), half the terms of the whole block, summed
+        state by state as :func:`_diagonal_block` sums them (a strip's block: 422 → 250 SASS instructions).
+        ``BLOCK_STRIPS`` strips go in one pass, so that their loads wait for memory once (the blocks held 27 %
+        of the kernel's stall samples in run MM's ``ncu`` profile, half of them waiting for loads, at 25 %
+        occupancy). A pass where none of its strips grows too much is skipped; the others' lanes compute and
+        store nothing. Stored an entry at a time."""
+        LANES: tl.constexpr = SQ * SQ // 2
+        lane = tl.arange(0, BLOCK_STRIPS * LANES)
+        i = lane % LANES // SQ
+        q = lane % SQ
+        upper = q > i
+        below = tl.where(upper, q, SQ - 1 - q)  # t − R
+        across = tl.where(upper, i, SQ - 1 - i)  # m − R
+        growths = growth_ptr + (c * ((L + SQ - 1) // SQ) + I * (Q // SQ)) * 2 + 1  # strip 0's block growth
+        for first in range(0, Q // SQ, BLOCK_STRIPS):
+            grows = tl.load(growths + 2 * first, mask=I * Q + first * SQ < L, other=0.0) > max_growth
+            for d in tl.static_range(1, BLOCK_STRIPS):  # strips of the tile, none past L
+                there = (first + d < Q // SQ) & (I * Q + (first + d) * SQ < L)
+                grows = grows | (tl.load(growths + 2 * (first + d), mask=there, other=0.0) > max_growth)
+            if grows:
+                s = tl.minimum(first + lane // LANES, Q // SQ - 1)  # lanes past the tile's strips: its last
+                R = I * Q + s * SQ
+                t = R + below
+                m = R + across
+                j = m - (K - 1)
+                # m < t; t in the sequence and in m's segment (both in tile I: local sums, no carry)
+                t_in, j_in = _clamped(t, j, L)
+                m_in = tl.minimum(m, L - 1)
+                valid = (q != i) & (t < L) & (tl.load(seg_ptr + t_in) == tl.load(seg_ptr + m_in))
+                gap = tl.load(sloc_ptr + c * L + t_in) - tl.load(sloc_ptr + c * L + m_in)
+                gap = tl.where(valid, tl.maximum(gap, 0.0), 0.0) * LOG2E
+                acc = tl.zeros((BLOCK_STRIPS * LANES,), dtype=tl.float32)
+                for n in tl.static_range(N):
+                    c_n = tl.load(C_ptr + n * L + t_in)
+                    w_n = tl.load(W_ptr + (c * N + n) * L + j_in)
+                    acc += c_n * _exp2(tl.load(A_ptr + c * N + n) * gap) * w_n
+                acc = tl.where(valid, acc, 0.0) * tl.load(left_ptr + c * L + t_in)
+                acc = acc * tl.load(pmask_ptr + j_in, mask=j >= 0, other=0.0)
+                direct = tl.load(growths + 2 * s, mask=R < L, other=0.0) > max_growth
+                direct = direct & (first + lane // LANES < Q // SQ)
+                rows = (t - r0).to(tl.int64) * stride_t + c.to(tl.int64) * stride_slab
+                inside = direct & (q != i) & (t >= r0) & (t < r1) & (j >= c0) & (j < c1)
+                tl.store(out_ptr + rows + (j - c0), acc, mask=inside)
 
     @triton.jit
     def _zeros_past(out_ptr, c, stride_slab, stride_t, t, first, r0, r1, c0, c1, COLS: tl.constexpr,
@@ -891,10 +945,8 @@ if triton is not None:
                         Q, SQ, Q, SPLIT, ALIGNED)  # fmt: skip
             k += 1
         tl.debug_barrier()  # the blocks go over the products' zeros
-        for s in range(Q // SQ):
-            _strip_blocks(out_ptr, c, stride_slab, stride_t, r0, r1, c0, c1, I, s, L, max_growth, sloc_ptr,
-                          tot_ptr, growth_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, left_ptr, pmask_ptr, N, NP, K, Q,
-                          SQ)  # fmt: skip
+        _strip_blocks(out_ptr, c, stride_slab, stride_t, r0, r1, c0, c1, I, L, max_growth, sloc_ptr,
+                      growth_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, left_ptr, pmask_ptr, N, K, Q, SQ)  # fmt: skip
 
     @triton.jit
     def _wkv_tile(c, I, J, L, key_ptr, logz_ptr, w_ptr, u_ptr, left_ptr, right_ptr, pmask_ptr, left_stride,
