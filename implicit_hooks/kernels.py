@@ -819,6 +819,14 @@ if triton is not None:
         acc = tl.where(_valid_in(t, m, L, seg_t, seg_m), acc, 0.0)
         return t, acc * left[:, None]
 
+    @triton.jit
+    def _block_term(acc, c, n, t, j, gap, L, A_ptr, C_ptr, W_ptr, N: tl.constexpr):
+        """``acc`` plus state ``n``'s terms ``C[t, n] · 2^{A_n gap} · W[j, n]`` (``gap`` pre-scaled by
+        ``log₂e``; rows and columns clamped into the sequence)."""
+        c_n = tl.load(C_ptr + n * L + t)
+        w_n = tl.load(W_ptr + (c * N + n) * L + j)
+        return acc + c_n * _exp2(tl.load(A_ptr + c * N + n) * gap) * w_n
+
     #: strips whose blocks :func:`_strip_blocks` computes in one pass (a power of two): on the H200, Mamba-1's
     #: kernel at L = 512 / 1024 / 2048 took 0.662 / 2.159 / 8.01 ms a strip at a time, 0.657 / 2.151 / 8.03
     #: two, 0.637 / 2.10 / 7.82 four (the same matrices bit for bit; sweep_oo.json)
@@ -870,10 +878,12 @@ if triton is not None:
                 gap = tl.load(sloc_ptr + c * L + t_in) - tl.load(sloc_ptr + c * L + m_in)
                 gap = tl.where(valid, tl.maximum(gap, 0.0), 0.0) * LOG2E
                 acc = tl.zeros((BLOCK_STRIPS * LANES,), dtype=tl.float32)
-                for n in tl.static_range(N):
-                    c_n = tl.load(C_ptr + n * L + t_in)
-                    w_n = tl.load(W_ptr + (c * N + n) * L + j_in)
-                    acc += c_n * _exp2(tl.load(A_ptr + c * N + n) * gap) * w_n
+                if N <= 32:  # unrolled: every state's loads go out at once
+                    for n in tl.static_range(N):
+                        acc = _block_term(acc, c, n, t_in, j_in, gap, L, A_ptr, C_ptr, W_ptr, N)
+                else:  # (unrolled, more states would hold more loads than registers)
+                    for n in range(N):
+                        acc = _block_term(acc, c, n, t_in, j_in, gap, L, A_ptr, C_ptr, W_ptr, N)
                 acc = tl.where(valid, acc, 0.0) * tl.load(left_ptr + c * L + t_in)
                 acc = acc * tl.load(pmask_ptr + j_in, mask=j >= 0, other=0.0)
                 direct = tl.load(growths + 2 * s, mask=R < L, other=0.0) > max_growth

@@ -129,9 +129,10 @@ def test_dense_matches_the_torch_path_and_the_impulse_response(L):
         assert A[:, :, 128:, :64].abs().max() > 1e-3 * A.abs().max()
 
 
-@pytest.mark.parametrize("state, conv", [(4, 4), (16, 2), (32, 1)])
+@pytest.mark.parametrize("state, conv", [(4, 4), (16, 2), (32, 1), (64, 4)])
 def test_state_sizes_and_conv_widths(state, conv):
-    """N below 16 is zero-padded for the tile product; K = 1 has no conv halo."""
+    """N below 16 is zero-padded for the tile product; K = 1 has no conv halo; past 32 states the strips'
+    direct blocks loop over the states instead of unrolling them."""
     rec, (hidden, mask), mixer = record(model("cpu", state=state, conv=conv, channels=4), 140, "cpu", batch=1)
     A = rec.attention.with_backend("triton").dense()
     assert rel_err(A, rec.attention.with_backend("torch").dense()) < SAME
