@@ -1,0 +1,112 @@
+"""A/B of dense reads between two versions of the package, each timed in its own process.
+
+Kernel changes that keep the matrices (a load moved, a loop regrouped) are measured against the code
+before them. Each version runs as its own process. Alternate the two versions and make two passes:
+machines of one kind differ by a few per cent, so compare figures only within one run.
+
+    git archive REV implicit_hooks benchmarks | tar -x -C /tmp/before     # the code before
+    for p in 1 2; do
+      PYTHONPATH=/tmp/before python benchmarks/ab_dense.py before$p out --families mamba rglru
+      python benchmarks/ab_dense.py after$p out --families mamba rglru
+    done
+    python benchmarks/ab_dense.py out --compare before1 after1           # the same matrices?
+
+Each process reads the first layer of ``bench_gpu.py``'s models, one family and length after another. It
+records:
+
+- a lone read (median of 9 synchronised reads);
+- reads issued back to back (3 × 20);
+- each kernel's device time per read (``torch.profiler``);
+- a channel mean's time (median of 5).
+
+Read and back-to-back times are given against the float32 write floor. The package is whichever
+``implicit_hooks`` comes first on ``PYTHONPATH``; its path is printed with every row. The first channels of
+the dense matrix at L ≤ 1024 are saved for ``--compare``, which prints how far apart two labels' matrices
+are. JSON lines on stdout, and ``OUT/ab_LABEL.json``. ``sweep_nn.json`` and ``sweep_oo.json`` hold such runs.
+``--smoke`` runs tiny shapes on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+
+import torch
+from bench_gpu import back_to_back, once, one_layer_views, timer, write_bandwidth
+
+import implicit_hooks
+
+
+def measure(label: str, out: str, families: list[str], lengths: list[int], smoke: bool) -> list[dict]:
+    device = torch.device("cpu" if smoke or not torch.cuda.is_available() else "cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    bandwidth = write_bandwidth(device, timer(device))
+    rows = []
+    for family, L, view in one_layer_views(families, lengths, device, smoke):
+        B, C = view.shape[:2]
+        floor = B * C * L * L * 4 / bandwidth
+
+        def read(view=view):
+            return view.dense()
+
+        lone = sorted(once(read, device) for _ in range(9))[4]
+        b2b = sorted(back_to_back(read, device, 20) for _ in range(3))
+        kernels = {}
+        if device.type == "cuda":
+            from sweep_dense import device_times
+
+            kernels = {k[:40]: v for k, v in device_times(read, 5).items()}
+        view.mean()
+        mean_s = sorted(once(view.mean, device) for _ in range(5))[2]
+        row = dict(label=label, family=family, pkg=implicit_hooks.__file__, L=L, floor=floor,
+                   lone=lone / floor, b2b=[x / floor for x in b2b], b2b_s=b2b, mean_s=mean_s,
+                   kernels=kernels)  # fmt: skip
+        if L <= 1024:  # the first channels, for --compare
+            torch.save(view[0, : (64 if L <= 512 else 8)].cpu(), os.path.join(out, f"{family}{L}_{label}.pt"))
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    with open(os.path.join(out, f"ab_{label}.json"), "w") as f:
+        json.dump(rows, f)
+    return rows
+
+
+def compare(out: str, first: str, second: str) -> dict:
+    """``{family and length: relative and largest absolute difference, whether bit for bit the same}``."""
+    result = {}
+    for path in sorted(glob.glob(os.path.join(out, f"*_{first}.pt"))):
+        other = path[: -len(f"_{first}.pt")] + f"_{second}.pt"
+        if not os.path.exists(other):
+            continue
+        a, b = torch.load(path), torch.load(other)
+        key = os.path.basename(path)[: -len(f"_{first}.pt")]
+        result[key] = dict(rel=float((a - b).norm() / a.norm().clamp_min(1e-30)),
+                           maxabs=float((a - b).abs().max()), same=bool(torch.equal(a, b)))  # fmt: skip
+    print(json.dumps(result))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("label", nargs="?", help="this version's label (and pass), e.g. before1")
+    parser.add_argument("out", help="the folder for the rows and the saved matrices")
+    parser.add_argument("--families", nargs="+", default=["mamba", "rglru"])
+    parser.add_argument("--lengths", type=int, nargs="+", default=None)
+    parser.add_argument(
+        "--compare", nargs=2, metavar=("FIRST", "SECOND"), help="compare two labels' matrices"
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    if args.compare:
+        compare(args.out, *args.compare)
+        return
+    if not args.label:
+        parser.error("a label, or --compare FIRST SECOND")
+    lengths = args.lengths or ([16, 80] if args.smoke else [512, 1024, 2048])
+    measure(args.label, args.out, args.families, lengths, args.smoke)
+
+
+if __name__ == "__main__":
+    main()
