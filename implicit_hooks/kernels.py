@@ -381,6 +381,15 @@ if triton is not None:
         return R, R + tl.arange(0, SQ), J * Q + tl.arange(0, Q), R + tl.arange(0, SQ)
 
     @triton.jit
+    def _block_term(acc, c, n, t, j, gap, L, A_ptr, C_ptr, W_ptr, N: tl.constexpr):
+        """``acc`` plus state ``n``'s terms ``C[t, n] · 2^{A_n gap} · W[j, n]`` (``gap`` pre-scaled by
+        ``log₂e``; rows and columns clamped into the sequence, as broadcast as ``acc``): the direct blocks'
+        sum, :func:`_diagonal_block`'s and :func:`_strip_blocks`'."""
+        c_n = tl.load(C_ptr + n * L + t)
+        w_n = tl.load(W_ptr + (c * N + n) * L + j)
+        return acc + c_n * _exp2(tl.load(A_ptr + c * N + n) * gap) * w_n
+
+    @triton.jit
     def _diagonal_block(c, I, t, j, L, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, N: tl.constexpr,
                         NP: tl.constexpr, K: tl.constexpr, Q: tl.constexpr):  # fmt: skip
         """:func:`_direct` for an ``SQ × SQ`` block of a strip, the state loop unrolled (up to 32 states): two
@@ -395,9 +404,7 @@ if triton is not None:
         t_in, j_in = _clamped(t, j, L)
         acc = tl.zeros((t.shape[0], j.shape[0]), dtype=tl.float32)
         for n in tl.static_range(N):
-            c_n = tl.load(C_ptr + n * L + t_in)
-            w_n = tl.load(W_ptr + (c * N + n) * L + j_in)
-            acc += c_n[:, None] * _exp2(tl.load(A_ptr + c * N + n) * gap) * w_n[None, :]
+            acc = _block_term(acc, c, n, t_in[:, None], j_in[None, :], gap, L, A_ptr, C_ptr, W_ptr, N)
         return tl.where(valid, acc, 0.0)
 
     @triton.jit
@@ -818,14 +825,6 @@ if triton is not None:
         acc = _product(u, y, SPLIT)
         acc = tl.where(_valid_in(t, m, L, seg_t, seg_m), acc, 0.0)
         return t, acc * left[:, None]
-
-    @triton.jit
-    def _block_term(acc, c, n, t, j, gap, L, A_ptr, C_ptr, W_ptr, N: tl.constexpr):
-        """``acc`` plus state ``n``'s terms ``C[t, n] · 2^{A_n gap} · W[j, n]`` (``gap`` pre-scaled by
-        ``log₂e``; rows and columns clamped into the sequence)."""
-        c_n = tl.load(C_ptr + n * L + t)
-        w_n = tl.load(W_ptr + (c * N + n) * L + j)
-        return acc + c_n * _exp2(tl.load(A_ptr + c * N + n) * gap) * w_n
 
     #: strips whose blocks :func:`_strip_blocks` computes in one pass (a power of two): on the H200, Mamba-1's
     #: kernel at L = 512 / 1024 / 2048 took 0.662 / 2.159 / 8.01 ms a strip at a time, 0.657 / 2.151 / 8.03
