@@ -65,7 +65,8 @@ CASES = [
      dict(N=128, Q=64, H=16, NC=16, SPLIT=True, ALIGNED=4)),
     ("by head, sums", "head_reduce", kernels._head_reduce_kernel,
      dict(N=128, Q=64, H=16, NC=16, SPLIT=True, TRANSFORM=1, ALIGNED=4)),
-    ("preparation, Mamba-1", "prep", kernels._prep_kernel, dict(N=16, NP=16, K=4, KP=4, Q=64, P=64, SQ=16)),
+    ("preparation, Mamba-1", "prep", kernels._prep_kernel,
+     dict(N=16, NP=16, K=4, KP=4, Q=64, P=64, SQ=16, ROWS=False)),
 ]  # fmt: skip
 #: pointers of a kernel whose names mean another type elsewhere (the preparation's ``u``: the input weight)
 TYPES = {kernels._prep_kernel: {"S_ptr": "*fp64", "u_ptr": "*fp32"}}

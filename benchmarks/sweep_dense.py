@@ -37,6 +37,8 @@ VARIANTS = {
         "prep 4 warps": {"prep_warps": 4},
         "prep 1 warp, 32 positions": {"prep_warps": 1, "prep_positions": 32},
         "prep 128 positions": {"prep_positions": 128},
+        "prep uncapped": {"maxnreg": {"prep": None}},
+        "prep 80 registers": {"maxnreg": {"prep": 80}},
         **{f"tiles of {t}": {"TILE": t} for t in (32, 128)},
     },
     "mamba2": {

@@ -23,8 +23,9 @@ Positions are cut into tiles of ``Q = 64``:
       V[j, n] = p[j] Σ_k w_k exp(A_n (S_ref(J) − S_{j+k+1})) u_{j+k} r_{j+k} B[j+k, n],
       S_ref(J) = S_{(J+1)Q+K−1}
 
-  (``U`` and ``V``, ``O(L·N)`` per channel, are prepared by :func:`_prep_kernel`, one pass; the tile is
-  one ``Q×N×Q`` product and nothing else an entry);
+  (``V``, ``O(L·N)`` per channel, is prepared by :func:`_prep_kernel`, one pass, ``U`` computed once per
+  row tile by the far program from ``C``, :func:`_far_rows`, or prepared too for ``N < 16`` states; the
+  tile is one ``Q×N×Q`` product and nothing else an entry);
 * **near tiles** (``I ∈ {J, J+1}``): each column is seen from its last conv tap ``m = j + K − 1``, so the
   conv folds into the input side as it does for ``V`` and costs nothing in the tile::
 
@@ -60,10 +61,10 @@ For any block of rows and columns, :meth:`DiagonalTiles.dense` writes ``(channel
 holds ``channels × L × L``. Reads whose columns and output strides are multiples of 16 (every dense read
 with ``L`` a multiple of 16) are launched ``ALIGNED`` and store 16 bytes at a time (:func:`_store_at`).
 Measured on the H200 (``benchmarks/results/gpu.md``), through the view, preparation included, lone dense
-reads at L = 512 / 1024 / 2048 take 2.6–3.4× / 1.8–2.1× / 1.55× the write floor (Mamba-1, 1536 channels;
+reads at L = 512 / 1024 / 2048 take 2.7–3.5× / 1.75–2.0× / 1.55× the write floor (Mamba-1, 1536 channels;
 1.38× at 4096), 2.1–2.9× / 1.7–2.0× / 1.65× (Mamba-2), 1.8–2.5× / 1.35–1.6× / 1.2× (RG-LRU, 2560
 channels), 1.8–2.8× / 1.35–1.7× / 1.2× (RWKV-4, 1024 channels); reads issued back to back (the host
-issuing one while the device runs the one before) 2.08–2.20× / 1.63–1.66× / 1.47–1.49× (Mamba-1) and
+issuing one while the device runs the one before) 1.99–2.09× / 1.56–1.63× / 1.41–1.47× (Mamba-1) and
 1.3–1.7× / 1.2–1.6× / 1.1–1.6× (the others); the torch path 983× and 131× at L = 512 (Mamba-1, RWKV-4). Every
 preparation runs in the kernels (:func:`_prep_kernel`; the WKV and by-head kernels read the core's arrays as
 they are): on the H200's machine each torch operation costs the host 10–25 µs, as much as a short read's
@@ -132,7 +133,10 @@ TUNING: dict = {
     # the same matrices bit for bit (benchmarks/sweep_dense.py); reductions would spill 160–1500 bytes.
     # Mamba-1's far kernel, which takes its near tiles too: 128 (four programs an SM, no spill),
     # 5–7 % faster than 168 at L = 1024 and 2048 (benchmarks/results/sweep_jj.json).
-    "maxnreg": {"far": 128, "near": 168, "wkv": 168},
+    # Mamba-1's preparation ("prep"; "prep_wide": NP ≥ 64, "prep_outer": N < 16): 96 (10 programs of 2
+    # warps an SM, 8 at its 123, no spill), 6–7 % faster at L = 512 and 2048, the same arrays bit for bit
+    # (benchmarks/results/sweep_pp.json).
+    "maxnreg": {"far": 128, "near": 168, "wkv": 168, "prep": 96},
 }
 
 
@@ -194,14 +198,28 @@ if triton is not None:
         return _exp2(x * LOG2E)
 
     @triton.jit
-    def _far_rows(c, I, L, ssm, U_ptr, NP: tl.constexpr, Q: tl.constexpr, FAR_DOT: tl.constexpr):
-        """The row factors of row tile ``I``, ``U`` (``Q × NP``, for the product; only with the recurrence:
-        without it ``U_ptr`` is a stand-in)."""
+    def _far_rows(c, I, L, ssm, A_ptr, Cr_ptr, sloc_ptr, left_ptr, seg_ptr, N: tl.constexpr, NP: tl.constexpr,
+                  Q: tl.constexpr, FAR_DOT: tl.constexpr):  # fmt: skip
+        """The row factors of row tile ``I`` for the tile product, ``U[t, n] = g_t C[t, n] exp(A_n (S_{t+1} −
+        S_{IQ}))`` (``Q × NP``; zero past a reset since the tile's start, and without the recurrence),
+        computed here from ``C`` (shared by the channels): one exponential an entry, once per row tile,
+        where a prepared ``U`` cost the preparation a store and the far program a load of ``Q × NP``
+        entries. ``C`` is read row-major (``Cr``, ``L × N``): loaded with a thread's states in a run, ``U``
+        takes the layout whose middle factor costs a thread 4 exponentials a tile, the state-major copy's
+        8. The outer products (``N < 16``) read ``U`` prepared (:func:`_prep_kernel`): their tile is too
+        little work to hide computing it, once a tile in channel sums."""
         t = I * Q + tl.arange(0, Q)
         if FAR_DOT:
             n = tl.arange(0, NP)
-            u_ok = t < L * ssm  # ssm is 0 or 1; a scalar condition in a mask fails Triton 3.9's interpreter
-            return tl.load(U_ptr + (c * L + t[:, None]) * NP + n[None, :], mask=u_ok[:, None], other=0.0)
+            t_ok = t < L * ssm  # ssm is 0 or 1; a scalar condition in a mask fails Triton 3.9's interpreter
+            before = tl.load(seg_ptr + tl.maximum(I * Q - 1, 0))
+            same = tl.load(seg_ptr + t, mask=t_ok, other=0) == before
+            left = tl.where(same, tl.load(left_ptr + c * L + t, mask=t_ok, other=0.0), 0.0)
+            sl = tl.load(sloc_ptr + c * L + t, mask=t_ok, other=0.0)
+            c_rows = tl.load(Cr_ptr + t[:, None] * N + n[None, :], mask=t_ok[:, None] & (n < N)[None, :],
+                             other=0.0)  # fmt: skip
+            a = tl.load(A_ptr + c * N + n, mask=n < N, other=0.0)
+            return c_rows * _exp(a[None, :] * sl[:, None]) * left[:, None]
         else:
             return t  # unused: the outer products load U per state
 
@@ -223,7 +241,7 @@ if triton is not None:
     def _outer(c, I, J, L, u, sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr, seg_ptr, segref_ptr, N: tl.constexpr,
                NP: tl.constexpr, Q: tl.constexpr, FAR_DOT: tl.constexpr, SPLIT: tl.constexpr):  # fmt: skip
         """A far tile (``I ≥ J + 2``) of channel ``c``: ``U · diag(mid) · Vᵀ`` (the left factors and the input
-        mask ride in ``U`` and ``V``, :func:`_prep_kernel`)."""
+        mask ride in ``U``, :func:`_far_rows`, and ``V``, :func:`_prep_kernel`)."""
         t = I * Q + tl.arange(0, Q)
         j = J * Q + tl.arange(0, Q)
         t_ok = t < L
@@ -536,11 +554,11 @@ if triton is not None:
         sloc_ptr, sb_ptr, tot_ptr, sref_ptr, growth_ptr, U_ptr, V_ptr, W_ptr, Ct_ptr, fix_ptr,
         L, ssm, skip, has_right, has_segments,
         N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, Q: tl.constexpr,
-        P: tl.constexpr, SQ: tl.constexpr,
+        P: tl.constexpr, SQ: tl.constexpr, ROWS: tl.constexpr,
     ):  # fmt: skip
         """What :class:`DiagonalTiles` prepares, for channel ``c`` and ``P`` positions ``p``, in one pass
-        (``2K`` exponentials per position and state: a tap's gap to itself is 0 and takes none), from ``S``,
-        the rates and the factors as given:
+        (``2K − 1`` exponentials per position and state, ``2K`` with ``ROWS``: a tap's gap to itself is 0
+        and takes none), from ``S``, the rates and the factors as given:
 
         * the sums of ``S`` that the tiles read: ``sloc[p] = S_{p+1} − S_{start}`` (the tile's start), each
           tile's bounds ``sb``, total ``tot`` and far reference ``sref``, each strip's ``growth``
@@ -549,10 +567,11 @@ if triton is not None:
           written by the lane of the tile's or strip's first position;
         * ``W[p, n] = Σ_k w_k exp(A_n (S_{l+1} − S_{p+k+1})) u_{p+k} r_{p+k} B[p+k, n]`` with ``l`` the last
           tap ``min(p + K − 1, L − 1)``, over the taps inside the sequence and in ``l``'s segment;
-        * ``U[p, n] = g_p C[p, n] exp(A_n (S_{p+1} − S_{start}))``, zero past a reset since the tile's
-          start, and ``V[p, n] = p_p exp(A_n (S_ref − S_{l+1})) W[p, n]``, zero past a reset before the
-          tile's reference: the left factors ``g`` and the input mask ``p`` ride in the far tiles' operands
-          (two multiplies an entry of every far tile fewer, a fifth of what its loop issues);
+        * ``V[p, n] = p_p exp(A_n (S_ref − S_{l+1})) W[p, n]``, zero past a reset before the tile's
+          reference: the input mask ``p`` rides in the far tiles' column operand, as the left factors ride in
+          their row operand ``U`` (:func:`_far_rows`; two multiplies an entry of every far tile fewer, a
+          fifth of what its loop issues); ``C`` state-major for the tiles (``Ct``, by channel 0); with
+          ``ROWS`` (the far tiles' outer products, ``N < 16``) ``U`` too, as :func:`_far_rows` computes it;
         * ``fix[p, d]`` (``d < K``), entry ``(p, p − d)`` of the band whole:
           ``Σ_{e ≤ d} w_{d−e} core[p, p − e]`` and the skip ``w_d D r_p`` (the near tiles' formula holds
           only its last diagonal, ``d = K − 1``).
@@ -617,13 +636,14 @@ if triton is not None:
                     W += _exp(a[None, :] * gap[:, None]) * term
             rows = c * L + p
             tl.store(W_ptr + (c * N + n[None, :]) * L + p[:, None], W, mask=pn_ok)  # state-major
-            before = tl.load(seg_ptr + tl.maximum(start - 1, 0), mask=p_ok, other=0)
             c_rows = tl.load(C_ptr + p[:, None] * N + n[None, :], mask=pn_ok, other=0.0)
             # C state-major for the tiles, by one channel: a state's entries of consecutive rows in a run
             tl.store(Ct_ptr + n[None, :] * L + p[:, None], c_rows, mask=tl.where(c == 0, pn_ok, False))
-            left = tl.where(seg_p == before, tl.load(left_ptr + rows, mask=p_ok, other=0.0), 0.0)
-            U = c_rows * _exp(a[None, :] * sl[:, None]) * left[:, None]
-            tl.store(U_ptr + rows[:, None] * NP + n[None, :], U, mask=p_ok[:, None])
+            if ROWS:
+                before = tl.load(seg_ptr + tl.maximum(start - 1, 0), mask=p_ok, other=0)
+                left = tl.where(seg_p == before, tl.load(left_ptr + rows, mask=p_ok, other=0.0), 0.0)
+                U = c_rows * _exp(a[None, :] * sl[:, None]) * left[:, None]
+                tl.store(U_ptr + rows[:, None] * NP + n[None, :], U, mask=p_ok[:, None])
             gap = tl.maximum(S_ref - S_last, 0.0).to(tl.float32)
             right = tl.where(seg_last == seg_ref, tl.load(pmask_ptr + p, mask=p_ok, other=0.0), 0.0)
             V = _exp(a[None, :] * gap[:, None]) * W * right[:, None]
@@ -651,7 +671,7 @@ if triton is not None:
     def _far_kernel(
         out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, J0, nJ, span, L, ssm, n_chan, per_group,
         sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr, left_ptr, pmask_ptr, seg_ptr, segref_ptr, rw_ptr, cw_ptr,
-        growth_ptr, max_growth, near_far, fix_ptr, sloc_ptr, tot_ptr, C_ptr, W_ptr,
+        growth_ptr, max_growth, near_far, fix_ptr, sloc_ptr, tot_ptr, C_ptr, Cr_ptr, W_ptr,
         N: tl.constexpr, NP: tl.constexpr, Q: tl.constexpr, FAR_DOT: tl.constexpr, SPLIT: tl.constexpr,
         K: tl.constexpr, KP: tl.constexpr, SQ: tl.constexpr, STRIPS: tl.constexpr, REDUCE: tl.constexpr,
         TRANSFORM: tl.constexpr, ALIGNED: tl.constexpr,
@@ -671,7 +691,7 @@ if triton is not None:
         J = J0 + tl.program_id(1) * span
         J_end = tl.minimum(J + span, J0 + nJ)
         slab = tl.program_id(2)
-        u = _far_rows(slab, I, L, ssm, U_ptr, NP, Q, FAR_DOT)  # dense: this channel's
+        u = _far_rows(slab, I, L, ssm, A_ptr, Cr_ptr, sloc_ptr, left_ptr, seg_ptr, N, NP, Q, FAR_DOT)  # dense
         t = I * Q + tl.arange(0, Q)
         near_far = (near_far != 0) & (ssm != 0) & (I > 0)
         if STRIPS:  # loaded with the row factors: the first strip's growth, the band of both near tiles
@@ -687,7 +707,8 @@ if triton is not None:
                 if far:
                     c = slab * per_group
                     while c < tl.minimum((slab + 1) * per_group, n_chan):
-                        u_c = _far_rows(c, I, L, ssm, U_ptr, NP, Q, FAR_DOT)
+                        u_c = _far_rows(c, I, L, ssm, A_ptr, Cr_ptr, sloc_ptr, left_ptr, seg_ptr, N, NP, Q,
+                                        FAR_DOT)  # fmt: skip
                         acc = _outer(c, I, J, L, u_c, sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr, seg_ptr,
                                      segref_ptr, N, NP, Q, FAR_DOT, SPLIT)  # fmt: skip
                         total = _reduce_step(total, acc, c, I, J, L, rw_ptr, cw_ptr, TRANSFORM, Q)
@@ -1288,8 +1309,9 @@ class DiagonalTiles(_Tiles):
 
     Mamba-1 (``w = Δ``, ``S = ΣΔ``) and RG-LRU (``N = 1``, ``A = −1``, ``S = −Σ log a``, ``w`` the input
     scale, ``seg`` the reset count) are two instances. Prepared in ``O(channels · L · N)``, in one pass
-    (:func:`_prep_kernel`) from the arrays as given: the sums of ``S`` the tiles read, ``W``, ``U``, ``V``
-    and ``fix``; ``U`` and ``V`` are the far tiles' factors (the left factors and the input mask in them),
+    (:func:`_prep_kernel`) from the arrays as given: the sums of ``S`` the tiles read, ``W``, ``V`` (and
+    ``U`` for ``N < 16``) and ``fix``; ``V`` and ``U`` are the far tiles' factors (the input mask and the
+    left factors in them; the far kernel computes ``U`` itself from ``C`` where the tile is one product),
     the rest serves the near tiles (``growth``: the strips'). Besides allocations no torch operation runs
     per read: on the H200's machine each costs the host 10–25 µs, and a short read is issued by the host as
     much as computed by the device.
@@ -1355,30 +1377,32 @@ class DiagonalTiles(_Tiles):
         D = D.to(f32).contiguous() if skip else weight  # unread without skip
         self.A = A.to(f32).contiguous()
         self.B = B.to(f32).contiguous()
-        C = C.to(f32).contiguous()
+        self.C_rows = C = C.to(f32).contiguous()  # row-major: the far tiles' U (:func:`_far_rows`)
         w = torch.ones(nc, 1, device=device, dtype=f32) if taps is None else taps.to(f32)
         self.taps = w.contiguous()
         self.left = torch.ones(nc, L, device=device, dtype=f32) if left is None else left.to(f32).contiguous()
         self.pmask = filled(L, 1.0, device) if input_mask is None else input_mask.to(f32).contiguous()
         self.N, self.NP, self.K, self.L, self.ssm = N, NP, K, L, ssm
         self.n_chan, self.device = nc, device
-        # W, U, V: written by the preparation with the recurrence; without it unread (sloc stands in)
+        # W, C, V (and U): written by the preparation with the recurrence; without it unread (sloc stands in)
         # W and C state-major: a state's entries of consecutive positions in one run, for the loads of one
         # state at a time (:func:`_direct`; a sector per entry row-major)
         self.W = torch.empty(nc, N, L, device=device, dtype=f32) if ssm else self.sloc
         self.C = torch.empty(N, L, device=device, dtype=f32) if ssm else self.sloc
-        self.U = torch.empty(nc, L, NP, device=device, dtype=f32) if ssm else self.sloc
-        self.V = torch.empty_like(self.U) if ssm else self.sloc
+        self.V = torch.empty(nc, L, NP, device=device, dtype=f32) if ssm else self.sloc
+        # U: prepared for the outer products only (:func:`_far_rows` computes the tile product's)
+        self.U = torch.empty_like(self.V) if ssm and not self.far_dot else self.sloc
         self.fix = torch.empty(nc, L, K, device=device, dtype=f32)
         # positions a program: a (P, NP) tile of every factor
         P = max(16, min(TUNING["prep_positions"], TUNING["prep_elements"] // NP))
+        prep_kind = "prep_outer" if not self.far_dot else "prep_wide" if NP >= 64 else "prep"
         _prep_kernel[(nc, triton.cdiv(L, P))](
             S.contiguous(), self.A, self.B, C, weight, right, D, self.taps, self.seg, self.seg_ref, self.left,
             self.pmask, self.sloc, self.sb, self.tot, self.sref, self.growth, self.U, self.V, self.W, self.C,
             self.fix,
             L, int(ssm), int(skip), int(right is not weight), int(segment is not None),
-            N=N, NP=NP, K=K, KP=triton.next_power_of_2(K), Q=Q, P=P, SQ=STRIP,
-            num_warps=max(TUNING["prep_warps"], 4 if NP >= 64 else 1), **FP_FUSION,
+            N=N, NP=NP, K=K, KP=triton.next_power_of_2(K), Q=Q, P=P, SQ=STRIP, ROWS=not self.far_dot,
+            **_options(prep_kind, max(TUNING["prep_warps"], 4 if NP >= 64 else 1), False),
         )  # fmt: skip
         # near tiles by strips where the far tiles take a product (Mamba-1) and the conv fits in a strip
         self.strips = bool(TUNING["NEAR_STRIPS"]) and self.far_dot and not scalar and ssm and K - 1 < STRIP
@@ -1407,7 +1431,8 @@ class DiagonalTiles(_Tiles):
         _far_kernel[(nI, triton.cdiv(nJ, span), slabs)](
             *head, I0, J0, nJ, span, self.L, int(self.ssm), self.n_chan, per_group,
             self.sb, self.sref, self.A, self.U, self.V, self.left, self.pmask, self.seg, self.seg_ref, rw, cw,
-            self.growth, float(STRIP_GROWTH), near_far, self.fix, self.sloc, self.tot, self.C, self.W,
+            self.growth, float(STRIP_GROWTH), near_far, self.fix, self.sloc, self.tot, self.C, self.C_rows,
+            self.W,
             N=self.N, NP=self.NP, Q=TILE, FAR_DOT=self.far_dot, SPLIT=split, K=self.K, KP=KP, SQ=STRIP,
             STRIPS=strips, **far_options, **reduce,
         )  # fmt: skip

@@ -737,3 +737,50 @@ def test_diagonal_preparation_runs_no_torch_operation_per_read():
     for which, past in enumerate((K - 1, kernels.STRIP + K - 1)):  # the strip's, its diagonal block's
         span = (S[:, (strips + past).clamp(max=L)] - S[:, strips]).to(f32)
         assert torch.equal(tiles.growth[..., which], A.abs().amax(1, keepdim=True) * span)
+
+
+def core_formula(S, A, B, C, weight, right, D, segment):
+    """``core[c, t, m]`` of :class:`kernels.DiagonalTiles` straight from its definition, in float64: the
+    recurrence's entries ``Σ_n C[t, n] e^{A_n (S_{t+1} − S_{m+1})} w_m r_m B[m, n]`` for ``m ≤ t`` in one
+    segment, and the skip ``D r_m`` on the diagonal."""
+    L = weight.shape[1]
+    f64 = torch.float64
+    gap = S[:, 1:, None] - S[:, None, 1:]  # (nc, t, m): S_{t+1} − S_{m+1}
+    linked = torch.tril(torch.ones(L, L, dtype=torch.bool)) & (segment[:, None] == segment[None, :])
+    gap = torch.where(linked, gap, torch.zeros((), dtype=f64))  # exponents ≤ 0 where they count
+    decay = torch.exp(A.to(f64)[:, None, None, :] * gap[..., None])  # (nc, t, m, n)
+    core = torch.einsum("tn,ctmn,mn->ctm", C.to(f64), decay, B.to(f64)) * linked
+    core = core * (weight * right).to(f64)[:, None, :]
+    return core + torch.diag_embed(D.to(f64)[:, None] * right.to(f64))
+
+
+def test_diagonal_tiles_of_many_states_across_resets_match_the_formula():
+    """Mamba-1-like arrays (16 states, so the far tiles take the tile product, :func:`kernels._far_rows`
+    computing their row factors) with two resets, left and right factors, a conv of 4 taps and an input
+    mask: dense blocks and channel sums against the documented formula ``A[t, j] = g_t p_j Σ_k w_k
+    core[t, j + k]`` evaluated in float64."""
+    gen = torch.Generator().manual_seed(5)
+    nc, L, N, K = 3, 150, 16, 4
+    rates = torch.rand(nc, L, generator=gen, dtype=torch.float64) * 0.05
+    S = torch.nn.functional.pad(rates.cumsum(1), (1, 0))
+    A = -torch.rand(nc, N, generator=gen) * 2
+    B, C = torch.randn(L, N, generator=gen), torch.randn(L, N, generator=gen)
+    segment = (torch.arange(L) >= 40).to(torch.int32) + (torch.arange(L) >= 130).to(torch.int32)
+    weight, right, left = (torch.rand(nc, L, generator=gen) for _ in range(3))
+    D, taps = torch.randn(nc, generator=gen), torch.randn(nc, K, generator=gen)
+    mask = (torch.rand(L, generator=gen) > 0.1).float()
+    tiles = kernels.DiagonalTiles(S, A, B, C, weight, D, segment, left=left, right=right, taps=taps,
+                                  input_mask=mask, ssm=True, skip=True)  # fmt: skip
+
+    core = core_formula(S, A, B, C, weight, right, D, segment)
+    expected = torch.zeros(nc, L, L, dtype=torch.float64)
+    for k in range(K):  # column j sees position j + k through tap w_k = taps[:, K − 1 − k]
+        expected[:, :, : L - k] += taps[:, K - 1 - k, None, None].double() * core[:, :, k:]
+    expected *= left.double()[:, :, None] * mask.double()[None, None, :]
+    assert expected[:, 128:, :64].abs().amax() > 1e-3 * expected.abs().amax()  # the far tiles matter
+
+    dense = tiles.dense(0, L, 0, L)
+    assert rel_err(dense, expected) < TOL
+    assert torch.all(dense[:, 130:, :127] == 0) and torch.all(dense[:, 40:, :37] == 0)  # the resets cut
+    assert rel_err(tiles.dense(70, 150, 3, 101), expected[:, 70:, 3:101]) < TOL  # a block off the tile grid
+    assert rel_err(tiles.reduce(0, L, 0, L), expected.sum(0)) < TOL
