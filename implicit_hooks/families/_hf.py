@@ -26,12 +26,14 @@ def cache_states(cache: Any, layer_idx: int) -> tuple[torch.Tensor | None, torch
     return None, None
 
 
-def keep_conv_context(record: Any, conv_state: torch.Tensor | None, conv: torch.nn.Module) -> None:
+def keep_conv_context(record: Any, conv_state: torch.Tensor | None, block: torch.nn.Module) -> None:
     """Keep a copy of the last ``K − 1`` inputs of the conv state the call starts from (the forward updates
-    the cache in place) in ``record.raw["conv_context"]``; nothing without a state or with one tap."""
+    the cache in place) in ``record.raw["conv_context"]``; nothing without a state or with one tap. The
+    block's ``conv1d`` is looked up only with a state: a pre-hook runs on every call, and a sub-module
+    reached by attribute costs ``nn.Module.__getattr__`` about a microsecond."""
     if conv_state is None:
         return
-    K = conv.weight.shape[-1]
+    K = block.conv1d.weight.shape[-1]
     if K > 1:
         record.raw["conv_context"] = conv_state[..., -(K - 1) :].clone()
 

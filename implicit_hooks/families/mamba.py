@@ -205,7 +205,7 @@ class MambaPatcher(Patcher):
         cache = self.argument("cache", args, kwargs) or self.argument("cache_params", args, kwargs)
         conv_state, recurrent_state = cache_states(cache, self.module.layer_idx)
         # The forward updates the cache in place: keep copies of what this call starts from.
-        keep_conv_context(record, conv_state, self.module.conv1d)
+        keep_conv_context(record, conv_state, self.module)
         # Mamba-1 reads the recurrent state only on single-token steps (longer calls start from zero).
         if recurrent_state is not None and hidden is not None and hidden.shape[1] == 1:
             record.raw["initial_state"] = recurrent_state.clone()

@@ -298,7 +298,7 @@ class Mamba2Patcher(Patcher):
         record.raw["attention_mask"] = self.argument("attention_mask", args, kwargs)
         conv_state, recurrent_state = cache_states(cache_of(self, args, kwargs), self.module.layer_idx)
         # The forward updates the cache in place: keep copies of what this call starts from.
-        keep_conv_context(record, conv_state, self.module.conv1d)  # (B, conv_dim, K − 1): x, B, C
+        keep_conv_context(record, conv_state, self.module)  # (B, conv_dim, K − 1): x, B, C
         if recurrent_state is not None:  # Mamba-2 continues from it on every path (initial_states)
             record.raw["initial_state"] = recurrent_state.clone()  # (B, H, P, N)
 

@@ -101,7 +101,7 @@ class ZambaMambaPatcher(Patcher):
         record.raw["attention_mask"] = self.argument("attention_mask", args, kwargs)
         conv_state, recurrent_state = cache_states(cache_of(self, args, kwargs), self.module.layer_idx)
         # The forward updates the cache in place: keep copies of what this call starts from.
-        keep_conv_context(record, conv_state, self.module.conv1d)
+        keep_conv_context(record, conv_state, self.module)
         # The scan reads the recurrent state only on single-token steps (longer calls start from zero).
         if recurrent_state is not None and hidden is not None and hidden.shape[1] == 1:
             record.raw["initial_state"] = recurrent_state.clone()  # (B, H, P, N)
