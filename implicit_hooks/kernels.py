@@ -131,8 +131,9 @@ TUNING: dict = {
     # names + "_reduce"; none: ptxas chooses, up to 255), traded against spills for more programs an SM.
     # On the H200, 168 registers (3 programs of 4 warps an SM) made dense reads 6–9 % faster at L = 2048,
     # the same matrices bit for bit (benchmarks/sweep_dense.py); reductions would spill 160–1500 bytes.
-    # Mamba-1's far kernel, which takes its near tiles too: 128 (four programs an SM, no spill),
-    # 5–7 % faster than 168 at L = 1024 and 2048 (benchmarks/results/sweep_jj.json).
+    # Mamba-1's far kernel, which takes its near tiles too: 128 (four programs an SM), 5–7 % faster than 168
+    # at L = 1024 and 2048 (benchmarks/results/sweep_jj.json); since it computes U (run PP) 8 bytes spill
+    # there, two values kept from its set-up to its band's store: one store and one load each, no loop.
     # Mamba-1's preparation ("prep"; "prep_wide": NP ≥ 64, "prep_outer": N < 16): 96 (10 programs of 2
     # warps an SM, 8 at its 123, no spill), 6–7 % faster at L = 512 and 2048, the same arrays bit for bit
     # (benchmarks/results/sweep_pp.json).
