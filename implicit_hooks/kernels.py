@@ -199,6 +199,13 @@ if triton is not None:
         return _exp2(x * LOG2E)
 
     @triton.jit
+    def _row_factors(c_rows, a, sl, left):
+        """``U = g_t C[t, n] e^{A_n sl_t}`` from rows of ``C``, the rates, the sums ``sl`` since the row
+        tile's start and the left factors ``g`` (zero past a reset): :func:`_far_rows` and, for the outer
+        products, :func:`_prep_kernel`."""
+        return c_rows * _exp(a[None, :] * sl[:, None]) * left[:, None]
+
+    @triton.jit
     def _far_rows(c, I, L, ssm, A_ptr, Cr_ptr, sloc_ptr, left_ptr, seg_ptr, N: tl.constexpr, NP: tl.constexpr,
                   Q: tl.constexpr, FAR_DOT: tl.constexpr):  # fmt: skip
         """The row factors of row tile ``I`` for the tile product, ``U[t, n] = g_t C[t, n] exp(A_n (S_{t+1} −
@@ -220,7 +227,7 @@ if triton is not None:
             c_rows = tl.load(Cr_ptr + t[:, None] * N + n[None, :], mask=t_ok[:, None] & (n < N)[None, :],
                              other=0.0)  # fmt: skip
             a = tl.load(A_ptr + c * N + n, mask=n < N, other=0.0)
-            return c_rows * _exp(a[None, :] * sl[:, None]) * left[:, None]
+            return _row_factors(c_rows, a, sl, left)
         else:
             return t  # unused: the outer products load U per state
 
@@ -643,7 +650,7 @@ if triton is not None:
             if ROWS:
                 before = tl.load(seg_ptr + tl.maximum(start - 1, 0), mask=p_ok, other=0)
                 left = tl.where(seg_p == before, tl.load(left_ptr + rows, mask=p_ok, other=0.0), 0.0)
-                U = c_rows * _exp(a[None, :] * sl[:, None]) * left[:, None]
+                U = _row_factors(c_rows, a, sl, left)
                 tl.store(U_ptr + rows[:, None] * NP + n[None, :], U, mask=p_ok[:, None])
             gap = tl.maximum(S_ref - S_last, 0.0).to(tl.float32)
             right = tl.where(seg_last == seg_ref, tl.load(pmask_ptr + p, mask=p_ok, other=0.0), 0.0)
