@@ -64,7 +64,8 @@ Measured on the H200 (``benchmarks/results/gpu.md``), through the view, preparat
 reads at L = 512 / 1024 / 2048 take 2.7–3.5× / 1.75–2.0× / 1.55× the write floor (Mamba-1, 1536 channels;
 1.38× at 4096), 2.1–2.9× / 1.7–2.0× / 1.65× (Mamba-2), 1.8–2.5× / 1.35–1.6× / 1.2× (RG-LRU, 2560
 channels), 1.8–2.8× / 1.35–1.7× / 1.2× (RWKV-4, 1024 channels); reads issued back to back (the host
-issuing one while the device runs the one before) 1.99–2.09× / 1.56–1.63× / 1.41–1.47× (Mamba-1) and
+issuing one while the device runs the one before) 1.99–2.04× / 1.56–1.61× / 1.41–1.45× (Mamba-1, whose
+two kernels alone take 1.96× at 512) and
 1.3–1.7× / 1.2–1.6× / 1.1–1.6× (the others); the torch path 983× and 131× at L = 512 (Mamba-1, RWKV-4). Every
 preparation runs in the kernels (:func:`_prep_kernel`; the WKV and by-head kernels read the core's arrays as
 they are): on the H200's machine each torch operation costs the host 10–25 µs, as much as a short read's
@@ -132,8 +133,8 @@ TUNING: dict = {
     # On the H200, 168 registers (3 programs of 4 warps an SM) made dense reads 6–9 % faster at L = 2048,
     # the same matrices bit for bit (benchmarks/sweep_dense.py); reductions would spill 160–1500 bytes.
     # Mamba-1's far kernel, which takes its near tiles too: 128 (four programs an SM), 5–7 % faster than 168
-    # at L = 1024 and 2048 (benchmarks/results/sweep_jj.json); since it computes U (run PP) 8 bytes spill
-    # there, two values kept from its set-up to its band's store: one store and one load each, no loop.
+    # at L = 1024 and 2048 (benchmarks/results/sweep_jj.json); it fits without a spill (127 registers; run
+    # PP's U spilled 8 bytes until run QQ split U once per row tile).
     # Mamba-1's preparation ("prep"; "prep_wide": NP ≥ 64, "prep_outer": N < 16): 96 (10 programs of 2
     # warps an SM, 8 at its 123, no spill), 6–7 % faster at L = 512 and 2048, the same arrays bit for bit
     # (benchmarks/results/sweep_pp.json).
@@ -215,7 +216,10 @@ if triton is not None:
         entries. ``C`` is read row-major (``Cr``, ``L × N``): loaded with a thread's states in a run, ``U``
         takes the layout whose middle factor costs a thread 4 exponentials a tile, the state-major copy's
         8. The outer products (``N < 16``) read ``U`` prepared (:func:`_prep_kernel`): their tile is too
-        little work to hide computing it, once a tile in channel sums."""
+        little work to hide computing it, once a tile in channel sums.
+
+        Returned with its TF32 head (:func:`_tf32_head`), split once per row tile for every far tile's
+        :func:`_split_product` (unused without ``SPLIT``)."""
         t = I * Q + tl.arange(0, Q)
         if FAR_DOT:
             n = tl.arange(0, NP)
@@ -227,29 +231,42 @@ if triton is not None:
             c_rows = tl.load(Cr_ptr + t[:, None] * N + n[None, :], mask=t_ok[:, None] & (n < N)[None, :],
                              other=0.0)  # fmt: skip
             a = tl.load(A_ptr + c * N + n, mask=n < N, other=0.0)
-            return _row_factors(c_rows, a, sl, left)
+            u = _row_factors(c_rows, a, sl, left)
+            return u, _tf32_head(u)
         else:
-            return t  # unused: the outer products load U per state
+            return t, t  # unused: the outer products load U per state
+
+    @triton.jit
+    def _tf32_head(x):
+        """``x`` cut to a TF32 head: the top 10 mantissa bits, masked (-8192 = 0xFFFFE000), not rounded."""
+        return (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
 
     @triton.jit
     def _product(x, y, SPLIT: tl.constexpr):
         """``x · yᵀ``: with ``SPLIT`` on the tensor cores to about float32 accuracy, each operand split into a
-        TF32 head (the top 10 mantissa bits, masked) and its remainder, three TF32 products (the remainders'
-        product, 2⁻²² of the result, is left out; Triton's own ``"tf32x3"`` faulted in these kernels, 3.6,
-        H200); else in IEEE float32."""
+        TF32 head (:func:`_tf32_head`) and its remainder, three TF32 products (the remainders' product, 2⁻²²
+        of the result, is left out; Triton's own ``"tf32x3"`` faulted in these kernels, 3.6, H200); else in
+        IEEE float32."""
+        return _split_product(x, _tf32_head(x), y, SPLIT)
+
+    @triton.jit
+    def _split_product(x, x_hi, y, SPLIT: tl.constexpr):
+        """:func:`_product` with the head of ``x`` given: split once where ``x`` takes several products."""
         if not SPLIT:
             return tl.dot(x, tl.trans(y), input_precision="ieee")
-        x_hi = (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)  # -8192 = 0xFFFFE000
-        y_hi = (y.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+        y_hi = _tf32_head(y)
         acc = tl.dot(x_hi, tl.trans(y_hi), input_precision="tf32")
         acc += tl.dot(x_hi, tl.trans(y - y_hi), input_precision="tf32")
         return acc + tl.dot(x - x_hi, tl.trans(y_hi), input_precision="tf32")
 
     @triton.jit
-    def _outer(c, I, J, L, u, sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr, seg_ptr, segref_ptr, N: tl.constexpr,
-               NP: tl.constexpr, Q: tl.constexpr, FAR_DOT: tl.constexpr, SPLIT: tl.constexpr):  # fmt: skip
-        """A far tile (``I ≥ J + 2``) of channel ``c``: ``U · diag(mid) · Vᵀ`` (the left factors and the input
-        mask ride in ``U``, :func:`_far_rows`, and ``V``, :func:`_prep_kernel`)."""
+    def _outer(c, I, J, L, u, u_hi, sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr, seg_ptr, segref_ptr,
+               N: tl.constexpr, NP: tl.constexpr, Q: tl.constexpr, FAR_DOT: tl.constexpr,
+               SPLIT: tl.constexpr):  # fmt: skip
+        """A far tile (``I ≥ J + 2``) of channel ``c``: ``U · (V · diag(mid))ᵀ`` (the left factors and the
+        input mask ride in ``U``, :func:`_far_rows`, and ``V``, :func:`_prep_kernel`). The middle factor goes
+        on ``V``, so that ``U`` and its TF32 head ``u_hi`` are the same for every tile of the row: 1.9 % less
+        far-kernel time at L = 512 (run QQ), since ``U`` is split once per row tile, not once a tile."""
         t = I * Q + tl.arange(0, Q)
         j = J * Q + tl.arange(0, Q)
         t_ok = t < L
@@ -264,7 +281,7 @@ if triton is not None:
             v = tl.load(V_ptr + (c * L + j[:, None]) * NP + n[None, :], mask=j_ok[:, None], other=0.0)
             a = tl.load(A_ptr + c * N + n, mask=n < N, other=0.0)
             mid = _exp(a * gap) * linked  # (NP,), every exponent ≤ 0
-            acc = _product(u * mid[None, :], v, SPLIT)
+            acc = _split_product(u, u_hi, v * mid[None, :], SPLIT)
         else:
             acc = tl.zeros((Q, Q), dtype=tl.float32)
             for n in tl.static_range(N):
@@ -699,7 +716,9 @@ if triton is not None:
         J = J0 + tl.program_id(1) * span
         J_end = tl.minimum(J + span, J0 + nJ)
         slab = tl.program_id(2)
-        u = _far_rows(slab, I, L, ssm, A_ptr, Cr_ptr, sloc_ptr, left_ptr, seg_ptr, N, NP, Q, FAR_DOT)  # dense
+        # the row factors of a dense read (channel sums compute each channel's in the loop)
+        u, u_hi = _far_rows(slab, I, L, ssm, A_ptr, Cr_ptr, sloc_ptr, left_ptr, seg_ptr, N, NP, Q,
+                            FAR_DOT)  # fmt: skip
         t = I * Q + tl.arange(0, Q)
         near_far = (near_far != 0) & (ssm != 0) & (I > 0)
         if STRIPS:  # loaded with the row factors: the first strip's growth, the band of both near tiles
@@ -715,15 +734,15 @@ if triton is not None:
                 if far:
                     c = slab * per_group
                     while c < tl.minimum((slab + 1) * per_group, n_chan):
-                        u_c = _far_rows(c, I, L, ssm, A_ptr, Cr_ptr, sloc_ptr, left_ptr, seg_ptr, N, NP, Q,
-                                        FAR_DOT)  # fmt: skip
-                        acc = _outer(c, I, J, L, u_c, sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr, seg_ptr,
+                        u_c, u_c_hi = _far_rows(c, I, L, ssm, A_ptr, Cr_ptr, sloc_ptr, left_ptr, seg_ptr, N,
+                                                NP, Q, FAR_DOT)  # fmt: skip
+                        acc = _outer(c, I, J, L, u_c, u_c_hi, sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr, seg_ptr,
                                      segref_ptr, N, NP, Q, FAR_DOT, SPLIT)  # fmt: skip
                         total = _reduce_step(total, acc, c, I, J, L, rw_ptr, cw_ptr, TRANSFORM, Q)
                         c += 1
             elif far:
-                total = _outer(slab, I, J, L, u, sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr, seg_ptr, segref_ptr,
-                               N, NP, Q, FAR_DOT, SPLIT)  # fmt: skip
+                total = _outer(slab, I, J, L, u, u_hi, sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr, seg_ptr,
+                               segref_ptr, N, NP, Q, FAR_DOT, SPLIT)  # fmt: skip
             not_near = (I < J) | (I >= J + 2)  # the near tiles are the other launch's, or the strips'
             _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, not_near | far,
                    ALIGNED)  # fmt: skip
