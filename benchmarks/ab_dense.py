@@ -19,7 +19,8 @@ records:
 - each kernel's device time per read (``torch.profiler``);
 - a channel mean's time (median of 5).
 
-Read and back-to-back times are given against the float32 write floor. The package is whichever
+Read and back-to-back times are given against the write floor (``--bfloat16``: reads stored in bfloat16,
+against half of it). The package is whichever
 ``implicit_hooks`` comes first on ``PYTHONPATH``; its path is printed with every row. The first channels of
 the dense matrix at L ≤ 1024 are saved for ``--compare``, which prints how far apart two labels' matrices
 are. JSON lines on stdout, and ``OUT/ab_LABEL.json``. ``sweep_nn.json`` and ``sweep_oo.json`` hold such runs.
@@ -39,17 +40,18 @@ from bench_gpu import back_to_back, once, one_layer_views, timer, write_bandwidt
 import implicit_hooks
 
 
-def measure(label: str, out: str, families: list[str], lengths: list[int], smoke: bool) -> list[dict]:
+def measure(label: str, out: str, families: list[str], lengths: list[int], smoke: bool,
+            dtype: torch.dtype = torch.float32) -> list[dict]:  # fmt: skip
     device = torch.device("cpu" if smoke or not torch.cuda.is_available() else "cuda")
     torch.backends.cuda.matmul.allow_tf32 = False
     bandwidth = write_bandwidth(device, timer(device))
     rows = []
     for family, L, view in one_layer_views(families, lengths, device, smoke):
         B, C = view.shape[:2]
-        floor = B * C * L * L * 4 / bandwidth
+        floor = B * C * L * L * dtype.itemsize / bandwidth
 
         def read(view=view):
-            return view.dense()
+            return view.dense(dtype)
 
         lone = sorted(once(read, device) for _ in range(9))[4]
         b2b = sorted(back_to_back(read, device, 20) for _ in range(3))
@@ -60,11 +62,13 @@ def measure(label: str, out: str, families: list[str], lengths: list[int], smoke
             kernels = {k[:40]: v for k, v in device_times(read, 5).items()}
         view.mean()
         mean_s = sorted(once(view.mean, device) for _ in range(5))[2]
-        row = dict(label=label, family=family, pkg=implicit_hooks.__file__, L=L, floor=floor,
-                   lone=lone / floor, b2b=[x / floor for x in b2b], b2b_s=b2b, mean_s=mean_s,
+        row = dict(label=label, family=family, pkg=implicit_hooks.__file__, L=L, dtype=str(dtype)[6:],
+                   floor=floor, lone=lone / floor, b2b=[x / floor for x in b2b], b2b_s=b2b, mean_s=mean_s,
                    kernels=kernels)  # fmt: skip
         if L <= 1024:  # the first channels, for --compare
-            torch.save(view[0, : (64 if L <= 512 else 8)].cpu(), os.path.join(out, f"{family}{L}_{label}.pt"))
+            n = 64 if L <= 512 else 8
+            first = (view[0, :n] if dtype == torch.float32 else view.dense(dtype)[0, :n]).cpu().clone()
+            torch.save(first, os.path.join(out, f"{family}{L}_{label}.pt"))
         print(json.dumps(row), flush=True)
         rows.append(row)
     with open(os.path.join(out, f"ab_{label}.json"), "w") as f:
@@ -97,6 +101,9 @@ def main() -> None:
         "--compare", nargs=2, metavar=("FIRST", "SECOND"), help="compare two labels' matrices"
     )
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
+    parser.add_argument(
+        "--bfloat16", action="store_true", help="reads stored in bfloat16 (against half the floor)"
+    )
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if args.compare:
@@ -105,7 +112,8 @@ def main() -> None:
     if not args.label:
         parser.error("a label, or --compare FIRST SECOND")
     lengths = args.lengths or ([16, 80] if args.smoke else [512, 1024, 2048])
-    measure(args.label, args.out, args.families, lengths, args.smoke)
+    dtype = torch.bfloat16 if args.bfloat16 else torch.float32
+    measure(args.label, args.out, args.families, lengths, args.smoke, dtype)
 
 
 if __name__ == "__main__":

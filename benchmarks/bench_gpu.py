@@ -296,9 +296,11 @@ def overhead_parts(model, ids, device, forward_s: float, per_call: float) -> dic
 
 
 def overhead(family, cfg, args, device, timed) -> list[dict]:
-    """Forward with and without ``record``, whole 24-layer models: alternating runs (7, so that drifts hit
-    both alike), ``overhead`` the ratio of the fastest runs (launch-bound forwards, such as HF's slow
-    Mamba path, swing by ±20 % from run to run), ``overhead_median`` that of the medians."""
+    """Forward with and without ``record``, whole 24-layer models: alternating runs (``--overhead-pairs``, 7
+    by default, so that drifts hit both alike), ``overhead`` the ratio of the fastest runs (launch-bound
+    forwards, such as HF's slow Mamba path, swing by ±20 % from run to run), ``overhead_median`` that of
+    the medians, ``overhead_paired`` the median and quartiles of each pair's ratio (a recorded forward over
+    the plain one just before it: with many pairs, a figure the forward's own drift moves least)."""
     model = build(cfg, args.layers, device)
     per_call = hook_cost(device)
     rows = []
@@ -316,7 +318,7 @@ def overhead(family, cfg, args, device, timed) -> list[dict]:
 
             plain_s, recorded_s = [], []
             plain(), recorded()  # warm-up
-            for _ in range(2 if args.smoke else 7):
+            for _ in range(2 if args.smoke else args.overhead_pairs):
                 plain_s.append(once(plain, device))
                 recorded_s.append(once(recorded, device))
             row = {"family": family, "part": "overhead", "L": L, "batch": batch, "layers": args.layers}
@@ -324,6 +326,9 @@ def overhead(family, cfg, args, device, timed) -> list[dict]:
             row["overhead"] = row["recorded_s"] / row["forward_s"]
             median = sorted(recorded_s)[len(recorded_s) // 2] / sorted(plain_s)[len(plain_s) // 2]
             row["overhead_median"] = median
+            paired = sorted(r / p for r, p in zip(recorded_s, plain_s))
+            row["overhead_paired"] = [paired[len(paired) * k // 4] for k in (1, 2, 3)]
+            row["pairs"] = len(paired)
             row.update(overhead_parts(model, ids, device, row["forward_s"], per_call))
             if batch == 1:
                 rec = record(model, ids)
@@ -442,6 +447,7 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["overhead", "assembly", "rows"])
     parser.add_argument("--layers", type=int, default=None, help="model depth for the overhead (24)")
     parser.add_argument("--overhead-lengths", type=int, nargs="+", default=None)
+    parser.add_argument("--overhead-pairs", type=int, default=7, help="alternating forwards with and without")
     parser.add_argument("--dense-lengths", type=int, nargs="+", default=None)
     parser.add_argument("--mean-lengths", type=int, nargs="+", default=None)
     parser.add_argument("--row-lengths", type=int, nargs="+", default=None)
