@@ -1117,34 +1117,39 @@ if triton is not None:
     @triton.jit
     def _tap(taps_ptr, c, K, k):
         """Channel ``c``'s conv weight on the input ``k`` positions after a column: ``taps[c, K − 1 − k]``,
-        zero past the conv's ``K`` taps."""
-        return tl.where(k < K, tl.load(taps_ptr + c * K + tl.maximum(K - 1 - k, 0)), 0.0)
+        zero past the conv's ``K`` taps (a masked load: nothing waits for it where it is issued)."""
+        return tl.load(taps_ptr + c * K + tl.maximum(K - 1 - k, 0), mask=k < K, other=0.0)
 
     @triton.jit
-    def _head_factors(c, I, J, t, j, L, pm, taps_ptr, K, right_ptr, left_ptr):
-        """Channel ``c``'s factors on tile ``(I, J)``: its column factors ``w_k r_{j+k}`` (``k < 4``, the
-        input mask ``pm`` in them, not on every entry) and its left factors (none above the diagonal)."""
+    def _head_loads(c, I, J, t, j, L, taps_ptr, K, right_ptr, left_ptr):
+        """Channel ``c``'s factors on tile ``(I, J)`` as loaded, nothing computed from them yet: its conv taps
+        ``w_k`` and right factors ``r_{j+k}`` (``k < 4``) and its left factors (none above the diagonal), for
+        :func:`_head_channel`. The by-head kernel loads them one channel ahead and uses them a whole channel
+        later: arithmetic on them where they are loaded waited for them there (``ncu``, run QQ)."""
         cols = tl.where(J <= I, j < L, False)  # (a scalar condition: where(), not &, for every Triton)
-        x0 = _column_factor(c, j, 0, L, cols, pm, taps_ptr, K, right_ptr)
-        x1 = _column_factor(c, j, 1, L, cols, pm, taps_ptr, K, right_ptr)
-        x2 = _column_factor(c, j, 2, L, cols, pm, taps_ptr, K, right_ptr)
-        x3 = _column_factor(c, j, 3, L, cols, pm, taps_ptr, K, right_ptr)
-        return x0, x1, x2, x3, tl.load(left_ptr + c * L + t, mask=tl.where(J <= I, t < L, False), other=0.0)
+        rows = tl.where(J <= I, t < L, False)
+        right = right_ptr + c * L + j
+        return (
+            _tap(taps_ptr, c, K, 0), _tap(taps_ptr, c, K, 1),
+            _tap(taps_ptr, c, K, 2), _tap(taps_ptr, c, K, 3),
+            tl.load(right, mask=cols, other=0.0),
+            tl.load(right + 1, mask=cols & (j + 1 < L), other=0.0),
+            tl.load(right + 2, mask=cols & (j + 2 < L), other=0.0),
+            tl.load(right + 3, mask=cols & (j + 3 < L), other=0.0),
+            tl.load(left_ptr + c * L + t, mask=rows, other=0.0),
+        )  # fmt: skip
 
     @triton.jit
-    def _column_factor(c, j, k, L, cols, pm, taps_ptr, K, right_ptr):
-        """``w_k r_{j+k}`` of channel ``c`` times the input mask ``pm`` (zero outside ``cols``)."""
-        right = tl.load(right_ptr + c * L + j + k, mask=cols & (j + k < L), other=0.0)
-        return _tap(taps_ptr, c, K, k) * right * pm
-
-    @triton.jit
-    def _head_channel(I, J, w0, w1, w2, w3, x0, x1, x2, x3, left):
-        """A channel's entries of tile ``(I, J)`` from its head's windows (the skip in them) and its factors
-        (:func:`_head_factors`): ``Σ_k window_k · w_k r_{j+k}`` times the gate, four multiply-adds an entry;
-        above the diagonal zeros (``+0.0``: products of the zeros there could carry a sign)."""
+    def _head_channel(I, J, w0, w1, w2, w3, tap0, tap1, tap2, tap3, rt0, rt1, rt2, rt3, left, pm):
+        """A channel's entries of tile ``(I, J)`` from its head's windows ``w_k`` (the skip in them) and its
+        factors (:func:`_head_loads`): ``Σ_k window_k · tap_k r_{j+k}`` (the input mask ``pm`` in the column
+        factors, not on every entry) times the gate, four multiply-adds an entry; above the diagonal zeros
+        (``+0.0``: products of the zeros there could carry a sign)."""
         acc = tl.zeros(w0.shape, dtype=tl.float32)
         if J <= I:
-            acc = w0 * x0[None, :] + w1 * x1[None, :] + w2 * x2[None, :] + w3 * x3[None, :]
+            acc = w0 * (tap0 * rt0 * pm)[None, :] + w1 * (tap1 * rt1 * pm)[None, :]
+            acc += w2 * (tap2 * rt2 * pm)[None, :]
+            acc += w3 * (tap3 * rt3 * pm)[None, :]
             acc = acc * left[:, None]
         return acc
 
@@ -1184,17 +1189,26 @@ if triton is not None:
                     I, J, hh, t, t < L, cum_t, a, L, ssm, d_skip, scratch, cum_ptr, delta_ptr, B_ptr, C_ptr,
                     N, Q, H, NC, SPLIT,
                 )  # fmt: skip
-                # each channel's factors are loaded while the channel before is computed and stored: a
-                # channel's own loads (its id, then its factors) would stall its arithmetic
+                # each channel's factors are loaded while the channel before is computed and stored, and
+                # its id a channel earlier still: a channel's own loads (its id, then its factors, which
+                # depend on the id) stalled its arithmetic
                 c = tl.load(chan_ptr + p)
-                x0, x1, x2, x3, left = _head_factors(c, I, J, t, j, L, pm, taps_ptr, K, right_ptr, left_ptr)
+                c_next = tl.load(chan_ptr + tl.minimum(p + 1, end - 1))
+                tap0, tap1, tap2, tap3, rt0, rt1, rt2, rt3, left = _head_loads(
+                    c, I, J, t, j, L, taps_ptr, K, right_ptr, left_ptr
+                )  # fmt: skip
                 while p < end:
-                    c_next = tl.load(chan_ptr + tl.minimum(p + 1, end - 1))
-                    n0, n1, n2, n3, n_left = _head_factors(c_next, I, J, t, j, L, pm, taps_ptr, K, right_ptr,
-                                                           left_ptr)  # fmt: skip
-                    acc = _head_channel(I, J, w0, w1, w2, w3, x0, x1, x2, x3, left)
+                    c_after = tl.load(chan_ptr + tl.minimum(p + 2, end - 1))
+                    n_tap0, n_tap1, n_tap2, n_tap3, n_rt0, n_rt1, n_rt2, n_rt3, n_left = _head_loads(
+                        c_next, I, J, t, j, L, taps_ptr, K, right_ptr, left_ptr
+                    )  # fmt: skip
+                    acc = _head_channel(I, J, w0, w1, w2, w3, tap0, tap1, tap2, tap3, rt0, rt1, rt2, rt3,
+                                        left, pm)  # fmt: skip
                     _store(out_ptr, c, stride_slab, stride_t, I, J, r0, r1, c0, c1, acc, Q, J >= 0, ALIGNED)
-                    c, x0, x1, x2, x3, left = c_next, n0, n1, n2, n3, n_left
+                    c, c_next = c_next, c_after
+                    tap0, tap1, tap2, tap3, rt0, rt1, rt2, rt3, left = (
+                        n_tap0, n_tap1, n_tap2, n_tap3, n_rt0, n_rt1, n_rt2, n_rt3, n_left
+                    )  # fmt: skip
                     p += 1
             item += tl.num_programs(0)
 
@@ -1235,9 +1249,11 @@ if triton is not None:
                         )  # fmt: skip
                         while p < end:
                             c = tl.load(chan_ptr + p)
-                            x0, x1, x2, x3, left = _head_factors(c, I, J, t, j, L, pm, taps_ptr, K, right_ptr,
-                                                                 left_ptr)  # fmt: skip
-                            acc = _head_channel(I, J, w0, w1, w2, w3, x0, x1, x2, x3, left)
+                            tap0, tap1, tap2, tap3, rt0, rt1, rt2, rt3, left = _head_loads(
+                                c, I, J, t, j, L, taps_ptr, K, right_ptr, left_ptr
+                            )  # fmt: skip
+                            acc = _head_channel(I, J, w0, w1, w2, w3, tap0, tap1, tap2, tap3, rt0, rt1, rt2,
+                                                rt3, left, pm)  # fmt: skip
                             total = _reduce_at(total, acc, c, t, j, L, rw_ptr, cw_ptr, TRANSFORM)
                             p += 1
                     hh += 1
