@@ -124,7 +124,7 @@ TUNING: dict = {
     "prep_elements": 2048,
     "prep_warps": 2,
     # programs an SM of the by-head kernels (HeadTiles), each looping over its items: as many as run at
-    # once (dense blocks: 254 registers at 4 warps, two an SM), channel sums four
+    # once (dense blocks: 255 registers at 4 warps, two an SM), channel sums four
     "head_programs_per_sm": 2,
     "head_reduce_programs_per_sm": 4,
     # ptxas register caps of dense launches by kernel ("far": tile products of N < 64 states, "far_wide",
