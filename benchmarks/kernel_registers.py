@@ -12,6 +12,7 @@ makes the compiler reshuffle each tile through shared memory first: more shared 
 (``benchmarks/results/gpu.md``); check here before spending GPU time.
 
     python benchmarks/kernel_registers.py          # any machine with triton installed (Linux)
+    python benchmarks/kernel_registers.py --only "by head" --loops    # and each loop's barriers, loads
 
 Kernels that ``kernels.TUNING["maxnreg"]`` caps are also shown as shipped (the cap applies to dense
 launches; Mamba-2's kernels run at 8 warps, where they stay under it).
@@ -19,6 +20,7 @@ launches; Mamba-2's kernels run at 8 warps, where they stay under it).
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import os
 import re
@@ -72,7 +74,39 @@ CASES = [
 TYPES = {kernels._prep_kernel: {"S_ptr": "*fp64", "u_ptr": "*fp32"}}
 
 
-def report(kernel, constants: dict, warps: int, maxnreg: int | None = None, output: str = "*fp32") -> str:
+#: what :func:`loops` counts in each loop's SASS (an opcode's prefix): barriers, global loads and stores,
+#: shared-memory traffic, exponentials
+LOOP_OPCODES = {"BAR": "BAR", "LDG": "LDG", "STG": "STG", "STS": "STS", "LDS": "LDS", "STSM": "STSM",
+                "ex2": "MUFU.EX2"}  # fmt: skip
+
+
+def loops(sass: str) -> list[str]:
+    """One line per loop of the SASS (a branch back to a label): its instructions and what
+    :data:`LOOP_OPCODES` counts in it, an inner loop's instructions counted in its outer loop too. A barrier
+    or a load in a kernel's innermost loop is paid every iteration: Mamba-2's channel loop showed 10 barriers
+    a channel and the far tiles' loop 14 a tile (run QQ, ``benchmarks/results/gpu.md``)."""
+    lines = sass.splitlines()
+    labels = {line.strip()[:-1]: i for i, line in enumerate(lines) if re.match(r"\s*\.L_x_\d+:", line)}
+    found = []
+    for end, line in enumerate(lines):
+        target = re.search(r"BRA `\((\.L_x_\d+)\)", line)
+        start = labels.get(target.group(1)) if target else None
+        if start is None or start >= end:
+            continue
+        body = [x.split(";")[0] for x in lines[start : end + 1] if re.search(r"/\*[0-9a-f]{4}\*/", x)]
+        if len(body) < 2:
+            continue  # the end-of-kernel self-branch
+        opcodes = [re.sub(r"^\s*/\*[0-9a-f]+\*/\s*(@!?U?P\w+\s+)?", "", x).split(" ")[0] for x in body]
+        counts = {k: sum(op.startswith(prefix) for op in opcodes) for k, prefix in LOOP_OPCODES.items()}
+        counts["STS"] -= counts["STSM"]  # STS counted STSM too
+        found.append(
+            f"loop at line {start}: {len(body)} SASS, " + ", ".join(f"{v} {k}" for k, v in counts.items())
+        )  # noqa: E501
+    return found
+
+
+def report(kernel, constants: dict, warps: int, maxnreg: int | None = None, output: str = "*fp32",
+           with_loops: bool = False) -> str:  # fmt: skip
     signature = {}
     for name in inspect.signature(kernel.fn).parameters:
         if name in constants:
@@ -111,21 +145,33 @@ def report(kernel, constants: dict, warps: int, maxnreg: int | None = None, outp
     wide = len(re.findall(r"st\.global\.v[24]", ptx))
     stores = len(re.findall(r"st\.global", ptx))
     shared = ptx.count("st.shared")  # tiles reshuffled between layouts (and tl.dot's operands)
-    return (
+    summary = (
         f"{registers:>4} registers, {spilled:>6} bytes spilled, {instructions:>5} SASS, {exps:>3} ex2, "
         f"{wide:>2} of {stores:>2} global stores vectorised, {shared:>3} shared stores in the PTX"
     )
+    return summary + "".join(f"\n{'':24s}{loop}" for loop in loops(sass)) if with_loops else summary
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help="the cases whose name contains this, e.g. 'by head'")
+    parser.add_argument("--loops", action="store_true", help="also each loop's SASS: barriers, loads, stores")
+    args = parser.parse_args()
     for name, key, kernel, constants in CASES:
+        if args.only and args.only not in name:
+            continue
         cap = kernels.TUNING["maxnreg"].get(key)  # as shipped: capped by TUNING["maxnreg"]
         for warps in (2, 4) if key == "prep" else (4, 8):  # the preparation launches 2 (TUNING)
-            print(f"{name:20s} {warps} warps: {report(kernel, constants, warps)}", flush=True)
+            print(
+                f"{name:20s} {warps} warps: {report(kernel, constants, warps, with_loops=args.loops)}",
+                flush=True,
+            )
             if cap is not None:
-                print(f"{'':20s} capped at {cap}: {report(kernel, constants, warps, cap)}", flush=True)
+                capped = report(kernel, constants, warps, cap, with_loops=args.loops)
+                print(f"{'':20s} capped at {cap}: {capped}", flush=True)
         if key != "prep" and not constants.get("REDUCE", key.endswith("reduce")):  # dense reads in bfloat16
-            print(f"{'':20s} bfloat16, 4 warps: {report(kernel, constants, 4, output='*bf16')}", flush=True)
+            narrow = report(kernel, constants, 4, output="*bf16", with_loops=args.loops)
+            print(f"{'':20s} bfloat16, 4 warps: {narrow}", flush=True)
 
 
 if __name__ == "__main__":
