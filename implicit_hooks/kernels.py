@@ -1122,10 +1122,11 @@ if triton is not None:
 
     @triton.jit
     def _head_loads(c, I, J, t, j, L, taps_ptr, K, right_ptr, left_ptr):
-        """Channel ``c``'s factors on tile ``(I, J)`` as loaded, nothing computed from them yet: its conv taps
-        ``w_k`` and right factors ``r_{j+k}`` (``k < 4``) and its left factors (none above the diagonal), for
-        :func:`_head_channel`. The by-head kernel loads them one channel ahead and uses them a whole channel
-        later: arithmetic on them where they are loaded waited for them there (``ncu``, run QQ)."""
+        """Channel ``c``'s factors on tile ``(I, J)`` as loaded, nothing computed from them yet: its conv
+        taps ``tap_k`` and right factors ``r_{j+k}`` (``k < 4``) and its left factors (none above the
+        diagonal), for :func:`_head_channel`. The by-head kernel loads them one channel ahead and uses them a
+        whole channel later: arithmetic on them where they are loaded waited for them there (``ncu``, run
+        QQ)."""
         cols = tl.where(J <= I, j < L, False)  # (a scalar condition: where(), not &, for every Triton)
         rows = tl.where(J <= I, t < L, False)
         right = right_ptr + c * L + j
@@ -1142,7 +1143,7 @@ if triton is not None:
     @triton.jit
     def _head_channel(I, J, w0, w1, w2, w3, tap0, tap1, tap2, tap3, rt0, rt1, rt2, rt3, left, pm):
         """A channel's entries of tile ``(I, J)`` from its head's windows ``w_k`` (the skip in them) and its
-        factors (:func:`_head_loads`): ``Σ_k window_k · tap_k r_{j+k}`` (the input mask ``pm`` in the column
+        factors (:func:`_head_loads`): ``Σ_k w_k · tap_k r_{j+k}`` (the input mask ``pm`` in the column
         factors, not on every entry) times the gate, four multiply-adds an entry; above the diagonal zeros
         (``+0.0``: products of the zeros there could carry a sign)."""
         acc = tl.zeros(w0.shape, dtype=tl.float32)
