@@ -1,0 +1,109 @@
+"""The benchmark scripts run: each one's ``--smoke`` mode, tiny shapes on the CPU.
+
+The scripts take their figures on the GPU machine, where device time is scarce: a change of the package that
+breaks one should show here first. Timings on a CPU mean nothing, so what is checked is what each script
+reports about correctness (the exactness of the recorded blocks, matrices compared between two versions),
+and that every family and part it promises is there. ``bench_peers.py`` needs TransformerLens, which the
+tests do not install; ``kernel_registers.py`` compiles for sm_90, too slow here, so only its SASS reader
+(:func:`kernel_registers.loops`) is tested.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+FAMILIES = {"mamba", "mamba2", "rglru", "rwkv4"}
+
+
+def run(script: str, *args: str, cwd: Path) -> list[dict]:
+    """The JSON rows ``benchmarks/<script> args`` prints (it must exit 0)."""
+    path = os.pathsep.join(filter(None, [str(BENCH), str(ROOT), os.environ.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, str(BENCH / script), *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": path},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, f"{script} failed:\n{done.stderr[-3000:]}"
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def test_bench_gpu_takes_every_part_of_every_family_and_the_blocks_are_exact(tmp_path):
+    rows = run("bench_gpu.py", "--smoke", cwd=tmp_path)  # (writes no results file)
+    parts = {(r["family"], r["part"]) for r in rows}
+    assert parts >= {(family, part) for family in FAMILIES for part in ("overhead", "assembly", "row")}
+    for r in rows:
+        if r["part"] == "assembly":
+            assert r["output_error"] < 1e-5, r  # A·x + bias against the block's real output
+        if r["part"] == "overhead" and r["batch"] == 1:
+            assert r["max_output_error"] < 1e-5, r  # every layer of the recorded model
+            assert r["pairs"] == 2 and len(r["overhead_paired"]) == 3
+        if r["part"] == "row":
+            assert r["row_torch_vs_torch_rel"] < 1e-6, r  # a row read alone against the dense matrix's
+
+
+@pytest.mark.parametrize("dtype", [[], ["--bfloat16"]], ids=["float32", "bfloat16"])
+def test_ab_dense_finds_one_version_the_same_bits_as_itself(tmp_path, dtype):
+    for label in ("a", "b"):
+        rows = run("ab_dense.py", label, str(tmp_path), "--smoke", "--families", "mamba", "rwkv4", *dtype,
+                   cwd=tmp_path)  # fmt: skip
+        assert {r["family"] for r in rows} == {"mamba", "rwkv4"}
+        assert {r["dtype"] for r in rows} == {"bfloat16" if dtype else "float32"}
+    compared = subprocess.run(
+        [sys.executable, str(BENCH / "ab_dense.py"), str(tmp_path), "--compare", "a", "b"],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCH), str(ROOT)])},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    result = json.loads(compared.stdout.strip().splitlines()[-1])
+    assert set(result) == {"mamba16", "mamba80", "rwkv416", "rwkv480"}
+    assert all(r["same"] and r["rel"] == 0.0 for r in result.values()), result
+
+
+def test_profile_dense_and_host_issue_split_a_read(tmp_path):
+    rows = run("profile_dense.py", "--smoke", cwd=tmp_path)
+    assert {r["family"] for r in rows} == FAMILIES
+    assert all(r["wall_s"] > 0 and r["top"] for r in rows)
+    # Triton's interpreter runs the launches on the CPU: one read of RWKV-4, its one kernel
+    (row,) = run("host_issue.py", "--smoke", "--families", "rwkv4", "--reads", "1", cwd=tmp_path)
+    assert len(row["launches"]) == 1 and row["whole_us"] > 0 and row["glue_us"] > 0
+
+
+SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   LDG.E R2, desc[UR4][R2.64] ;
+        /*0020*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0030*/                   STS [R3], R2 ;
+        /*0040*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+.L_x_1:
+        /*0050*/                   STSM.16.M88 [R5], R84 ;
+        /*0060*/               @P0 BRA `(.L_x_1) ;
+        /*0070*/               @!P1 STG.E desc[UR4][R6.64], R2 ;
+        /*0080*/                   MUFU.EX2 R7, R7 ;
+        /*0090*/               @P2 BRA `(.L_x_0) ;
+        /*00a0*/                   EXIT ;
+.L_x_2:
+        /*00b0*/                   BRA `(.L_x_2) ;
+"""
+
+
+def test_kernel_registers_reads_the_loops_of_a_sass_listing():
+    sys.path.insert(0, str(BENCH))
+    kernel_registers = pytest.importorskip("kernel_registers", reason="needs Triton's compiler")
+    inner, outer = kernel_registers.loops(SASS)  # in the order their branches back come
+    assert inner.endswith("2 SASS, 0 BAR, 0 LDG, 0 STG, 0 STS, 0 LDS, 1 STSM, 0 ex2")
+    # the outer loop holds the inner one; a tensor-core wait (DEPBAR) is no barrier; the self-branch at
+    # the end is no loop
+    assert outer.endswith("9 SASS, 1 BAR, 1 LDG, 1 STG, 1 STS, 0 LDS, 1 STSM, 1 ex2")
