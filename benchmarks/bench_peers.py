@@ -237,6 +237,8 @@ def main() -> None:
     parser.add_argument("--check-length", type=int, default=None, help="L of the TL-vs-ours check (64)")
     parser.add_argument("--cpu-limit-gib", type=float, default=8.0, help="skip TL on CPU above this")
     args = parser.parse_args()
+    if importlib.util.find_spec("transformer_lens") is None:  # before minutes of loop baselines, not after
+        parser.exit(2, "bench_peers.py times TransformerLens against us: pip install transformer-lens\n")
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     lengths = args.lengths or ([32, 64] if args.smoke else [512, 1024])
     loop_lengths = sorted(args.loop_lengths or ([4, 8, 16] if args.smoke else [16, 32, 64, 128]))

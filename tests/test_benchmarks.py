@@ -4,12 +4,13 @@ The scripts take their figures on the GPU machine, where device time is scarce: 
 breaks one should show here first. Timings on a CPU mean nothing, so what is checked is what each script
 reports about correctness (the exactness of the recorded blocks, matrices compared between two versions),
 and that every family and part it promises is there. ``bench_peers.py`` needs TransformerLens, which the
-tests do not install; ``kernel_registers.py`` compiles for sm_90, too slow here, so only its SASS reader
-(:func:`kernel_registers.loops`) is tested.
+tests do not install (they check that it says so); ``kernel_registers.py`` compiles for sm_90, too slow
+here, so only its SASS reader (:func:`kernel_registers.loops`) is tested.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -78,6 +79,14 @@ def test_profile_dense_and_host_issue_split_a_read(tmp_path):
     # Triton's interpreter runs the launches on the CPU: one read of RWKV-4, its one kernel
     (row,) = run("host_issue.py", "--smoke", "--families", "rwkv4", "--reads", "1", cwd=tmp_path)
     assert len(row["launches"]) == 1 and row["whole_us"] > 0 and row["glue_us"] > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformer_lens") is not None, reason="TransformerLens here")
+def test_bench_peers_says_what_it_needs_before_it_starts(tmp_path):
+    done = subprocess.run([sys.executable, str(BENCH / "bench_peers.py"), "--smoke"], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCH), str(ROOT)])},
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 2 and "pip install transformer-lens" in done.stderr
 
 
 SASS = """
