@@ -24,10 +24,10 @@ BENCH = ROOT / "benchmarks"
 FAMILIES = {"mamba", "mamba2", "rglru", "rwkv4"}
 
 
-def run(script: str, *args: str, cwd: Path) -> list[dict]:
-    """The JSON rows ``benchmarks/<script> args`` prints (it must exit 0)."""
+def launch(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``python benchmarks/<script> args`` with the benchmarks and the package importable."""
     path = os.pathsep.join(filter(None, [str(BENCH), str(ROOT), os.environ.get("PYTHONPATH")]))
-    done = subprocess.run(
+    return subprocess.run(
         [sys.executable, str(BENCH / script), *args],
         cwd=cwd,
         env={**os.environ, "PYTHONPATH": path},
@@ -35,6 +35,11 @@ def run(script: str, *args: str, cwd: Path) -> list[dict]:
         text=True,
         timeout=600,
     )
+
+
+def run(script: str, *args: str, cwd: Path) -> list[dict]:
+    """The JSON rows ``benchmarks/<script> args`` prints (it must exit 0)."""
+    done = launch(script, *args, cwd=cwd)
     assert done.returncode == 0, f"{script} failed:\n{done.stderr[-3000:]}"
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
@@ -60,14 +65,7 @@ def test_ab_dense_finds_one_version_the_same_bits_as_itself(tmp_path, dtype):
                    cwd=tmp_path)  # fmt: skip
         assert {r["family"] for r in rows} == {"mamba", "rwkv4"}
         assert {r["dtype"] for r in rows} == {"bfloat16" if dtype else "float32"}
-    compared = subprocess.run(
-        [sys.executable, str(BENCH / "ab_dense.py"), str(tmp_path), "--compare", "a", "b"],
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCH), str(ROOT)])},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    result = json.loads(compared.stdout.strip().splitlines()[-1])
+    (result,) = run("ab_dense.py", str(tmp_path), "--compare", "a", "b", cwd=tmp_path)
     assert set(result) == {"mamba16", "mamba80", "rwkv416", "rwkv480"}
     assert all(r["same"] and r["rel"] == 0.0 for r in result.values()), result
 
@@ -83,9 +81,7 @@ def test_profile_dense_and_host_issue_split_a_read(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("transformer_lens") is not None, reason="TransformerLens here")
 def test_bench_peers_says_what_it_needs_before_it_starts(tmp_path):
-    done = subprocess.run([sys.executable, str(BENCH / "bench_peers.py"), "--smoke"], cwd=tmp_path,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(BENCH), str(ROOT)])},
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = launch("bench_peers.py", "--smoke", cwd=tmp_path)
     assert done.returncode == 2 and "pip install transformer-lens" in done.stderr
 
 
