@@ -1248,14 +1248,24 @@ if triton is not None:
                             I, J, hh, t, t < L, cum_t, a, L, ssm, d_skip, scratch, cum_ptr, delta_ptr, B_ptr,
                             C_ptr, N, Q, H, NC, SPLIT,
                         )  # fmt: skip
+                        # each channel's factors loaded a channel ahead of their use, as in _head_kernel
+                        c = tl.load(chan_ptr + p)
+                        c_next = tl.load(chan_ptr + tl.minimum(p + 1, end - 1))
+                        tap0, tap1, tap2, tap3, rt0, rt1, rt2, rt3, left = _head_loads(
+                            c, I, J, t, j, L, taps_ptr, K, right_ptr, left_ptr
+                        )  # fmt: skip
                         while p < end:
-                            c = tl.load(chan_ptr + p)
-                            tap0, tap1, tap2, tap3, rt0, rt1, rt2, rt3, left = _head_loads(
-                                c, I, J, t, j, L, taps_ptr, K, right_ptr, left_ptr
+                            c_after = tl.load(chan_ptr + tl.minimum(p + 2, end - 1))
+                            n_tap0, n_tap1, n_tap2, n_tap3, n_rt0, n_rt1, n_rt2, n_rt3, n_left = _head_loads(
+                                c_next, I, J, t, j, L, taps_ptr, K, right_ptr, left_ptr
                             )  # fmt: skip
                             acc = _head_channel(I, J, w0, w1, w2, w3, tap0, tap1, tap2, tap3, rt0, rt1, rt2,
                                                 rt3, left, pm)  # fmt: skip
                             total = _reduce_at(total, acc, c, t, j, L, rw_ptr, cw_ptr, TRANSFORM)
+                            c, c_next = c_next, c_after
+                            tap0, tap1, tap2, tap3, rt0, rt1, rt2, rt3, left = (
+                                n_tap0, n_tap1, n_tap2, n_tap3, n_rt0, n_rt1, n_rt2, n_rt3, n_left
+                            )  # fmt: skip
                             p += 1
                     hh += 1
                 # one slab: no slab stride
