@@ -1006,18 +1006,31 @@ if triton is not None:
                       growth_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, left_ptr, pmask_ptr, N, K, Q, SQ)  # fmt: skip
 
     @triton.jit
-    def _wkv_tile(c, I, J, L, key_ptr, logz_ptr, w_ptr, u_ptr, left_ptr, right_ptr, pmask_ptr, left_stride,
-                  right_stride, Q: tl.constexpr):  # fmt: skip
-        """A tile of channel ``c`` of the normalised WKV (:class:`WKVTiles`), exponents in float64; the left
-        and right factors at ``c · stride + t`` (stride 0: one vector of ones for every channel)."""
-        t = I * Q + tl.arange(0, Q)
-        j = J * Q + tl.arange(0, Q)
+    def _wkv_loads(c, t, j, L, key_ptr, logz_ptr, w_ptr, u_ptr, left_ptr, right_ptr, left_stride,
+                   right_stride):  # fmt: skip
+        """Channel ``c``'s factors on rows ``t`` and columns ``j`` as loaded, for :func:`_wkv_entries`: its
+        rate and bonus, ``log z_t``, keys ``k_j`` and ``k_t``, left and right factors (at ``c · stride``;
+        stride 0: one vector of ones for every channel)."""
         t_ok = t < L
         j_ok = j < L
-        rate = tl.load(w_ptr + c)
-        row = -tl.load(logz_ptr + c * L + t, mask=t_ok, other=0.0)
-        col = tl.load(key_ptr + c * L + j, mask=j_ok, other=0.0) + rate
-        diag = tl.load(key_ptr + c * L + t, mask=t_ok, other=0.0) + tl.load(u_ptr + c)
+        return (
+            tl.load(w_ptr + c), tl.load(u_ptr + c),
+            tl.load(logz_ptr + c * L + t, mask=t_ok, other=0.0),
+            tl.load(key_ptr + c * L + j, mask=j_ok, other=0.0),
+            tl.load(key_ptr + c * L + t, mask=t_ok, other=0.0),
+            tl.load(left_ptr + c * left_stride + t, mask=t_ok, other=0.0),
+            tl.load(right_ptr + c * right_stride + j, mask=j_ok, other=0.0),
+        )  # fmt: skip
+
+    @triton.jit
+    def _wkv_entries(t, j, L, rate, bonus, logz, key_j, key_t, left, right, pm):
+        """A tile of the normalised WKV (:class:`WKVTiles`) from one channel's factors
+        (:func:`_wkv_loads`) and the input mask ``pm``, exponents in float64."""
+        t_ok = t < L
+        j_ok = j < L
+        row = -logz
+        col = key_j + rate
+        diag = key_t + bonus
         # rate · (j − t) + col + row as (row − rate t) + (col + rate j): one float64 sum an entry
         expo = ((row - rate * t.to(tl.float64))[:, None] + (col + rate * j.to(tl.float64))[None, :]).to(
             tl.float32
@@ -1025,9 +1038,8 @@ if triton is not None:
         expo = tl.where(j[None, :] == t[:, None], (diag + row).to(tl.float32)[:, None], expo)
         inside = (j[None, :] <= t[:, None]) & t_ok[:, None] & j_ok[None, :]
         acc = _exp(tl.where(inside, expo, float("-inf")))  # no overflow
-        acc = acc * tl.load(left_ptr + c * left_stride + t, mask=t_ok, other=0.0)[:, None]
-        right = tl.load(right_ptr + c * right_stride + j, mask=j_ok, other=0.0)
-        return acc * (right * tl.load(pmask_ptr + j, mask=j_ok, other=0.0))[None, :]
+        acc = acc * left[:, None]
+        return acc * (right * pm)[None, :]
 
     @triton.jit(do_not_specialize=UNSPECIALISED["_wkv_kernel"])
     def _wkv_kernel(
@@ -1041,19 +1053,38 @@ if triton is not None:
         J = J0 + tl.program_id(1) * span
         J_end = tl.minimum(J + span, J0 + nJ)
         slab = tl.program_id(2)
+        t = I * Q + tl.arange(0, Q)
         while J < J_end:
+            j = J * Q + tl.arange(0, Q)
             total = tl.zeros((Q, Q), dtype=tl.float32)
             if J <= I:
+                pm = tl.load(pmask_ptr + j, mask=j < L, other=0.0)
                 if REDUCE:
+                    # each channel's factors loaded a channel ahead of their use: a channel's exponentials
+                    # waited for its own loads
                     c = slab * per_group
-                    while c < tl.minimum((slab + 1) * per_group, n_chan):
-                        acc = _wkv_tile(c, I, J, L, key_ptr, logz_ptr, w_ptr, u_ptr, left_ptr, right_ptr,
-                                        pmask_ptr, left_stride, right_stride, Q)  # fmt: skip
-                        total = _reduce_step(total, acc, c, I, J, L, rw_ptr, cw_ptr, TRANSFORM, Q)
+                    c_end = tl.minimum((slab + 1) * per_group, n_chan)
+                    rate, bonus, logz, key_j, key_t, left, right = _wkv_loads(
+                        c, t, j, L, key_ptr, logz_ptr, w_ptr, u_ptr, left_ptr, right_ptr, left_stride,
+                        right_stride,
+                    )  # fmt: skip
+                    while c < c_end:
+                        n_rate, n_bonus, n_logz, n_key_j, n_key_t, n_left, n_right = _wkv_loads(
+                            tl.minimum(c + 1, c_end - 1), t, j, L, key_ptr, logz_ptr, w_ptr, u_ptr, left_ptr,
+                            right_ptr, left_stride, right_stride,
+                        )  # fmt: skip
+                        acc = _wkv_entries(t, j, L, rate, bonus, logz, key_j, key_t, left, right, pm)
+                        total = _reduce_at(total, acc, c, t, j, L, rw_ptr, cw_ptr, TRANSFORM)
+                        rate, bonus, logz, key_j, key_t, left, right = (
+                            n_rate, n_bonus, n_logz, n_key_j, n_key_t, n_left, n_right
+                        )  # fmt: skip
                         c += 1
                 else:
-                    total = _wkv_tile(slab, I, J, L, key_ptr, logz_ptr, w_ptr, u_ptr, left_ptr, right_ptr,
-                                      pmask_ptr, left_stride, right_stride, Q)  # fmt: skip
+                    rate, bonus, logz, key_j, key_t, left, right = _wkv_loads(
+                        slab, t, j, L, key_ptr, logz_ptr, w_ptr, u_ptr, left_ptr, right_ptr, left_stride,
+                        right_stride,
+                    )  # fmt: skip
+                    total = _wkv_entries(t, j, L, rate, bonus, logz, key_j, key_t, left, right, pm)
             _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, J >= 0, ALIGNED)
             J += 1
 
