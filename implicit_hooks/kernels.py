@@ -222,19 +222,42 @@ if triton is not None:
         :func:`_split_product` (unused without ``SPLIT``)."""
         t = I * Q + tl.arange(0, Q)
         if FAR_DOT:
-            n = tl.arange(0, NP)
-            t_ok = t < L * ssm  # ssm is 0 or 1; a scalar condition in a mask fails Triton 3.9's interpreter
-            before = tl.load(seg_ptr + tl.maximum(I * Q - 1, 0))
-            same = tl.load(seg_ptr + t, mask=t_ok, other=0) == before
-            left = tl.where(same, tl.load(left_ptr + c * L + t, mask=t_ok, other=0.0), 0.0)
-            sl = tl.load(sloc_ptr + c * L + t, mask=t_ok, other=0.0)
-            c_rows = tl.load(Cr_ptr + t[:, None] * N + n[None, :], mask=t_ok[:, None] & (n < N)[None, :],
-                             other=0.0)  # fmt: skip
-            a = tl.load(A_ptr + c * N + n, mask=n < N, other=0.0)
+            c_rows, same = _far_row_parts(I, L, ssm, Cr_ptr, seg_ptr, N, NP, Q)
+            left, sl, a = _far_channel_rows(c, t, L, ssm, same, A_ptr, sloc_ptr, left_ptr, N, NP)
             u = _row_factors(c_rows, a, sl, left)
             return u, _tf32_head(u)
         else:
             return t, t  # unused: the outer products load U per state
+
+    @triton.jit
+    def _far_row_parts(I, L, ssm, Cr_ptr, seg_ptr, N: tl.constexpr, NP: tl.constexpr, Q: tl.constexpr):
+        """What row tile ``I``'s factors share across channels (:func:`_far_rows`): the rows of ``C`` and
+        where the rows lie in the tile's first segment."""
+        t = I * Q + tl.arange(0, Q)
+        n = tl.arange(0, NP)
+        t_ok = t < L * ssm  # ssm is 0 or 1; a scalar condition in a mask fails Triton 3.9's interpreter
+        before = tl.load(seg_ptr + tl.maximum(I * Q - 1, 0))
+        same = tl.load(seg_ptr + t, mask=t_ok, other=0) == before
+        c_rows = tl.load(Cr_ptr + t[:, None] * N + n[None, :], mask=t_ok[:, None] & (n < N)[None, :],
+                         other=0.0)  # fmt: skip
+        return c_rows, same
+
+    @triton.jit
+    def _far_channel_rows(c, t, L, ssm, same, A_ptr, sloc_ptr, left_ptr, N: tl.constexpr, NP: tl.constexpr):
+        """Channel ``c``'s part of its row factors on rows ``t`` (:func:`_far_rows`): its left factors (zero
+        past a reset), its sums since the tile's start and its rates."""
+        n = tl.arange(0, NP)
+        t_ok = t < L * ssm
+        left = tl.where(same, tl.load(left_ptr + c * L + t, mask=t_ok, other=0.0), 0.0)
+        sl = tl.load(sloc_ptr + c * L + t, mask=t_ok, other=0.0)
+        return left, sl, tl.load(A_ptr + c * N + n, mask=n < N, other=0.0)
+
+    @triton.jit
+    def _far_gap(c, I, J, L, sb_ptr, sref_ptr, Q: tl.constexpr):
+        """The middle factor's exponent of far tile ``(I, J)`` of channel ``c`` before its rates: the sum from
+        the column tile's reference to the row tile's start (float64 difference)."""
+        n_tiles = (L + Q - 1) // Q
+        return (tl.load(sb_ptr + c * (n_tiles + 1) + I) - tl.load(sref_ptr + c * n_tiles + J)).to(tl.float32)
 
     @triton.jit
     def _tf32_head(x):
@@ -271,8 +294,7 @@ if triton is not None:
         j = J * Q + tl.arange(0, Q)
         t_ok = t < L
         j_ok = j < L
-        n_tiles = (L + Q - 1) // Q
-        gap = (tl.load(sb_ptr + c * (n_tiles + 1) + I) - tl.load(sref_ptr + c * n_tiles + J)).to(tl.float32)
+        gap = _far_gap(c, I, J, L, sb_ptr, sref_ptr, Q)
         # one segment from the column tile's reference to the row tile's start (U and V check the ends): in
         # the middle factor, not an entry at a time
         linked = (tl.load(seg_ptr + I * Q - 1) == tl.load(segref_ptr + J)).to(tl.float32)
@@ -692,6 +714,42 @@ if triton is not None:
             fix += (tl.load(D_ptr + c) * _right(c, p, L, r_ptr, has_right))[:, None] * coef[None, :]
         tl.store(fix_ptr + (c * L + p)[:, None] * K + d[None, :], fix, mask=p_ok[:, None] & (d < K)[None, :])
 
+    @triton.jit
+    def _far_channel_loads(c, I, J, L, ssm, t, same, sb_ptr, sref_ptr, A_ptr, V_ptr, sloc_ptr, left_ptr,
+                           N: tl.constexpr, NP: tl.constexpr, Q: tl.constexpr):  # fmt: skip
+        """Channel ``c``'s factors of far tile ``(I, J)`` as loaded (:func:`_far_sums`): its row factors' part
+        (:func:`_far_channel_rows`), its middle factor's exponent and its column factors ``V``."""
+        left, sl, a = _far_channel_rows(c, t, L, ssm, same, A_ptr, sloc_ptr, left_ptr, N, NP)
+        j = J * Q + tl.arange(0, Q)
+        n = tl.arange(0, NP)
+        v = tl.load(V_ptr + (c * L + j[:, None]) * NP + n[None, :], mask=(j < L)[:, None], other=0.0)
+        return left, sl, a, _far_gap(c, I, J, L, sb_ptr, sref_ptr, Q), v
+
+    @triton.jit
+    def _far_sums(total, I, J, L, ssm, t, c_rows, same, c, c_end, sb_ptr, sref_ptr, A_ptr, V_ptr, seg_ptr,
+                  segref_ptr, sloc_ptr, left_ptr, rw_ptr, cw_ptr, N: tl.constexpr, NP: tl.constexpr,
+                  Q: tl.constexpr, SPLIT: tl.constexpr, TRANSFORM: tl.constexpr):  # fmt: skip
+        """``total`` plus the (weighted, transformed) far tile ``(I, J)`` of channels ``c … c_end − 1``, as
+        :func:`_far_rows` and :func:`_outer` compute each, from the rows of ``C`` loaded once: each channel's
+        factors loaded a channel ahead of their use (where loaded, its exponentials waited for them)."""
+        j = J * Q + tl.arange(0, Q)
+        # one segment from the column tile's reference to the row tile's start (U and V check the ends)
+        linked = (tl.load(seg_ptr + I * Q - 1) == tl.load(segref_ptr + J)).to(tl.float32)
+        left, sl, a, gap, v = _far_channel_loads(c, I, J, L, ssm, t, same, sb_ptr, sref_ptr, A_ptr, V_ptr,
+                                                 sloc_ptr, left_ptr, N, NP, Q)  # fmt: skip
+        while c < c_end:
+            n_left, n_sl, n_a, n_gap, n_v = _far_channel_loads(
+                tl.minimum(c + 1, c_end - 1), I, J, L, ssm, t, same, sb_ptr, sref_ptr, A_ptr, V_ptr, sloc_ptr,
+                left_ptr, N, NP, Q,
+            )  # fmt: skip
+            u = _row_factors(c_rows, a, sl, left)
+            mid = _exp(a * gap) * linked  # (NP,), every exponent ≤ 0
+            acc = _split_product(u, _tf32_head(u), v * mid[None, :], SPLIT)
+            total = _reduce_at(total, acc, c, t, j, L, rw_ptr, cw_ptr, TRANSFORM)
+            left, sl, a, gap, v = n_left, n_sl, n_a, n_gap, n_v
+            c += 1
+        return total
+
     @triton.jit(do_not_specialize=UNSPECIALISED["_far_kernel"])
     def _far_kernel(
         out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, J0, nJ, span, L, ssm, n_chan, per_group,
@@ -716,9 +774,13 @@ if triton is not None:
         J = J0 + tl.program_id(1) * span
         J_end = tl.minimum(J + span, J0 + nJ)
         slab = tl.program_id(2)
-        # the row factors of a dense read (channel sums compute each channel's in the loop)
-        u, u_hi = _far_rows(slab, I, L, ssm, A_ptr, Cr_ptr, sloc_ptr, left_ptr, seg_ptr, N, NP, Q,
-                            FAR_DOT)  # fmt: skip
+        # the row factors of a dense read (channel sums compute each channel's in the loop, from what the
+        # channels share, loaded once)
+        if REDUCE and FAR_DOT:
+            c_rows, same = _far_row_parts(I, L, ssm, Cr_ptr, seg_ptr, N, NP, Q)
+        else:
+            u, u_hi = _far_rows(slab, I, L, ssm, A_ptr, Cr_ptr, sloc_ptr, left_ptr, seg_ptr, N, NP, Q,
+                                FAR_DOT)  # fmt: skip
         t = I * Q + tl.arange(0, Q)
         near_far = (near_far != 0) & (ssm != 0) & (I > 0)
         if STRIPS:  # loaded with the row factors: the first strip's growth, the band of both near tiles
@@ -730,7 +792,13 @@ if triton is not None:
         while J < J_end:  # while: Triton's interpreter cannot range() over arguments
             far = ((I >= J + 2) | ((I == J + 1) & near_far)) & (ssm != 0)
             total = tl.zeros((Q, Q), dtype=tl.float32)
-            if REDUCE:
+            if REDUCE and FAR_DOT:
+                if far:
+                    total = _far_sums(total, I, J, L, ssm, t, c_rows, same, slab * per_group,
+                                      tl.minimum((slab + 1) * per_group, n_chan), sb_ptr, sref_ptr, A_ptr,
+                                      V_ptr, seg_ptr, segref_ptr, sloc_ptr, left_ptr, rw_ptr, cw_ptr, N, NP, Q,
+                                      SPLIT, TRANSFORM)  # fmt: skip
+            elif REDUCE:
                 if far:
                     c = slab * per_group
                     while c < tl.minimum((slab + 1) * per_group, n_chan):
