@@ -796,8 +796,8 @@ if triton is not None:
                 if far:
                     total = _far_sums(total, I, J, L, ssm, t, c_rows, same, slab * per_group,
                                       tl.minimum((slab + 1) * per_group, n_chan), sb_ptr, sref_ptr, A_ptr,
-                                      V_ptr, seg_ptr, segref_ptr, sloc_ptr, left_ptr, rw_ptr, cw_ptr, N, NP, Q,
-                                      SPLIT, TRANSFORM)  # fmt: skip
+                                      V_ptr, seg_ptr, segref_ptr, sloc_ptr, left_ptr, rw_ptr, cw_ptr, N, NP,
+                                      Q, SPLIT, TRANSFORM)  # fmt: skip
             elif REDUCE:
                 if far:
                     c = slab * per_group
