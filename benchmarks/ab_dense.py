@@ -17,13 +17,14 @@ records:
 - a lone read (median of 9 synchronised reads);
 - reads issued back to back (3 × 20);
 - each kernel's device time per read (``torch.profiler``);
-- a channel mean's time (median of 5).
+- a channel mean's time: a lone one (median of 5), back to back (3 × 10) and by kernel (the lone mean
+  of a short read is mostly the host's issue: its kernels say what the device spent).
 
 Read and back-to-back times are given against the write floor (``--bfloat16``: reads stored in bfloat16,
 against half of it). The package is whichever
 ``implicit_hooks`` comes first on ``PYTHONPATH``; its path is printed with every row. The first channels of
-the dense matrix at L ≤ 1024 are saved for ``--compare``, which prints how far apart two labels' matrices
-are. JSON lines on stdout, and ``OUT/ab_LABEL.json``. ``sweep_nn.json`` and ``sweep_oo.json`` hold such runs.
+the dense matrix at L ≤ 1024, and the channel mean's last 64 × 64 entries at every length, are saved for
+``--compare``, which prints how far apart two labels' matrices are. JSON lines on stdout, and ``OUT/ab_LABEL.json``. ``sweep_nn.json`` and ``sweep_oo.json`` hold such runs.
 ``--smoke`` runs tiny shapes on the CPU.
 """
 
@@ -55,16 +56,19 @@ def measure(label: str, out: str, families: list[str], lengths: list[int], smoke
 
         lone = sorted(once(read, device) for _ in range(9))[4]
         b2b = sorted(back_to_back(read, device, 20) for _ in range(3))
-        kernels = {}
+        kernels, mean_kernels = {}, {}
         if device.type == "cuda":
             from sweep_dense import device_times
 
             kernels = {k[:40]: v for k, v in device_times(read, 5).items()}
-        view.mean()
+            mean_kernels = {k[:40]: v for k, v in device_times(view.mean, 5).items()}
+        mean = view.mean()
         mean_s = sorted(once(view.mean, device) for _ in range(5))[2]
+        mean_b2b_s = sorted(back_to_back(view.mean, device, 10) for _ in range(3))
         row = dict(label=label, family=family, pkg=implicit_hooks.__file__, L=L, dtype=str(dtype)[6:],
                    floor=floor, lone=lone / floor, b2b=[x / floor for x in b2b], b2b_s=b2b, mean_s=mean_s,
-                   kernels=kernels)  # fmt: skip
+                   mean_b2b_s=mean_b2b_s, kernels=kernels, mean_kernels=mean_kernels)  # fmt: skip
+        torch.save(mean[-64:, -64:].cpu().clone(), os.path.join(out, f"{family}{L}mean_{label}.pt"))
         if L <= 1024:  # the first channels, for --compare
             n = 64 if L <= 512 else 8
             first = (view[0, :n] if dtype == torch.float32 else view.dense(dtype)[0, :n]).cpu().clone()

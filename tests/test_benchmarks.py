@@ -65,8 +65,10 @@ def test_ab_dense_finds_one_version_the_same_bits_as_itself(tmp_path, dtype):
                    cwd=tmp_path)  # fmt: skip
         assert {r["family"] for r in rows} == {"mamba", "rwkv4"}
         assert {r["dtype"] for r in rows} == {"bfloat16" if dtype else "float32"}
+        assert all(len(r["mean_b2b_s"]) == 3 and r["mean_b2b_s"][0] > 0 for r in rows)
     (result,) = run("ab_dense.py", str(tmp_path), "--compare", "a", "b", cwd=tmp_path)
-    assert set(result) == {"mamba16", "mamba80", "rwkv416", "rwkv480"}
+    matrices = {"mamba16", "mamba80", "rwkv416", "rwkv480"}
+    assert set(result) == matrices | {key + "mean" for key in matrices}  # the dense blocks and the means
     assert all(r["same"] and r["rel"] == 0.0 for r in result.values()), result
 
 
