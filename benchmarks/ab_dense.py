@@ -21,11 +21,11 @@ records:
   of a short read is mostly the host's issue: its kernels say what the device spent).
 
 Read and back-to-back times are given against the write floor (``--bfloat16``: reads stored in bfloat16,
-against half of it). The package is whichever
-``implicit_hooks`` comes first on ``PYTHONPATH``; its path is printed with every row. The first channels of
-the dense matrix at L ≤ 1024, and the channel mean's last 64 × 64 entries at every length, are saved for
-``--compare``, which prints how far apart two labels' matrices are. JSON lines on stdout, and ``OUT/ab_LABEL.json``. ``sweep_nn.json`` and ``sweep_oo.json`` hold such runs.
-``--smoke`` runs tiny shapes on the CPU.
+against half of it). The package is whichever ``implicit_hooks`` comes first on ``PYTHONPATH``; its path is
+printed with every row. The first channels of the dense matrix at L ≤ 1024, and the channel mean's last
+64 × 64 entries at every length, are saved for ``--compare``, which prints how far apart two labels'
+matrices are. JSON lines on stdout, and ``OUT/ab_LABEL.json``. ``sweep_nn.json`` to ``sweep_rr.json`` hold
+such runs. ``--smoke`` runs tiny shapes on the CPU.
 """
 
 from __future__ import annotations
