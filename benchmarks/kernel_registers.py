@@ -1,13 +1,14 @@
 """Registers and spills of the fused kernels (implicit_hooks/kernels.py), without a GPU.
 
 Compiles each kernel for sm_90 (the H200) with Triton's own compiler and ``ptxas -v`` from the Triton
-wheel, its pointers 16-byte aligned as at a launch, and prints registers per thread, bytes spilled, the
-instructions of its SASS (static, ``nvdisasm``: loops once; the far tiles' loop went 319 → 189 when they
-stopped multiplying each entry by its factors, a change that shows here before any GPU time), the
-fast exponentials, the vectorised global stores and the shared-memory stores in the PTX (per thread,
-loops not unrolled; launches of aligned reads, ``ALIGNED`` as ``kernels.TUNING["aligned_run"]`` sets it),
-for float32 output and, for dense reads, bfloat16 (where a store wider than the entries a thread holds
-makes the compiler reshuffle each tile through shared memory first: more shared stores). A spill or
+wheel (where that ptxas is older than the PTX, as in Triton 3.9: the cubin Triton built, its registers and
+stack read by ``cuobjdump``), its pointers 16-byte aligned as at a launch, and prints registers per thread,
+bytes spilled, the instructions of its SASS (static, ``nvdisasm``: loops once; the far tiles' loop went
+319 → 189 when they stopped multiplying each entry by its factors, a change that shows here before any GPU
+time), the fast exponentials, the vectorised global stores and the shared-memory stores in the PTX (per
+thread, loops not unrolled; launches of aligned reads, ``ALIGNED`` as ``kernels.TUNING["aligned_run"]``
+sets it), for float32 output and, for dense reads, bfloat16 (where a store wider than the entries a thread
+holds makes the compiler reshuffle each tile through shared memory first: more shared stores). A spill or
 255 registers is what made the near tiles 10× slower than their exponentials allow before
 (``benchmarks/results/gpu.md``); check here before spending GPU time.
 
@@ -35,6 +36,7 @@ from implicit_hooks import kernels
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 NVDISASM = os.path.join(os.path.dirname(PTXAS), "nvdisasm")
+CUOBJDUMP = os.path.join(os.path.dirname(PTXAS), "cuobjdump")
 FLOAT64 = {"sb_ptr", "sref_ptr", "key_ptr", "logz_ptr", "w_ptr", "u_ptr", "cum_ptr"}
 
 #: (name, kernel, constexprs): Mamba-1 (N = 16, K = 4), Mamba-2 (N = 128, scalar rate), RG-LRU, RWKV-4
@@ -129,19 +131,22 @@ def report(kernel, constants: dict, warps: int, maxnreg: int | None = None, outp
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     ptx = compiled.asm["ptx"]
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.ptx")
+        path, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
         with open(path, "w") as f:
             f.write(ptx)
-        log = subprocess.run(
-            [PTXAS, "-arch=sm_90a", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
-            capture_output=True,
-            text=True,
-        ).stderr
-        cubin = os.path.join(tmp, "k.cubin")
+        command = [PTXAS, "-arch=sm_90a", "-v", path, "-o", cubin]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode == 0:
+            registers = re.search(r"Used (\d+) registers", done.stderr).group(1)
+            spilled = re.search(r"(\d+) bytes spill stores", done.stderr).group(1)
+        else:  # a Triton whose PTX is newer than the ptxas beside it (3.9): the cubin it built itself
+            with open(cubin, "wb") as f:
+                f.write(compiled.asm["cubin"])
+            usage = subprocess.run([CUOBJDUMP, "-res-usage", cubin], capture_output=True, text=True).stdout
+            registers = re.search(r"REG:(\d+)", usage).group(1)
+            spilled = re.search(r"STACK:(\d+)", usage).group(1)  # the stack frame: what spills take
         sass = subprocess.run([NVDISASM, "-c", cubin], capture_output=True, text=True).stdout
     instructions = len(re.findall(r"^\s+/\*[0-9a-f]+\*/", sass, flags=re.M))
-    registers = re.search(r"Used (\d+) registers", log).group(1)
-    spilled = re.search(r"(\d+) bytes spill stores", log).group(1)
     exps = ptx.count("ex2.approx")
     wide = len(re.findall(r"st\.global\.v[24]", ptx))
     stores = len(re.findall(r"st\.global", ptx))
