@@ -260,6 +260,12 @@ if triton is not None:
         return (tl.load(sb_ptr + c * (n_tiles + 1) + I) - tl.load(sref_ptr + c * n_tiles + J)).to(tl.float32)
 
     @triton.jit
+    def _far_tile(u, u_hi, a, gap, linked, v, SPLIT: tl.constexpr):
+        """A far tile from its factors: ``U · (V · diag(mid))ᵀ``, ``mid = e^{A gap}`` where ``linked``."""
+        mid = _exp(a * gap) * linked  # (NP,), every exponent ≤ 0
+        return _split_product(u, u_hi, v * mid[None, :], SPLIT)
+
+    @triton.jit
     def _tf32_head(x):
         """``x`` cut to a TF32 head: the top 10 mantissa bits, masked (-8192 = 0xFFFFE000), not rounded."""
         return (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
@@ -302,8 +308,7 @@ if triton is not None:
             n = tl.arange(0, NP)
             v = tl.load(V_ptr + (c * L + j[:, None]) * NP + n[None, :], mask=j_ok[:, None], other=0.0)
             a = tl.load(A_ptr + c * N + n, mask=n < N, other=0.0)
-            mid = _exp(a * gap) * linked  # (NP,), every exponent ≤ 0
-            acc = _split_product(u, u_hi, v * mid[None, :], SPLIT)
+            acc = _far_tile(u, u_hi, a, gap, linked, v, SPLIT)
         else:
             acc = tl.zeros((Q, Q), dtype=tl.float32)
             for n in tl.static_range(N):
@@ -743,8 +748,7 @@ if triton is not None:
                 left_ptr, N, NP, Q,
             )  # fmt: skip
             u = _row_factors(c_rows, a, sl, left)
-            mid = _exp(a * gap) * linked  # (NP,), every exponent ≤ 0
-            acc = _split_product(u, _tf32_head(u), v * mid[None, :], SPLIT)
+            acc = _far_tile(u, _tf32_head(u), a, gap, linked, v, SPLIT)
             total = _reduce_at(total, acc, c, t, j, L, rw_ptr, cw_ptr, TRANSFORM)
             left, sl, a, gap, v = n_left, n_sl, n_a, n_gap, n_v
             c += 1
