@@ -127,6 +127,11 @@ TUNING: dict = {
     # once (dense blocks: 255 registers at 4 warps, two an SM), channel sums four
     "head_programs_per_sm": 2,
     "head_reduce_programs_per_sm": 4,
+    # Mamba-2's channel sums split the heads into groups until a read has about this many (tile, group) items
+    # (tiles counted over the read's square, L = 4096: 2 groups; 16k: 1; the slabs take ≤ 8192 tiles, 128 MB).
+    # 130M layer, run SS: means at 512 / 1024 / 2048 / 4096 1.13 → 0.39 / 2.23 → 1.42 / 6.27 → 6.28 /
+    # 26.2 → 23.6 ms against one group; 2048 items left 1024 ≈ 1.5 ms and made 2048 (2 groups) 1.5 % slower
+    "head_reduce_items": 8192,
     # ptxas register caps of dense launches by kernel ("far": tile products of N < 64 states, "far_wide",
     # "far_outer": N < 16, "near", "near_scalar" (Mamba-2), "strip", "wkv", "head"; reductions: the same
     # names + "_reduce"; none: ptxas chooses, up to 255), traded against spills for more programs an SM.
@@ -586,8 +591,7 @@ if triton is not None:
         "_strip_kernel": _SPAN + ["ssm", "n_chan", "per_group", "max_growth"],
         "_wkv_kernel": _SPAN + ["J0", "nJ", "span", "n_chan", "per_group", "left_stride", "right_stride"],
         "_head_kernel": _SPAN + ["J0", "nI", "nJ", "ssm", "n_heads", "K", "skip"],
-        # one slab: no stride_slab
-        "_head_reduce_kernel": _SPAN[1:] + ["J0", "nI", "nJ", "ssm", "n_heads", "K", "skip"],
+        "_head_reduce_kernel": _SPAN + ["J0", "nI", "nJ", "ssm", "n_heads", "per_group", "K", "skip"],
     }
 
     @triton.jit
@@ -1318,20 +1322,42 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=UNSPECIALISED["_head_reduce_kernel"])
     def _head_reduce_kernel(
-        out_ptr, stride_t, r0, r1, c0, c1, I0, J0, nI, nJ, L, ssm, n_heads,
+        out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, J0, nI, nJ, L, ssm, n_heads, per_group,
         scratch_ptr, cum_ptr, A_ptr, delta_ptr, B_ptr, C_ptr, chan_ptr, start_ptr, taps_ptr, K, right_ptr,
         left_ptr, D_ptr, skip, pmask_ptr, rw_ptr, cw_ptr,
         N: tl.constexpr, Q: tl.constexpr, H: tl.constexpr, NC: tl.constexpr, SPLIT: tl.constexpr,
-        TRANSFORM: tl.constexpr, ALIGNED: tl.constexpr,
+        TRANSFORM: tl.constexpr, ALIGNED: tl.constexpr, GROUPED: tl.constexpr,
     ):  # fmt: skip
-        """The channel sum of tiles ``I0 + tile // nJ, J0 + tile % nJ`` for ``tile = program, program +
-        programs, …`` (tiles above the diagonal are zero: skipped): per head, its windows once
-        (:func:`_head_windows`), then each of its channels' entries (:func:`_head_channel`) weighted,
-        transformed and summed in registers (:func:`_reduce_at`); one store per tile."""
+        """Items ``(tile, group)``: the channel sum over the heads ``group · per_group …`` (``per_group`` of
+        them) of tile ``I0 + tile // nJ, J0 + tile % nJ``, into slab ``group`` of the output, for ``item =
+        program, program + programs, …`` (tiles above the diagonal are zero: skipped). Per head, its windows
+        once (:func:`_head_windows`), then each of its channels' entries (:func:`_head_channel`) weighted,
+        transformed and summed in registers (:func:`_reduce_at`); one store per item. Groups of heads give a
+        read of few tiles enough items for every program: one program a tile summed all 1536 channels of
+        Mamba-2's 130M layer at L = 512, 36 programs busy (1.13 ms; in 24 groups 0.39 ms). Without
+        ``GROUPED`` (one group) it compiles to the kernel before groups, whose time it keeps: item-by-group
+        arithmetic in every launch made the one-group sums 2 % slower at L = 4096 and 16k (run SS)."""
         q = tl.arange(0, Q)
         scratch = scratch_ptr + tl.program_id(0).to(tl.int64) * (Q * (Q + H))
-        tile = tl.program_id(0)
-        while tile < nI * nJ:
+        if GROUPED:
+            groups = (n_heads + per_group - 1) // per_group
+            items = nI * nJ * groups
+            slab_stride = stride_slab
+        else:  # one group: the kernel a read of many tiles launches compiles as it did before groups
+            items = nI * nJ
+            slab_stride = 0  # one slab
+        item = tl.program_id(0)
+        while item < items:
+            if GROUPED:
+                tile = item // groups
+                group = item % groups
+                hh = group * per_group
+                h_end = tl.minimum((group + 1) * per_group, n_heads)
+            else:
+                tile = item
+                group = tile * 0
+                hh = 0
+                h_end = n_heads
             I = I0 + tile // nJ
             J = J0 + tile % nJ
             if J <= I:
@@ -1339,8 +1365,7 @@ if triton is not None:
                 j = J * Q + q
                 pm = tl.load(pmask_ptr + j, mask=j < L, other=0.0)
                 total = tl.zeros((Q, Q), dtype=tl.float32)
-                hh = 0
-                while hh < n_heads:
+                while hh < h_end:
                     p = tl.load(start_ptr + hh)
                     end = tl.load(start_ptr + hh + 1)
                     if p < end:  # heads without channels in this read are skipped
@@ -1371,9 +1396,8 @@ if triton is not None:
                             )  # fmt: skip
                             p += 1
                     hh += 1
-                # one slab: no slab stride
-                _store(out_ptr, tile * 0, 0, stride_t, I, J, r0, r1, c0, c1, total, Q, J >= 0, ALIGNED)
-            tile += tl.num_programs(0)
+                _store(out_ptr, group, slab_stride, stride_t, I, J, r0, r1, c0, c1, total, Q, J >= 0, ALIGNED)
+            item += tl.num_programs(0)
 
 
 def _aligned(out: Tensor, c0: int, c1: int, kernel: str) -> int:
@@ -1754,22 +1778,27 @@ class HeadTiles(_Tiles):
         col_weight: Tensor | None = None,
         transform: str = "signed",
     ) -> Tensor:
-        """The channel sum of (weighted, transformed) entries ``[r0:r1, c0:c1]``, by head, one program a
-        tile at a time (:func:`_head_reduce_kernel`): ``(r1 − r0, c1 − c0)``."""
-        out = torch.zeros(r1 - r0, c1 - c0, device=self.device, dtype=torch.float32)
-        if out.numel() == 0 or self.n_chan == 0:
-            return out
+        """The channel sum of (weighted, transformed) entries ``[r0:r1, c0:c1]``, by head
+        (:func:`_head_reduce_kernel`): ``(r1 − r0, c1 − c0)``. A read of few tiles splits the heads into
+        groups, one slab of partial sums each, summed afterwards (as :meth:`_Tiles.reduce` splits
+        channels)."""
+        if (r1 - r0) * (c1 - c0) == 0 or self.n_chan == 0:
+            return torch.zeros(r1 - r0, c1 - c0, device=self.device, dtype=torch.float32)
         I0, J0, nI, nJ = _tile_grid(r0, r1, c0, c1)
+        groups = max(1, min(self.n_heads, math.ceil(TUNING["head_reduce_items"] / (nI * nJ))))
+        per_group = math.ceil(self.n_heads / groups)
+        groups = math.ceil(self.n_heads / per_group)
+        out = torch.zeros(groups, r1 - r0, c1 - c0, device=self.device, dtype=torch.float32)
         rw, cw = _weights(self, 1, row_weight, col_weight)
-        programs = max(1, min(nI * nJ, self._programs(TUNING["head_reduce_programs_per_sm"])))
+        programs = max(1, min(nI * nJ * groups, self._programs(TUNING["head_reduce_programs_per_sm"])))
         scratch = torch.empty(programs, TILE, TILE + HEAD_HALO, device=self.device)
         _head_reduce_kernel[(programs,)](
-            out, out.stride(0), r0, r1, c0, c1, I0, J0, nI, nJ, self.L, int(self.ssm), self.n_heads,
-            scratch, self.cum, self.A, self.delta, self.B, self.C, self.chans, self.starts, self.taps, self.K,
-            self.right, self.left, self.D, self.skip, self.pmask, rw, cw,
+            out, out.stride(0), out.stride(1), r0, r1, c0, c1, I0, J0, nI, nJ, self.L, int(self.ssm),
+            self.n_heads, per_group, scratch, self.cum, self.A, self.delta, self.B, self.C, self.chans,
+            self.starts, self.taps, self.K, self.right, self.left, self.D, self.skip, self.pmask, rw, cw,
             N=self.N, Q=TILE, H=HEAD_HALO, NC=16,
             SPLIT=bool(TUNING["FAR_SPLIT_TF32"]), TRANSFORM=TRANSFORMS[transform],
-            ALIGNED=_aligned(out, c0, c1, "head"),
+            ALIGNED=_aligned(out, c0, c1, "head"), GROUPED=groups > 1,
             **_options("head", TUNING["head_reduce_warps"], True),
         )  # fmt: skip
-        return out
+        return out.sum(0) if groups > 1 else out[0]

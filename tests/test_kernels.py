@@ -419,6 +419,12 @@ def test_mamba2_scalar_decay_kernel(monkeypatch, by_head):
         for parts in (("skip",), ("gate", "conv", "skip"), ("ssm", "act"), ("gate",)):
             a, b = fused.only(*parts)[0], plain.only(*parts)[0]
             assert torch.allclose(a, b, rtol=0, atol=SAME * b.abs().max().clamp_min(1e-30)), parts
+        # the sums split the heads into groups by the read's tiles: above, four groups of one head (6
+        # tiles); here one group (as a read of many tiles launches it) and two groups of two heads
+        mean = plain.mean(absolute=True)
+        for items, groups in ((1, 1), (8, 2)):
+            monkeypatch.setitem(kernels.TUNING, "head_reduce_items", items)
+            assert rel_err(fused.mean(absolute=True), mean) < SAME, groups
 
 
 @pytest.mark.parametrize("by_head", [False, True])
