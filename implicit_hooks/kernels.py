@@ -127,6 +127,17 @@ TUNING: dict = {
     # once (dense blocks: 255 registers at 4 warps, two an SM), channel sums four
     "head_programs_per_sm": 2,
     "head_reduce_programs_per_sm": 4,
+    # channel sums by channel split the channels into groups until a read has about this many (tile, group)
+    # programs, a slab of partial sums each, summed afterwards (_Tiles.reduce)
+    "reduce_items": 2048,
+    # channel sums of near tiles (by channel, without strips) split the channels into groups until a read has
+    # about this many (tile, group) programs, partial sums of whole tiles added up afterwards: the far
+    # kernel's groups count every tile of the read, and left the near kernel 128 programs at L = 2048 (RG-LRU,
+    # 2560 channels: near sums 10.8 → 6.7 ms; 16k 80 → 53 ms; 1024 and 16384 items no better, run SS)
+    "near_reduce_items": 4096,
+    # channels a tensor-core product of one-state far tiles takes at once (RG-LRU's channel sums,
+    # _rank_one_sums): 32 against 16, far sums 0.565 → 0.485 ms at L = 2048, 34 → 30 ms at 16k (run SS)
+    "rank_one_channels": 32,
     # Mamba-2's channel sums split the heads into groups until a read has about this many (tile, group) items
     # (tiles counted over the read's square, L = 4096: 2 groups; 16k: 1; the slabs take ≤ 8192 tiles, 128 MB).
     # 130M layer, run SS: means at 512 / 1024 / 2048 / 4096 1.13 → 0.39 / 2.23 → 1.42 / 6.27 → 6.28 /
@@ -387,13 +398,15 @@ if triton is not None:
     @triton.jit
     def _band(acc, c, t, j, L, fix_ptr, left, pm, K: tl.constexpr, BAND: tl.constexpr):
         """Applies the left factors and the input mask; with ``BAND``, first puts the ``K`` diagonals
-        ``0 ≤ t − j < K`` in (``fix``, whole entries: the taps at or before ``t`` and the skip). Dense
-        tiles leave them to :func:`_store_band`: gathered entry by entry here they cost a masked load an
-        entry and set the whole tile's register layout (a thread's entries in 32 columns, not 4)."""
+        ``0 ≤ t − j < K`` in (``fix``, whole entries: the taps at or before ``t`` and the skip), a diagonal
+        at a time from a vector of its rows' entries. Dense tiles leave them to :func:`_store_band`. (Gathered
+        entry by entry, one masked load an entry, the band made the channel sums of near tiles spill 1.5 KB a
+        thread at 4 warps, 924 bytes with ``|·|``: RG-LRU's signed near sums took twice its absolute ones.)"""
         if BAND:
-            d = t[:, None] - j[None, :]
-            band = (d >= 0) & (d < K) & (t < L)[:, None] & ((j >= 0) & (j < L))[None, :]
-            acc = tl.where(band, tl.load(fix_ptr + (c * L + t[:, None]) * K + d, mask=band, other=0.0), acc)
+            d = t[:, None] - j[None, :]  # j = t − d lies in the sequence wherever t does (j ≥ 0: J ≥ 0)
+            for e in tl.static_range(K):
+                fix_e = tl.load(fix_ptr + (c * L + t) * K + e, mask=t < L, other=0.0)
+                acc = tl.where(d == e, fix_e[:, None], acc)
         return acc * left[:, None] * pm[None, :]
 
     @triton.jit
@@ -588,6 +601,7 @@ if triton is not None:
         "_prep_kernel": ["L", "ssm", "skip", "has_right", "has_segments"],
         "_far_kernel": _SPAN + ["J0", "nJ", "span", "ssm", "n_chan", "per_group", "max_growth", "near_far"],
         "_near_kernel": _SPAN + ["ssm", "n_chan", "per_group"],
+        "_near_sum_kernel": _SPAN[:-1] + ["parts"],
         "_strip_kernel": _SPAN + ["ssm", "n_chan", "per_group", "max_growth"],
         "_wkv_kernel": _SPAN + ["J0", "nJ", "span", "n_chan", "per_group", "left_stride", "right_stride"],
         "_head_kernel": _SPAN + ["J0", "nI", "nJ", "ssm", "n_heads", "K", "skip"],
@@ -758,6 +772,45 @@ if triton is not None:
             c += 1
         return total
 
+    @triton.jit
+    def _rank_one_sums(total, I, J, L, c, c_end, sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr, seg_ptr, segref_ptr,
+                       rw_ptr, cw_ptr, NP: tl.constexpr, Q: tl.constexpr, CB: tl.constexpr,
+                       SPLIT: tl.constexpr, TRANSFORM: tl.constexpr):  # fmt: skip
+        """``total`` plus the (weighted, transformed) far tile ``(I, J)`` of channels ``c … c_end − 1`` of
+        one state (RG-LRU): channel ``c``'s tile is ``x_c y_cᵀ`` with ``x_c = U_c · mid_c · rw_c`` and
+        ``y_c = V_c · cw_c`` (:func:`_outer`, :func:`_reduce_at`), so their sum is one product ``X Yᵀ``
+        whose depth is the channels, ``CB`` at a time on the tensor cores, where :func:`_outer` took an
+        outer product and a reduction step a channel. The transforms carry over: ``|x_t y_j| = |x_t|
+        |y_j|``, and ``max(x_t y_j, 0)`` is the product of the positive parts plus that of the negative
+        ones. RG-LRU's 2560 channels (run SS): far sums 0.241 → 0.036 ms at L = 512, 4.79 → 0.47 ms at
+        2048, about 0.29 s → 30 ms at 16k."""
+        t = I * Q + tl.arange(0, Q)
+        j = J * Q + tl.arange(0, Q)
+        # one segment from the column tile's reference to the row tile's start (U and V check the ends)
+        linked = (tl.load(seg_ptr + I * Q - 1) == tl.load(segref_ptr + J)).to(tl.float32)
+        while c < c_end:
+            cc = c + tl.arange(0, CB)
+            c_ok = cc < c_end
+            gap = _far_gap(tl.minimum(cc, c_end - 1), I, J, L, sb_ptr, sref_ptr, Q)
+            mid = _exp(tl.load(A_ptr + cc, mask=c_ok, other=0.0) * gap) * linked  # (CB,), exponents ≤ 0
+            rows = cc[None, :] * L + t[:, None]  # (Q, CB)
+            cols = cc[None, :] * L + j[:, None]
+            r_ok = (t < L)[:, None] & c_ok[None, :]
+            k_ok = (j < L)[:, None] & c_ok[None, :]
+            x = tl.load(U_ptr + rows * NP, mask=r_ok, other=0.0)
+            x = x * tl.load(rw_ptr + rows, mask=r_ok, other=0.0) * mid[None, :]
+            y = tl.load(V_ptr + cols * NP, mask=k_ok, other=0.0)
+            y = y * tl.load(cw_ptr + cols, mask=k_ok, other=0.0)
+            if TRANSFORM == 1:
+                total += _product(tl.abs(x), tl.abs(y), SPLIT)
+            elif TRANSFORM == 2:
+                total += _product(tl.maximum(x, 0.0), tl.maximum(y, 0.0), SPLIT)
+                total += _product(tl.minimum(x, 0.0), tl.minimum(y, 0.0), SPLIT)
+            else:
+                total += _product(x, y, SPLIT)
+            c += CB
+        return total
+
     @triton.jit(do_not_specialize=UNSPECIALISED["_far_kernel"])
     def _far_kernel(
         out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, J0, nJ, span, L, ssm, n_chan, per_group,
@@ -765,7 +818,7 @@ if triton is not None:
         growth_ptr, max_growth, near_far, fix_ptr, sloc_ptr, tot_ptr, C_ptr, Cr_ptr, W_ptr,
         N: tl.constexpr, NP: tl.constexpr, Q: tl.constexpr, FAR_DOT: tl.constexpr, SPLIT: tl.constexpr,
         K: tl.constexpr, KP: tl.constexpr, SQ: tl.constexpr, STRIPS: tl.constexpr, REDUCE: tl.constexpr,
-        TRANSFORM: tl.constexpr, ALIGNED: tl.constexpr,
+        TRANSFORM: tl.constexpr, ALIGNED: tl.constexpr, CB: tl.constexpr,
     ):  # fmt: skip
         """Every tile but the near ones: far tiles computed, tiles above the diagonal zeros. One program per
         row tile, run of ``span`` column tiles and channel (dense: the row factors loaded once per run) or
@@ -806,6 +859,12 @@ if triton is not None:
                                       tl.minimum((slab + 1) * per_group, n_chan), sb_ptr, sref_ptr, A_ptr,
                                       V_ptr, seg_ptr, segref_ptr, sloc_ptr, left_ptr, rw_ptr, cw_ptr, N, NP,
                                       Q, SPLIT, TRANSFORM)  # fmt: skip
+            elif REDUCE and N == 1:
+                if far:
+                    c_end = tl.minimum((slab + 1) * per_group, n_chan)
+                    total = _rank_one_sums(total, I, J, L, slab * per_group, c_end, sb_ptr, sref_ptr, A_ptr,
+                                           U_ptr, V_ptr, seg_ptr, segref_ptr, rw_ptr, cw_ptr, NP, Q, CB,
+                                           SPLIT, TRANSFORM)  # fmt: skip
             elif REDUCE:
                 if far:
                     c = slab * per_group
@@ -838,7 +897,8 @@ if triton is not None:
         REDUCE: tl.constexpr, TRANSFORM: tl.constexpr, ALIGNED: tl.constexpr,
     ):  # fmt: skip
         """The near tiles: row tile ``I`` against column tiles ``I`` and ``I − 1`` (dense: the band stored
-        over each, :func:`_store_band`)."""
+        over each, :func:`_store_band`; channel sums: whole tiles of group ``slab``'s partial sums into the
+        buffer at ``out_ptr``, added up by :func:`_near_sum_kernel`)."""
         I = I0 + tl.program_id(0)
         J = I - tl.program_id(1)
         slab = tl.program_id(2)
@@ -858,9 +918,33 @@ if triton is not None:
         else:
             total = _near(slab, I, J, L, ssm, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, fix_ptr, seg_ptr,
                           left_ptr, pmask_ptr, N, K, Q, SCALAR, False)  # fmt: skip
-        _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, J >= 0, ALIGNED)
-        if not REDUCE:
+        if REDUCE:
+            q = tl.arange(0, Q)
+            part = (slab * tl.num_programs(0) + tl.program_id(0)) * 2 + tl.program_id(1)
+            tl.store(out_ptr + part.to(tl.int64) * (Q * Q) + q[:, None] * Q + q[None, :], total)
+        else:
+            _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, J >= 0, ALIGNED)
             _store_band(out_ptr, slab, stride_slab, stride_t, t, jb, on, band, r0, r1, c0, c1, J >= 0)
+
+    @triton.jit(do_not_specialize=UNSPECIALISED["_near_sum_kernel"])
+    def _near_sum_kernel(out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, part_ptr, parts, Q: tl.constexpr,
+                         ALIGNED: tl.constexpr):  # fmt: skip
+        """The near tiles of a channel sum: the ``parts`` partial sums of :func:`_near_kernel` added up in
+        order into slab 0 of the output, zeros into the other slabs (the far kernel's groups)."""
+        I = I0 + tl.program_id(0)
+        J = I - tl.program_id(1)
+        slab = tl.program_id(2)
+        q = tl.arange(0, Q)
+        total = tl.zeros((Q, Q), dtype=tl.float32)
+        if slab == 0:
+            first = (tl.program_id(0) * 2 + tl.program_id(1)) * (Q * Q)  # in the first group's tiles
+            tile = part_ptr + first + q[:, None] * Q + q[None, :]
+            step = (tl.num_programs(0) * 2 * Q * Q).to(tl.int64)  # one group's tiles
+            g = 0
+            while g < parts:
+                total += tl.load(tile + g * step)
+                g += 1
+        _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, J >= 0, ALIGNED)
 
     @triton.jit(do_not_specialize=UNSPECIALISED["_strip_kernel"])
     def _strip_kernel(
@@ -1454,7 +1538,7 @@ class _Tiles:
         """The channel sum of (weighted, transformed) entries ``[r0:r1, c0:c1]``: ``(r1 − r0, c1 − c0)``."""
         _, _, nI, nJ = _tile_grid(r0, r1, c0, c1)
         # enough programs to fill the GPU: channel groups when there are few tiles, summed afterwards
-        groups = max(1, min(self.n_chan, math.ceil(2048 / (nI * nJ))))
+        groups = max(1, min(self.n_chan, math.ceil(TUNING["reduce_items"] / (nI * nJ))))
         per_group = math.ceil(self.n_chan / groups)
         groups = math.ceil(self.n_chan / per_group)
         out = torch.empty(groups, r1 - r0, c1 - c0, device=self.device, dtype=torch.float32)
@@ -1615,7 +1699,7 @@ class DiagonalTiles(_Tiles):
             self.growth, float(STRIP_GROWTH), near_far, self.fix, self.sloc, self.tot, self.C, self.C_rows,
             self.W,
             N=self.N, NP=self.NP, Q=TILE, FAR_DOT=self.far_dot, SPLIT=split, K=self.K, KP=KP, SQ=STRIP,
-            STRIPS=strips, **far_options, **reduce,
+            STRIPS=strips, CB=TUNING["rank_one_channels"], **far_options, **reduce,
         )  # fmt: skip
         if strips:
             return
@@ -1630,12 +1714,22 @@ class DiagonalTiles(_Tiles):
             return
         near_warps = max(TUNING["near_warps"], 8 if self.scalar else 1)
         near_options = _options("near_scalar" if self.scalar else "near", near_warps, groups > 0)
-        _near_kernel[(nI, 2, slabs)](
-            *head, I0, self.L, int(self.ssm), self.n_chan, per_group,
+        near_head, near_groups, near_per_group = head, slabs, per_group
+        if groups:  # channel sums: the near tiles' own channel groups (2 tiles a row tile, where the far
+            # kernel's groups count every tile: too few programs), into a buffer of whole tiles, added up
+            near_groups = max(1, min(self.n_chan, math.ceil(TUNING["near_reduce_items"] / (2 * nI))))
+            near_per_group = math.ceil(self.n_chan / near_groups)
+            near_groups = math.ceil(self.n_chan / near_per_group)
+            parts = torch.empty(near_groups, nI, 2, TILE, TILE, device=self.device, dtype=torch.float32)
+            near_head = (parts, 0, 0, r0, r1, c0, c1)
+        _near_kernel[(nI, 2, near_groups)](
+            *near_head, I0, self.L, int(self.ssm), self.n_chan, near_per_group,
             self.sloc, self.tot, self.A, self.C, self.W, self.fix, self.seg, self.left, self.pmask, rw, cw,
             N=self.N, K=self.K, KP=KP, Q=TILE, SCALAR=self.scalar,
             **near_options, **reduce,
         )  # fmt: skip
+        if groups:
+            _near_sum_kernel[(nI, 2, slabs)](*head, I0, parts, near_groups, Q=TILE, ALIGNED=aligned)
 
 
 class WKVTiles(_Tiles):

@@ -338,7 +338,7 @@ def griffin_impulses(block, hidden, position_ids):
     return griffin_impulse_matrix(griffin_reference(block, hidden, position_ids))
 
 
-def test_rglru_dense_and_reductions_across_resets():
+def test_rglru_dense_and_reductions_across_resets(monkeypatch):
     rec, impulses = rglru_record(150, "cpu")
     fused, plain = both(rec.attention)
     A = fused.dense()
@@ -348,10 +348,20 @@ def test_rglru_dense_and_reductions_across_resets():
     assert rel_err(R, plain.only("ssm").dense()) < SAME
     assert torch.all(R[1, :, 100:, :100] == 0) and torch.all(R[1, :, 140:, :140] == 0)  # a reset cuts
     assert R[0, :, 128:, :64].abs().max() > 1e-3 * R.abs().max()  # far tiles carry the recurrence
-    w = torch.randn(rec.attention.values.shape, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    w, v = (torch.randn(rec.attention.values.shape, generator=gen) for _ in range(2))
     for transform in ("signed", "abs"):
         a = fused.mean(transform=transform, row_weight=w, by=None)
         assert rel_err(a, plain.mean(transform=transform, row_weight=w)) < SAME
+    # one group of all channels (24): the far tiles' sums as products 16 channels deep, a short block last;
+    # the near tiles' sums in one group, and in groups of one channel (partial sums added up after)
+    monkeypatch.setitem(kernels.TUNING, "reduce_items", 1)
+    monkeypatch.setitem(kernels.TUNING, "rank_one_channels", 16)
+    assert rec.attention.values.shape[1] == 24
+    for transform, near_items in (("signed", 1), ("abs", 1), ("positive", 10**6)):
+        monkeypatch.setitem(kernels.TUNING, "near_reduce_items", near_items)
+        a = fused.mean(transform=transform, row_weight=w, col_weight=v)
+        assert rel_err(a, plain.mean(transform=transform, row_weight=w, col_weight=v)) < SAME, transform
 
 
 def mamba2_record(L, device, *, groups=1, batch=2, conv=4):
