@@ -1493,6 +1493,15 @@ def _aligned(out: Tensor, c0: int, c1: int, kernel: str) -> int:
     return TUNING["aligned_run"][kernel] if aligned else 0
 
 
+def _split_groups(n: int, items: int, tiles: int) -> tuple[int, int]:
+    """``(groups, per_group)``: ``n`` channels (or heads) in about ``items / tiles`` groups, at least one and
+    at most ``n``, none empty: a channel sum's launch gets about ``items`` (tile, group) programs, its
+    partial sums added up afterwards."""
+    groups = max(1, min(n, math.ceil(items / tiles)))
+    per_group = math.ceil(n / groups)
+    return math.ceil(n / per_group), per_group
+
+
 def _tile_grid(r0: int, r1: int, c0: int, c1: int) -> tuple[int, int, int, int]:
     """The first row and column tiles of a read ``[r0:r1, c0:c1]`` and how many of each it touches."""
     I0, J0 = r0 // TILE, c0 // TILE
@@ -1538,9 +1547,7 @@ class _Tiles:
         """The channel sum of (weighted, transformed) entries ``[r0:r1, c0:c1]``: ``(r1 − r0, c1 − c0)``."""
         _, _, nI, nJ = _tile_grid(r0, r1, c0, c1)
         # enough programs to fill the GPU: channel groups when there are few tiles, summed afterwards
-        groups = max(1, min(self.n_chan, math.ceil(TUNING["reduce_items"] / (nI * nJ))))
-        per_group = math.ceil(self.n_chan / groups)
-        groups = math.ceil(self.n_chan / per_group)
+        groups, per_group = _split_groups(self.n_chan, TUNING["reduce_items"], nI * nJ)
         out = torch.empty(groups, r1 - r0, c1 - c0, device=self.device, dtype=torch.float32)
         self._launch(out, (r0, r1, c0, c1), groups, per_group, row_weight, col_weight, transform)
         return out.sum(0) if groups > 1 else out[0]
@@ -1717,9 +1724,7 @@ class DiagonalTiles(_Tiles):
         near_head, near_groups, near_per_group = head, slabs, per_group
         if groups:  # channel sums: the near tiles' own channel groups (2 tiles a row tile, where the far
             # kernel's groups count every tile: too few programs), into a buffer of whole tiles, added up
-            near_groups = max(1, min(self.n_chan, math.ceil(TUNING["near_reduce_items"] / (2 * nI))))
-            near_per_group = math.ceil(self.n_chan / near_groups)
-            near_groups = math.ceil(self.n_chan / near_per_group)
+            near_groups, near_per_group = _split_groups(self.n_chan, TUNING["near_reduce_items"], 2 * nI)
             parts = torch.empty(near_groups, nI, 2, TILE, TILE, device=self.device, dtype=torch.float32)
             near_head = (parts, 0, 0, r0, r1, c0, c1)
         _near_kernel[(nI, 2, near_groups)](
@@ -1879,9 +1884,7 @@ class HeadTiles(_Tiles):
         if (r1 - r0) * (c1 - c0) == 0 or self.n_chan == 0:
             return torch.zeros(r1 - r0, c1 - c0, device=self.device, dtype=torch.float32)
         I0, J0, nI, nJ = _tile_grid(r0, r1, c0, c1)
-        groups = max(1, min(self.n_heads, math.ceil(TUNING["head_reduce_items"] / (nI * nJ))))
-        per_group = math.ceil(self.n_heads / groups)
-        groups = math.ceil(self.n_heads / per_group)
+        groups, per_group = _split_groups(self.n_heads, TUNING["head_reduce_items"], nI * nJ)
         out = torch.zeros(groups, r1 - r0, c1 - c0, device=self.device, dtype=torch.float32)
         rw, cw = _weights(self, 1, row_weight, col_weight)
         programs = max(1, min(nI * nJ * groups, self._programs(TUNING["head_reduce_programs_per_sm"])))
