@@ -581,8 +581,15 @@ if triton is not None:
 
     @triton.jit
     def _reduce_at(total, acc, c, t, j, L, rw_ptr, cw_ptr, TRANSFORM: tl.constexpr):
-        acc = acc * tl.load(rw_ptr + c * L + t, mask=t < L, other=0.0)[:, None]
-        acc = acc * tl.load(cw_ptr + c * L + j, mask=(j >= 0) & (j < L), other=0.0)[None, :]
+        rw = tl.load(rw_ptr + c * L + t, mask=t < L, other=0.0)
+        return _reduce_with(total, acc, rw, tl.load(cw_ptr + c * L + j, mask=(j >= 0) & (j < L), other=0.0),
+                            TRANSFORM)  # fmt: skip
+
+    @triton.jit
+    def _reduce_with(total, acc, rw, cw, TRANSFORM: tl.constexpr):
+        """``total`` plus ``acc`` weighted by rows ``rw`` and columns ``cw``, then transformed."""
+        acc = acc * rw[:, None]
+        acc = acc * cw[None, :]
         if TRANSFORM == 1:
             acc = tl.abs(acc)
         elif TRANSFORM == 2:
@@ -889,6 +896,63 @@ if triton is not None:
                              N, NP, K, Q, SQ, SPLIT, ALIGNED)  # fmt: skip
             _store_band(out_ptr, slab, stride_slab, stride_t, t, jb, on, band, r0, r1, c0, c1, True)
 
+    @triton.jit
+    def _near_one_loads(c, I, t, j, m, L, sloc_ptr, tot_ptr, A_ptr, W_ptr, fix_ptr, left_ptr, rw_ptr, cw_ptr,
+                        K: tl.constexpr, KP: tl.constexpr, Q: tl.constexpr):  # fmt: skip
+        """Channel ``c``'s factors of a near tile of one state as loaded (:func:`_near_one_sums`): the sums
+        of :func:`_gaps` (the column's carried), the input side ``W``, the rate, the band ``fix`` as ``(rows,
+        KP)``, the left factors and the row and column weights."""
+        t_ok = t < L
+        m_ok = m < L
+        j_ok = (j >= 0) & (j < L)
+        n_tiles = (L + Q - 1) // Q
+        tile_m = m // Q
+        s_m = tl.load(sloc_ptr + c * L + m, mask=m_ok, other=0.0)
+        carry = tl.load(tot_ptr + c * n_tiles + tile_m, mask=m_ok & (tile_m < I), other=0.0)
+        e = tl.arange(0, KP)
+        fix = tl.load(fix_ptr + (c * L + t)[:, None] * K + e[None, :], mask=t_ok[:, None] & (e < K)[None, :],
+                      other=0.0)  # fmt: skip
+        s_t = tl.load(sloc_ptr + c * L + t, mask=t_ok, other=0.0)
+        w = tl.load(W_ptr + c * L + j, mask=j_ok, other=0.0)
+        left = tl.load(left_ptr + c * L + t, mask=t_ok, other=0.0)
+        rw = tl.load(rw_ptr + c * L + t, mask=t_ok, other=0.0)
+        cw = tl.load(cw_ptr + c * L + j, mask=j_ok, other=0.0)
+        return s_t, s_m - carry, w, tl.load(A_ptr + c), fix, left, rw, cw
+
+    @triton.jit
+    def _near_one_sums(total, c, c_end, I, J, L, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, fix_ptr, seg_ptr,
+                       left_ptr, pmask_ptr, rw_ptr, cw_ptr, K: tl.constexpr, KP: tl.constexpr,
+                       Q: tl.constexpr, TRANSFORM: tl.constexpr):  # fmt: skip
+        """``total`` plus the (weighted, transformed) near tile ``(I, J)`` of channels ``c … c_end − 1`` of
+        one state (RG-LRU), entry for entry as :func:`_near` with its band computes it: what the channels
+        share (the rows of ``C``, where entries are valid, the input mask) loaded once, each channel's
+        factors loaded a channel ahead of their use."""
+        t = I * Q + tl.arange(0, Q)
+        j = J * Q + tl.arange(0, Q)
+        m = j + (K - 1)
+        valid = _valid(t, m, L, seg_ptr)
+        c_rows = tl.load(C_ptr + t, mask=t < L, other=0.0)
+        pm = tl.load(pmask_ptr + j, mask=(j >= 0) & (j < L), other=0.0)
+        d = t[:, None] - j[None, :]
+        e = tl.arange(0, KP)
+        s_t, s_m, w, a, fix, left, rw, cw = _near_one_loads(
+            c, I, t, j, m, L, sloc_ptr, tot_ptr, A_ptr, W_ptr, fix_ptr, left_ptr, rw_ptr, cw_ptr, K, KP, Q
+        )  # fmt: skip
+        while c < c_end:
+            n_s_t, n_s_m, n_w, n_a, n_fix, n_left, n_rw, n_cw = _near_one_loads(
+                tl.minimum(c + 1, c_end - 1), I, t, j, m, L, sloc_ptr, tot_ptr, A_ptr, W_ptr, fix_ptr,
+                left_ptr, rw_ptr, cw_ptr, K, KP, Q,
+            )  # fmt: skip
+            gap = tl.where(valid, tl.maximum(s_t[:, None] - s_m[None, :], 0.0), 0.0)
+            acc = tl.where(valid, c_rows[:, None] * _exp(a * gap) * w[None, :], 0.0)
+            for k in tl.static_range(K):  # the band, a diagonal at a time (as _band)
+                fix_k = tl.sum(tl.where(e[None, :] == k, fix, 0.0), axis=1)
+                acc = tl.where(d == k, fix_k[:, None], acc)
+            total = _reduce_with(total, acc * left[:, None] * pm[None, :], rw, cw, TRANSFORM)
+            s_t, s_m, w, a, fix, left, rw, cw = n_s_t, n_s_m, n_w, n_a, n_fix, n_left, n_rw, n_cw
+            c += 1
+        return total
+
     @triton.jit(do_not_specialize=UNSPECIALISED["_near_kernel"])
     def _near_kernel(
         out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, L, ssm, n_chan, per_group,
@@ -908,6 +972,11 @@ if triton is not None:
         total = tl.zeros((Q, Q), dtype=tl.float32)
         if J < 0:  # row tile 0 has no column tile before it
             pass
+        elif REDUCE and N == 1 and not SCALAR:
+            c_end = tl.minimum((slab + 1) * per_group, n_chan)
+            total = _near_one_sums(total, slab * per_group, c_end, I, J, L, sloc_ptr, tot_ptr, A_ptr, C_ptr,
+                                   W_ptr, fix_ptr, seg_ptr, left_ptr, pmask_ptr, rw_ptr, cw_ptr, K, KP, Q,
+                                   TRANSFORM)  # fmt: skip
         elif REDUCE:
             c = slab * per_group
             while c < tl.minimum((slab + 1) * per_group, n_chan):
