@@ -133,8 +133,10 @@ TUNING: dict = {
     # channel sums of near tiles (by channel, without strips) split the channels into groups until a read has
     # about this many (tile, group) programs, partial sums of whole tiles added up afterwards: the far
     # kernel's groups count every tile of the read, and left the near kernel 128 programs at L = 2048 (RG-LRU,
-    # 2560 channels: near sums 10.8 → 6.7 ms; 16k 80 → 53 ms; 1024 and 16384 items no better, run SS)
-    "near_reduce_items": 4096,
+    # 2560 channels: near sums 10.8 → 6.7 ms; 16k 80 → 53 ms, run SS). Since each channel's factors load a
+    # channel ahead (run TT), fewer groups: near sums and their adding-up 0.52 → 0.28 ms at L = 512, 0.63 →
+    # 0.51 at 1024, 1.14 → 1.01 at 2048 against 4096 items, at 16k 7.91 → 7.96 ms
+    "near_reduce_items": 512,
     # channels a tensor-core product of one-state far tiles takes at once (RG-LRU's channel sums,
     # _rank_one_sums): 32 against 16, far sums 0.565 → 0.485 ms at L = 2048, 34 → 30 ms at 16k (run SS)
     "rank_one_channels": 32,
