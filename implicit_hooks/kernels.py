@@ -140,6 +140,11 @@ TUNING: dict = {
     # channels a tensor-core product of one-state far tiles takes at once (RG-LRU's channel sums,
     # _rank_one_sums): 32 against 16, far sums 0.565 → 0.485 ms at L = 2048, 34 → 30 ms at 16k (run SS)
     "rank_one_channels": 32,
+    # the depth of one tensor-core product in the signed channel sums of far tiles of 16-63 states (Mamba-1:
+    # 64 / 16 = 4 channels at once, _far_product_sums); at most one channel's states: a product a channel.
+    # Run TT-3, Mamba-1 far sums at L = 512 / 2048 / 16k: 0.144 / 2.66 / 164 ms a channel at a time, 64 deep
+    # 0.137 / 2.46 / 128, 32 deep 0.199 / 3.48 / 178 (8 warps: 2-3x slower; 128 deep spills 1.3 KB)
+    "far_sum_depth": 64,
     # Mamba-2's channel sums split the heads into groups until a read has about this many (tile, group) items
     # (tiles counted over the read's square, L = 4096: 2 groups; 16k: 1; the slabs take ≤ 8192 tiles, 128 MB).
     # 130M layer, run SS: means at 512 / 1024 / 2048 / 4096 1.13 → 0.39 / 2.23 → 1.42 / 6.27 → 6.28 /
@@ -782,6 +787,55 @@ if triton is not None:
         return total
 
     @triton.jit
+    def _widen(x, Q: tl.constexpr, CB: tl.constexpr, NP: tl.constexpr):
+        """``(Q, CB)`` per channel to ``(Q, CB · NP)``, each channel's column repeated for its states."""
+        return tl.reshape(tl.broadcast_to(x[:, :, None], (Q, CB, NP)), (Q, CB * NP))
+
+    @triton.jit
+    def _far_product_sums(total, I, J, L, t, same, c, c_end, sb_ptr, sref_ptr, A_ptr, V_ptr, Cr_ptr, seg_ptr,
+                          segref_ptr, sloc_ptr, left_ptr, rw_ptr, cw_ptr, N: tl.constexpr, NP: tl.constexpr,
+                          Q: tl.constexpr, CB: tl.constexpr, SPLIT: tl.constexpr):  # fmt: skip
+        """``total`` plus the signed sum of far tile ``(I, J)`` over channels ``c … c_end − 1``, weighted by
+        rows and columns. Channel ``c``'s weighted tile is ``(rw_c U_c) (cw_c V_c diag(mid_c))ᵀ``
+        (:func:`_far_sums`), so the sum is one product ``X Yᵀ`` whose depth is channels × states, taken
+        ``CB`` channels at a time (column ``k`` of ``X`` and ``Y``: channel ``k // NP``, state ``k % NP``):
+        one tensor-core product of depth ``CB · NP`` and no tile-sized weighting a channel, where
+        :func:`_far_sums` takes a product of depth ``NP``, then weighs and adds the tile. Signed sums only:
+        ``|Σ_n u v|`` does not factorise. Mamba-1 (1536 channels, run TT-3): far sums 0.67 → 0.60 ms at
+        L = 1024, 10.3 → 8.4 ms at 4096, 164 → 128 ms at 16k (the loop 179 SASS a channel against 856)."""
+        j = J * Q + tl.arange(0, Q)
+        k = tl.arange(0, CB * NP)
+        n = k % NP
+        t_ok = t < L
+        # the rows of C, the same for every block of channels (column k: state k % NP)
+        c_rows = tl.load(Cr_ptr + t[:, None] * N + n[None, :], mask=t_ok[:, None] & (n < N)[None, :],
+                         other=0.0)  # fmt: skip
+        # one segment from the column tile's reference to the row tile's start (U and V check the ends)
+        linked = (tl.load(seg_ptr + I * Q - 1) == tl.load(segref_ptr + J)).to(tl.float32)
+        while c < c_end:
+            cc = c + k // NP
+            k_ok = (cc < c_end) & (n < N)
+            cc = tl.minimum(cc, c_end - 1)
+            a = tl.load(A_ptr + cc * N + n, mask=k_ok, other=0.0)
+            b = c + tl.arange(0, CB)  # the block's channels, loaded once and widened to their states
+            b_ok = b < c_end
+            rows = b[None, :] * L + t[:, None]  # (Q, CB)
+            r_ok = t_ok[:, None] & b_ok[None, :]
+            sl = _widen(tl.load(sloc_ptr + rows, mask=r_ok, other=0.0), Q, CB, NP)
+            g = tl.load(left_ptr + rows, mask=r_ok & same[:, None], other=0.0)  # zero past a reset
+            g = _widen(g * tl.load(rw_ptr + rows, mask=r_ok, other=0.0), Q, CB, NP)
+            x = c_rows * _exp(a[None, :] * sl) * g
+            cols = b[None, :] * L + j[:, None]
+            c_ok = (j < L)[:, None] & b_ok[None, :]
+            mid = _exp(a * _far_gap(cc, I, J, L, sb_ptr, sref_ptr, Q)) * linked  # exponents ≤ 0
+            vk = cc[None, :] * L + j[:, None]
+            y = tl.load(V_ptr + vk * NP + n[None, :], mask=(j < L)[:, None] & k_ok[None, :], other=0.0)
+            y = y * (_widen(tl.load(cw_ptr + cols, mask=c_ok, other=0.0), Q, CB, NP) * mid[None, :])
+            total += _product(x, y, SPLIT)
+            c += CB
+        return total
+
+    @triton.jit
     def _rank_one_sums(total, I, J, L, c, c_end, sb_ptr, sref_ptr, A_ptr, U_ptr, V_ptr, seg_ptr, segref_ptr,
                        rw_ptr, cw_ptr, NP: tl.constexpr, Q: tl.constexpr, CB: tl.constexpr,
                        SPLIT: tl.constexpr, TRANSFORM: tl.constexpr):  # fmt: skip
@@ -862,7 +916,13 @@ if triton is not None:
         while J < J_end:  # while: Triton's interpreter cannot range() over arguments
             far = ((I >= J + 2) | ((I == J + 1) & near_far)) & (ssm != 0)
             total = tl.zeros((Q, Q), dtype=tl.float32)
-            if REDUCE and FAR_DOT:
+            if REDUCE and FAR_DOT and TRANSFORM == 0 and CB > 1:
+                if far:
+                    total = _far_product_sums(total, I, J, L, t, same, slab * per_group,
+                                              tl.minimum((slab + 1) * per_group, n_chan), sb_ptr, sref_ptr,
+                                              A_ptr, V_ptr, Cr_ptr, seg_ptr, segref_ptr, sloc_ptr, left_ptr,
+                                              rw_ptr, cw_ptr, N, NP, Q, CB, SPLIT)  # fmt: skip
+            elif REDUCE and FAR_DOT:
                 if far:
                     total = _far_sums(total, I, J, L, ssm, t, c_rows, same, slab * per_group,
                                       tl.minimum((slab + 1) * per_group, n_chan), sb_ptr, sref_ptr, A_ptr,
@@ -1750,6 +1810,14 @@ class DiagonalTiles(_Tiles):
         # near tiles by strips where the far tiles take a product (Mamba-1) and the conv fits in a strip
         self.strips = bool(TUNING["NEAR_STRIPS"]) and self.far_dot and not scalar and ssm and K - 1 < STRIP
 
+    def _product_channels(self) -> int:
+        """Channels one tensor-core product of a channel sum's far tiles takes: ``rank_one_channels`` of one
+        state (:func:`_rank_one_sums`), enough for a depth of ``far_sum_depth`` of tile products
+        (:func:`_far_product_sums`; 1: a channel at a time, :func:`_far_sums`)."""
+        if self.N == 1:
+            return TUNING["rank_one_channels"]
+        return max(1, TUNING["far_sum_depth"] // self.NP) if self.far_dot else 1
+
     def _launch(self, out: Tensor, span: tuple[int, int, int, int], groups: int, per_group: int,
                 row_weight: Tensor | None = None, col_weight: Tensor | None = None, transform: str = "signed",
                 ) -> None:  # fmt: skip
@@ -1777,7 +1845,7 @@ class DiagonalTiles(_Tiles):
             self.growth, float(STRIP_GROWTH), near_far, self.fix, self.sloc, self.tot, self.C, self.C_rows,
             self.W,
             N=self.N, NP=self.NP, Q=TILE, FAR_DOT=self.far_dot, SPLIT=split, K=self.K, KP=KP, SQ=STRIP,
-            STRIPS=strips, CB=TUNING["rank_one_channels"], **far_options, **reduce,
+            STRIPS=strips, CB=self._product_channels(), **far_options, **reduce,
         )  # fmt: skip
         if strips:
             return
