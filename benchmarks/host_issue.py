@@ -1,8 +1,10 @@
 """What the host spends issuing one dense read: Python and torch glue against Triton's launches.
 
 A lone short read is issued by the host for about as long as the device runs it (``profile_dense.py``).
-This splits the issue time (from the call until ``dense()`` returns, the device idle before it) three
-ways, each the median of ``--reads`` synchronised reads of one layer:
+This splits the issue time (from the call until the read returns, the device idle before it) three ways,
+each the median of ``--reads`` synchronised reads of one layer; ``--read mean`` times the channel mean
+(``view.mean()``) in place of the dense read (run TT: RG-LRU's mean took 0.36 ms of kernels at L = 512 and
+0.64–0.91 ms a read back to back, its host issue the larger part):
 
 - ``whole_us``: the read as shipped;
 - ``glue_us``: the same read with every kernel launch replaced by a no-op (allocations, views, checks,
@@ -13,6 +15,7 @@ ways, each the median of ``--reads`` synchronised reads of one layer:
 ``whole_us − glue_us − launches_us`` is noise of either sign. Same models and widths as ``bench_gpu.py``.
 
     python benchmarks/host_issue.py --out host_issue.json     # on the GPU machine
+    python benchmarks/host_issue.py --read mean --families rglru mamba --out host_issue_mean.json
     python benchmarks/host_issue.py --smoke                   # tiny shapes, interpreted kernels on CPU
 """
 
@@ -74,6 +77,7 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", default=["mamba", "mamba2", "rglru", "rwkv4"])
     parser.add_argument("--lengths", type=int, nargs="+", default=None)
     parser.add_argument("--reads", type=int, default=60)
+    parser.add_argument("--read", choices=["dense", "mean"], default="dense", help="which read to time")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
@@ -81,11 +85,13 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     rows = []
     for family, L, view in one_layer_views(args.families, lengths, device, args.smoke, "triton"):
-        whole = 1e6 * issue_seconds(view.dense, device, args.reads)
+        read = view.dense if args.read == "dense" else view.mean
+        read()  # compiled for this read
+        whole = 1e6 * issue_seconds(read, device, args.reads)
         with _Launches(run=False):
-            glue = 1e6 * issue_seconds(view.dense, device, args.reads)
+            glue = 1e6 * issue_seconds(read, device, args.reads)
         with _Launches(run=True) as launches:
-            view.dense()
+            read()
         calls = launches.calls
 
         def replay(calls=calls):
@@ -95,6 +101,7 @@ def main() -> None:
         row = {
             "family": family,
             "L": L,
+            "read": args.read,
             "whole_us": whole,
             "glue_us": glue,
             "launches_us": 1e6 * issue_seconds(replay, device, args.reads),
@@ -102,7 +109,7 @@ def main() -> None:
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
-        del view, calls
+        del view, read, calls
     if args.out:
         meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                 "torch": torch.__version__, "triton": kernels.triton.__version__}  # fmt: skip

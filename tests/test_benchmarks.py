@@ -79,6 +79,11 @@ def test_profile_dense_and_host_issue_split_a_read(tmp_path):
     # Triton's interpreter runs the launches on the CPU: one read of RWKV-4, its one kernel
     (row,) = run("host_issue.py", "--smoke", "--families", "rwkv4", "--reads", "1", cwd=tmp_path)
     assert len(row["launches"]) == 1 and row["whole_us"] > 0 and row["glue_us"] > 0
+    # the channel mean of RG-LRU: its preparation, far, near and adding-up kernels
+    (row,) = run(
+        "host_issue.py", "--smoke", "--families", "rglru", "--reads", "1", "--read", "mean", cwd=tmp_path
+    )
+    assert row["read"] == "mean" and len(row["launches"]) == 4 and row["glue_us"] > 0
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformer_lens") is not None, reason="TransformerLens here")
