@@ -776,7 +776,7 @@ def core_formula(S, A, B, C, weight, right, D, segment):
     return core + torch.diag_embed(D.to(f64)[:, None] * right.to(f64))
 
 
-def test_diagonal_tiles_of_many_states_across_resets_match_the_formula():
+def test_diagonal_tiles_of_many_states_across_resets_match_the_formula(monkeypatch):
     """Mamba-1-like arrays (16 states, so the far tiles take the tile product, :func:`kernels._far_rows`
     computing their row factors) with two resets, left and right factors, a conv of 4 taps and an input
     mask: dense blocks and channel sums against the documented formula ``A[t, j] = g_t p_j Σ_k w_k
@@ -806,3 +806,8 @@ def test_diagonal_tiles_of_many_states_across_resets_match_the_formula():
     assert torch.all(dense[:, 130:, :127] == 0) and torch.all(dense[:, 40:, :37] == 0)  # the resets cut
     assert rel_err(tiles.dense(70, 150, 3, 101), expected[:, 70:, 3:101]) < TOL  # a block off the tile grid
     assert rel_err(tiles.reduce(0, L, 0, L), expected.sum(0)) < TOL
+    # signed far sums as products over channels × states: 4 channels a product (a block of 3) and 2 (a
+    # block of 2 and one of 1), and a channel at a time
+    for depth in (64, 32, 16):
+        monkeypatch.setitem(kernels.TUNING, "far_sum_depth", depth)
+        assert rel_err(tiles.reduce(0, L, 0, L), expected.sum(0)) < TOL, depth
