@@ -74,7 +74,7 @@ CASES = [
     ("WKV, RWKV-4", "wkv", kernels._wkv_kernel, dict(Q=64, REDUCE=False, TRANSFORM=0, ALIGNED=16)),
     ("WKV, sums", "wkv_reduce", kernels._wkv_kernel, dict(Q=64, REDUCE=True, TRANSFORM=1, ALIGNED=16)),
     ("strips, reduce", "strip_reduce", kernels._strip_kernel,
-     dict(N=16, NP=16, K=4, Q=64, SQ=16, SPLIT=True, TRANSFORM=1, ALIGNED=16)),
+     dict(N=16, NP=16, K=4, KP=4, Q=64, SQ=16, SPLIT=True, TRANSFORM=1, ALIGNED=16)),
     ("by head, Mamba-2", "head", kernels._head_kernel,
      dict(N=128, Q=64, H=16, NC=16, SPLIT=True, ALIGNED=4)),
     ("by head, sums", "head_reduce", kernels._head_reduce_kernel,

@@ -42,7 +42,7 @@ Positions are cut into tiles of ``Q = 64``:
   program of the row tile) compute what the product leaves out, the entries of each 16×16 block below its
   diagonal, every entry directly, four strips' at once, and store them over it, and leave tile ``I − 1`` to
   the far product where the tile's first strip factorises;
-  channel sums (:func:`_strip`) take such a strip's every entry directly. The ``K`` diagonals
+  channel sums (:func:`_strip_sums`) take such a strip's every entry directly. The ``K`` diagonals
   ``0 ≤ t − j < K`` are ``fix``, prepared with ``W`` as whole entries (the taps at or before ``t`` and the
   skip) and stored over the tile after it (:func:`_store_band`; channel sums put them in registers);
 * tiles above the diagonal are zeros.
@@ -180,7 +180,7 @@ def _options(kernel: str, warps: int, reduce: bool) -> dict:
     return options if cap is None else {**options, "maxnreg": cap}
 
 
-#: near tiles by row strips of ``STRIP`` rows (:func:`_strip`), whose column factors may grow by at most
+#: near tiles by row strips of ``STRIP`` rows (:func:`_strip_sums`), whose column factors may grow by at most
 #: ``e^STRIP_GROWTH`` (larger: every entry directly); the error of a factorised entry is ≈ 2·growth·2⁻²⁴
 STRIP = 16
 STRIP_GROWTH = 8.0
@@ -503,57 +503,97 @@ if triton is not None:
         return tl.where(valid, acc, 0.0)
 
     @triton.jit
-    def _strip(
-        c, I, i, J, L, ssm, max_growth, sloc_ptr, tot_ptr, growth_ptr, A_ptr, C_ptr, W_ptr, fix_ptr, seg_ptr,
-        left_ptr, pmask_ptr, N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, Q: tl.constexpr,
-        SQ: tl.constexpr, SPLIT: tl.constexpr,
+    def _strip_loads(c, I, i, J, L, R, t, j, jd, sloc_ptr, tot_ptr, growth_ptr, A_ptr, W_ptr, fix_ptr,
+                     left_ptr, pmask_ptr, rw_ptr, cw_ptr, N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr,
+                     KP: tl.constexpr, Q: tl.constexpr, SQ: tl.constexpr):  # fmt: skip
+        """Channel ``c``'s factors of row strip ``i`` of near tile ``(I, J)`` as loaded (:func:`_strip_sums`):
+        the strip's growth, the rates, ``S_R − S_IQ``, the rows' sums ``S_{t+1} − S_R``, the columns' sums
+        and ``W`` (:func:`_column_side`), the band ``fix`` as ``(rows, KP)``, the left factors and the row and
+        column weights (of ``main``'s columns and of ``diag``'s)."""
+        n = tl.arange(0, NP)
+        t_ok = t < L
+        # strips past the sequence (rows cut by L) have no growth: read none
+        growth = tl.load(growth_ptr + (c * ((L + SQ - 1) // SQ) + R // SQ) * 2, mask=R < L, other=0.0)
+        a = tl.load(A_ptr + c * N + n, mask=n < N, other=0.0)
+        # S_R − S_IQ (0 for the tile's first strip); the index is clamped, its value unused then
+        off = tl.load(sloc_ptr + c * L + tl.minimum(tl.maximum(R - 1, 0), L - 1))
+        off = tl.where(i > 0, off, 0.0)
+        row_gap = tl.load(sloc_ptr + c * L + t, mask=t_ok, other=0.0) - off  # S_{t+1} − S_R ≥ 0
+        _, _, s_m, w, _ = _column_side(c, I, J, L, sloc_ptr, tot_ptr, W_ptr, pmask_ptr, N, NP, K, Q, Q)
+        e = tl.arange(0, KP)
+        fix = tl.load(fix_ptr + (c * L + t)[:, None] * K + e[None, :], mask=t_ok[:, None] & (e < K)[None, :],
+                      other=0.0)  # fmt: skip
+        left = tl.load(left_ptr + c * L + t, mask=t_ok, other=0.0)
+        rw = tl.load(rw_ptr + c * L + t, mask=t_ok, other=0.0)
+        cw = tl.load(cw_ptr + c * L + j, mask=(j >= 0) & (j < L), other=0.0)
+        cw_diag = tl.load(cw_ptr + c * L + jd, mask=jd < L, other=0.0)
+        return growth, a, off, row_gap, s_m, w, fix, left, rw, cw, cw_diag
+
+    @triton.jit
+    def _strip_sums(
+        main, diag, c, c_end, I, i, J, L, ssm, max_growth, sloc_ptr, tot_ptr, growth_ptr, A_ptr, C_ptr, W_ptr,
+        fix_ptr, seg_ptr, left_ptr, pmask_ptr, rw_ptr, cw_ptr, N: tl.constexpr, NP: tl.constexpr,
+        K: tl.constexpr, KP: tl.constexpr, Q: tl.constexpr, SQ: tl.constexpr, SPLIT: tl.constexpr,
+        TRANSFORM: tl.constexpr,
     ):  # fmt: skip
-        """Row strip ``i`` (``SQ`` rows from ``R = IQ + i·SQ``) of near tile ``(I, J)`` of channel ``c`` for
-        channel sums, the band in registers, in two parts: ``main``, the columns ``j < R``, and ``diag``, the
-        ``SQ`` columns from ``R`` (``J = I``).
+        """``main`` and ``diag`` plus the (weighted, transformed) row strip ``i`` (``SQ`` rows from ``R = IQ +
+        i·SQ``) of near tile ``(I, J)`` of channels ``c … c_end − 1``, the band in registers, in two parts:
+        ``main``, the columns ``j < R``, and ``diag``, the ``SQ`` columns from ``R`` (``J = I``). What the
+        channels share (the rows of ``C``, where entries are valid, the input mask) is loaded once, each
+        channel's factors a channel ahead of their use (:func:`_strip_loads`), as RG-LRU's near sums
+        (:func:`_near_one_sums`).
 
         ``main`` factorises through ``S_R``: ``Σ_n C[t, n] e^{A_n (S_{t+1} − S_R)} · e^{A_n (S_R − S_{m+1})}
         W[j, n]``, one ``SQ × NP × Q`` product and ``(SQ + Q)·NP`` exponentials instead of ``SQ·Q·N``. The
         row factors are ``≤ 1``; a column's last tap lies at most ``K − 1`` positions past ``R``, so its
         factor grows by at most ``e^{max|A| (S_{R+K−1} − S_R)}``: strips where that passes
         ``e^{max_growth}`` (large rates) take every entry directly, as ``diag`` does
-        (:func:`_diagonal_block`). Every load of the strip is issued first, the diagonal block's next, before
-        the growth decides: a program waits for memory once. Dense reads go by whole tiles instead
+        (:func:`_diagonal_block`, which loads its own factors). Dense reads go by whole tiles instead
         (:func:`_strip_tiles`)."""
         R, t, j, jd = _strip_at(I, i, J, Q, SQ)
-        main = tl.zeros((SQ, Q), dtype=tl.float32)
-        diag = tl.zeros((SQ, SQ), dtype=tl.float32)
-        left, pm = _sides(c, t, j, L, left_ptr, pmask_ptr)
+        n = tl.arange(0, NP)
+        t_ok = t < L
+        c_rows = tl.load(C_ptr + n[None, :] * L + t[:, None], mask=t_ok[:, None] & (n < N)[None, :],
+                         other=0.0)  # fmt: skip
+        m = j + (K - 1)
+        valid = _valid(t, m, L, seg_ptr)
+        cols = (j >= 0) & (j < R) & (j < L)
+        pm = tl.load(pmask_ptr + j, mask=(j >= 0) & (j < L), other=0.0)
         pm_diag = tl.load(pmask_ptr + jd, mask=jd < L, other=0.0)
-        if ssm != 0:
-            # strips past the sequence (rows cut by L) have no growth: read none
-            growth = tl.load(growth_ptr + (c * ((L + SQ - 1) // SQ) + R // SQ) * 2, mask=R < L, other=0.0)
-            t_ok = t < L
-            n = tl.arange(0, NP)
-            n_ok = n < N
-            a = tl.load(A_ptr + c * N + n, mask=n_ok, other=0.0)
-            c_rows = tl.load(C_ptr + n[None, :] * L + t[:, None], mask=t_ok[:, None] & n_ok[None, :],
-                             other=0.0)  # fmt: skip
-            # S_R − S_IQ (0 for the tile's first strip); the index is clamped, its value unused then
-            off = tl.load(sloc_ptr + c * L + tl.minimum(tl.maximum(R - 1, 0), L - 1))
-            off = tl.where(i > 0, off, 0.0)
-            row_gap = tl.load(sloc_ptr + c * L + t, mask=t_ok, other=0.0) - off  # S_{t+1} − S_R ≥ 0
-            _, m, s_m, w, _ = _column_side(c, I, J, L, sloc_ptr, tot_ptr, W_ptr, pmask_ptr, N, NP, K, Q, Q)
-            cols = (j >= 0) & (j < R) & (j < L)
-            valid = _valid(t, m, L, seg_ptr)
-            if J == I:
-                diag = _diagonal_block(c, I, t, jd, L, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, N, NP,
-                                       K, Q)  # fmt: skip
-            if growth <= max_growth:
-                u = c_rows * _exp(a[None, :] * row_gap[:, None])
-                col_gap = tl.where(cols, off - s_m, 0.0)  # S_R − S_{m+1} ≥ −(S_{R+K−1} − S_R)
-                w = tl.where(cols[:, None], w * _exp(a[None, :] * col_gap[:, None]), 0.0)
-                main = tl.where(valid, _product(u, w, SPLIT), 0.0)
-            else:
-                main = _direct(c, I, t, j, L, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, N, K, Q)
-        main = _band(main, c, t, j, L, fix_ptr, left, pm, K, True)
-        main = tl.where((j < R)[None, :], main, 0.0)  # the diag part's columns and the zeros past them
-        diag = _band(diag, c, t, jd, L, fix_ptr, left, pm_diag, K, True)
+        d_main = t[:, None] - j[None, :]  # j = t − d lies in the sequence wherever t does (j ≥ 0: J ≥ 0)
+        d_diag = t[:, None] - jd[None, :]
+        e = tl.arange(0, KP)
+        growth, a, off, row_gap, s_m, w, fix, left, rw, cw, cw_diag = _strip_loads(
+            c, I, i, J, L, R, t, j, jd, sloc_ptr, tot_ptr, growth_ptr, A_ptr, W_ptr, fix_ptr, left_ptr,
+            pmask_ptr, rw_ptr, cw_ptr, N, NP, K, KP, Q, SQ,
+        )  # fmt: skip
+        while c < c_end:
+            n_growth, n_a, n_off, n_row_gap, n_s_m, n_w, n_fix, n_left, n_rw, n_cw, n_cw_diag = _strip_loads(
+                tl.minimum(c + 1, c_end - 1), I, i, J, L, R, t, j, jd, sloc_ptr, tot_ptr, growth_ptr, A_ptr,
+                W_ptr, fix_ptr, left_ptr, pmask_ptr, rw_ptr, cw_ptr, N, NP, K, KP, Q, SQ,
+            )  # fmt: skip
+            main_c = tl.zeros((SQ, Q), dtype=tl.float32)
+            diag_c = tl.zeros((SQ, SQ), dtype=tl.float32)
+            if ssm != 0:
+                if J == I:
+                    diag_c = _diagonal_block(c, I, t, jd, L, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, seg_ptr,
+                                             N, NP, K, Q)  # fmt: skip
+                if growth <= max_growth:
+                    u = c_rows * _exp(a[None, :] * row_gap[:, None])
+                    col_gap = tl.where(cols, off - s_m, 0.0)  # S_R − S_{m+1} ≥ −(S_{R+K−1} − S_R)
+                    w_c = tl.where(cols[:, None], w * _exp(a[None, :] * col_gap[:, None]), 0.0)
+                    main_c = tl.where(valid, _product(u, w_c, SPLIT), 0.0)
+                else:
+                    main_c = _direct(c, I, t, j, L, sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, N, K, Q)
+            main_c = _band_rows(main_c, d_main, e, fix, K) * left[:, None] * pm[None, :]
+            main_c = tl.where((j < R)[None, :], main_c, 0.0)  # diag's columns and the zeros past them
+            diag_c = _band_rows(diag_c, d_diag, e, fix, K) * left[:, None] * pm_diag[None, :]
+            main = _reduce_with(main, main_c, rw, cw, TRANSFORM)
+            diag = _reduce_with(diag, diag_c, rw, cw_diag, TRANSFORM)
+            growth, a, off, row_gap, s_m, w, fix, left, rw, cw, cw_diag = (
+                n_growth, n_a, n_off, n_row_gap, n_s_m, n_w, n_fix, n_left, n_rw, n_cw, n_cw_diag
+            )  # fmt: skip
+            c += 1
         return main, diag
 
     @triton.jit
@@ -891,10 +931,10 @@ if triton is not None:
         With ``STRIPS`` (dense reads of Mamba-1, one run of every column tile) the program also takes its
         row tile's near tiles, after the far ones (:func:`_strip_tiles`): one launch fewer per read. With
         ``near_far`` (no resets) the far product takes near tile ``J = I − 1`` of every channel whose first
-        strip of row tile ``I`` grows by at most ``e^max_growth`` (:func:`_strip`): its reference ``S_ref(J)``
-        lies ``K − 1`` positions past ``S_IQ``, so the middle factor grows by just that, and the entries the
-        factorisation gets wrong (``t < j + K − 1``) are all on the band, stored over the tile last
-        (:func:`_store_band`, with the band of tile ``I``)."""
+        strip of row tile ``I`` grows by at most ``e^max_growth`` (:func:`_strip_sums`): its reference
+        ``S_ref(J)`` lies ``K − 1`` positions past ``S_IQ``, so the middle factor grows by just that, and the
+        entries the factorisation gets wrong (``t < j + K − 1``) are all on the band, stored over the tile
+        last (:func:`_store_band`, with the band of tile ``I``)."""
         I = I0 + tl.program_id(0)
         J = J0 + tl.program_id(1) * span
         J_end = tl.minimum(J + span, J0 + nJ)
@@ -960,6 +1000,15 @@ if triton is not None:
             _store_band(out_ptr, slab, stride_slab, stride_t, t, jb, on, band, r0, r1, c0, c1, True)
 
     @triton.jit
+    def _band_rows(acc, d, e, fix, K: tl.constexpr):
+        """``acc`` with the ``K`` diagonals ``d = t − j < K`` put in from ``fix`` loaded as ``(rows, KP)``
+        (column ``e`` the diagonal ``e``), a diagonal at a time (as :func:`_band`)."""
+        for k in tl.static_range(K):
+            fix_k = tl.sum(tl.where(e[None, :] == k, fix, 0.0), axis=1)
+            acc = tl.where(d == k, fix_k[:, None], acc)
+        return acc
+
+    @triton.jit
     def _near_one_loads(c, I, t, j, m, L, sloc_ptr, tot_ptr, A_ptr, W_ptr, fix_ptr, left_ptr, rw_ptr, cw_ptr,
                         K: tl.constexpr, KP: tl.constexpr, Q: tl.constexpr):  # fmt: skip
         """Channel ``c``'s factors of a near tile of one state as loaded (:func:`_near_one_sums`): the sums
@@ -1008,9 +1057,7 @@ if triton is not None:
             )  # fmt: skip
             gap = tl.where(valid, tl.maximum(s_t[:, None] - s_m[None, :], 0.0), 0.0)
             acc = tl.where(valid, c_rows[:, None] * _exp(a * gap) * w[None, :], 0.0)
-            for k in tl.static_range(K):  # the band, a diagonal at a time (as _band)
-                fix_k = tl.sum(tl.where(e[None, :] == k, fix, 0.0), axis=1)
-                acc = tl.where(d == k, fix_k[:, None], acc)
+            acc = _band_rows(acc, d, e, fix, K)
             total = _reduce_with(total, acc * left[:, None] * pm[None, :], rw, cw, TRANSFORM)
             s_t, s_m, w, a, fix, left, rw, cw = n_s_t, n_s_m, n_w, n_a, n_fix, n_left, n_rw, n_cw
             c += 1
@@ -1082,10 +1129,10 @@ if triton is not None:
     def _strip_kernel(
         out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, L, ssm, n_chan, per_group, max_growth,
         sloc_ptr, tot_ptr, growth_ptr, A_ptr, C_ptr, W_ptr, fix_ptr, seg_ptr, left_ptr, pmask_ptr,
-        rw_ptr, cw_ptr, N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, Q: tl.constexpr,
+        rw_ptr, cw_ptr, N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, Q: tl.constexpr,
         SQ: tl.constexpr, SPLIT: tl.constexpr, TRANSFORM: tl.constexpr, ALIGNED: tl.constexpr,
     ):  # fmt: skip
-        """Channel sums of the near tiles by row strips (:func:`_strip`): strip ``i`` of row tile ``I``
+        """Channel sums of the near tiles by row strips (:func:`_strip_sums`): strip ``i`` of row tile ``I``
         against column tiles ``I`` and ``I − 1``, summed over a group of ``per_group`` channels; ``main``
         written with the zeros past the strip's diagonal block, ``diag`` apart."""
         I = I0 + tl.program_id(0) // (Q // SQ)
@@ -1096,14 +1143,11 @@ if triton is not None:
         main = tl.zeros((SQ, Q), dtype=tl.float32)
         diag = tl.zeros((SQ, SQ), dtype=tl.float32)
         if J >= 0:  # row tile 0 has no column tile before it
-            c = slab * per_group
-            while c < tl.minimum((slab + 1) * per_group, n_chan):
-                main_c, diag_c = _strip(c, I, i, J, L, ssm, max_growth, sloc_ptr, tot_ptr, growth_ptr, A_ptr,
-                                        C_ptr, W_ptr, fix_ptr, seg_ptr, left_ptr, pmask_ptr, N, NP, K, Q, SQ,
-                                        SPLIT)  # fmt: skip
-                main = _reduce_at(main, main_c, c, t, j, L, rw_ptr, cw_ptr, TRANSFORM)
-                diag = _reduce_at(diag, diag_c, c, t, jd, L, rw_ptr, cw_ptr, TRANSFORM)
-                c += 1
+            c_end = tl.minimum((slab + 1) * per_group, n_chan)
+            main, diag = _strip_sums(main, diag, slab * per_group, c_end, I, i, J, L, ssm, max_growth,
+                                     sloc_ptr, tot_ptr, growth_ptr, A_ptr, C_ptr, W_ptr, fix_ptr, seg_ptr,
+                                     left_ptr, pmask_ptr, rw_ptr, cw_ptr, N, NP, K, KP, Q, SQ, SPLIT,
+                                     TRANSFORM)  # fmt: skip
         outside = tl.where(J >= 0, (j < R) | (j >= R + SQ), False)  # diag's columns: the other store's
         _store_at(out_ptr, slab, stride_slab, stride_t, t, j, r0, r1, c0, c1, main, outside[None, :], ALIGNED)
         _store_at(out_ptr, slab, stride_slab, stride_t, t, jd, r0, r1, c0, c1, diag, J == I, ALIGNED)
@@ -1854,7 +1898,7 @@ class DiagonalTiles(_Tiles):
             _strip_kernel[(nI * (TILE // STRIP), 2, slabs)](
                 *head, I0, self.L, int(self.ssm), self.n_chan, per_group, float(STRIP_GROWTH),
                 self.sloc, self.tot, self.growth, self.A, self.C, self.W, self.fix, self.seg, self.left,
-                self.pmask, rw, cw, N=self.N, NP=self.NP, K=self.K, Q=TILE, SQ=STRIP, SPLIT=split,
+                self.pmask, rw, cw, N=self.N, NP=self.NP, K=self.K, KP=KP, Q=TILE, SQ=STRIP, SPLIT=split,
                 TRANSFORM=TRANSFORMS[transform], ALIGNED=aligned,
                 **_options("strip", TUNING["near_warps"], True),
             )  # fmt: skip
