@@ -78,7 +78,9 @@ CASES = [
     ("by head, Mamba-2", "head", kernels._head_kernel,
      dict(N=128, Q=64, H=16, NC=16, SPLIT=True, ALIGNED=4)),
     ("by head, sums", "head_reduce", kernels._head_reduce_kernel,
-     dict(N=128, Q=64, H=16, NC=16, SPLIT=True, TRANSFORM=1, ALIGNED=4)),
+     dict(N=128, Q=64, H=16, NC=16, SPLIT=True, TRANSFORM=1, ALIGNED=4, GROUPED=False, CB=0)),
+    ("by head, signed sums", "head_reduce", kernels._head_reduce_kernel,
+     dict(N=128, Q=64, H=16, NC=16, SPLIT=True, TRANSFORM=0, ALIGNED=4, GROUPED=False, CB=32)),
     ("preparation, Mamba-1", "prep", kernels._prep_kernel,
      dict(N=16, NP=16, K=4, KP=4, Q=64, P=64, SQ=16, ROWS=False)),
 ]  # fmt: skip

@@ -150,6 +150,14 @@ TUNING: dict = {
     # 130M layer, run SS: means at 512 / 1024 / 2048 / 4096 1.13 → 0.39 / 2.23 → 1.42 / 6.27 → 6.28 /
     # 26.2 → 23.6 ms against one group; 2048 items left 1024 ≈ 1.5 ms and made 2048 (2 groups) 1.5 % slower
     "head_reduce_items": 8192,
+    # channels of a head one tensor-core product of Mamba-2's signed channel sums takes at once
+    # (_head_product_sums), at head_product_warps; 0: a channel at a time (_head_channel_sums), as |·| and
+    # positive parts always are. 130M layer, run UU-2, the kernel at L = 512 / 2048 / 16k: a channel at a
+    # time (8 warps) 0.395 / 6.33 / 363 ms; 32 deep at 4 warps 0.167 / 2.16 / 105; 16 deep 0.181 / 2.42 / 121;
+    # 64 deep 0.304 / 4.01 / 183. At 8 warps Triton 3.6 compiles the products' operands to read shared memory
+    # out of bounds (compute-sanitizer, UU-4): wrong sums (0.6 % of the norm at N = 16) or a fault
+    "head_sum_depth": 32,
+    "head_product_warps": 4,
     # ptxas register caps of dense launches by kernel ("far": tile products of N < 64 states, "far_wide",
     # "far_outer": N < 16, "near", "near_scalar" (Mamba-2), "strip", "wkv", "head"; reductions: the same
     # names + "_reduce"; none: ptxas chooses, up to 255), traded against spills for more programs an SM.
@@ -1580,19 +1588,86 @@ if triton is not None:
                     p += 1
             item += tl.num_programs(0)
 
+    @triton.jit
+    def _head_channel_sums(total, w0, w1, w2, w3, I, J, t, j, L, p, end, chan_ptr, taps_ptr, K, right_ptr,
+                           left_ptr, pm, rw_ptr, cw_ptr, TRANSFORM: tl.constexpr):  # fmt: skip
+        """``total`` plus the (weighted, transformed) entries of one head's channels ``chan[p : end]`` on tile
+        ``(I, J)``, a channel at a time (:func:`_head_channel`, :func:`_reduce_at`), each channel's factors
+        loaded a channel ahead of their use, as in :func:`_head_kernel`."""
+        c = tl.load(chan_ptr + p)
+        c_next = tl.load(chan_ptr + tl.minimum(p + 1, end - 1))
+        tap0, tap1, tap2, tap3, rt0, rt1, rt2, rt3, left = _head_loads(
+            c, I, J, t, j, L, taps_ptr, K, right_ptr, left_ptr
+        )  # fmt: skip
+        while p < end:
+            c_after = tl.load(chan_ptr + tl.minimum(p + 2, end - 1))
+            n_tap0, n_tap1, n_tap2, n_tap3, n_rt0, n_rt1, n_rt2, n_rt3, n_left = _head_loads(
+                c_next, I, J, t, j, L, taps_ptr, K, right_ptr, left_ptr
+            )  # fmt: skip
+            acc = _head_channel(I, J, w0, w1, w2, w3, tap0, tap1, tap2, tap3, rt0, rt1, rt2, rt3, left, pm)
+            total = _reduce_at(total, acc, c, t, j, L, rw_ptr, cw_ptr, TRANSFORM)
+            c, c_next = c_next, c_after
+            tap0, tap1, tap2, tap3, rt0, rt1, rt2, rt3, left = (
+                n_tap0, n_tap1, n_tap2, n_tap3, n_rt0, n_rt1, n_rt2, n_rt3, n_left
+            )  # fmt: skip
+            p += 1
+        return total
+
+    @triton.jit
+    def _head_product_sums(total, cells, t, j, L, p, end, chan_ptr, taps_ptr, K, right_ptr, left_ptr, pm,
+                           rw_ptr, cw_ptr, CB: tl.constexpr, SPLIT: tl.constexpr):  # fmt: skip
+        """``total`` plus the signed, weighted sum of one head's channels ``chan[p : end]`` on a tile below
+        the diagonal, from the head's windows ``w_k`` (``cells + k`` in the program's scratch,
+        :func:`_head_windows`). Channel ``c``'s weighted entry is ``rw_c[t] left_c[t] Σ_k w_k[t, j]
+        tap_k(c) r_c[j + k] pm[j] cw_c[j]`` (:func:`_head_channel`, :func:`_reduce_at`), so the sum is
+        ``Σ_k w_k ⊙ X Y_kᵀ`` with ``X[t, c] = rw_c[t] left_c[t]`` and ``Y_k[j, c] = cw_c[j] pm[j] tap_k(c)
+        r_c[j + k]``: four tensor-core products whose depth is the channels, ``CB`` at a time, where the
+        loop takes four multiply-adds, the gate, the weights and a sum an entry a channel. Each window is
+        read from the scratch where its product is added: the four held in registers spilled 596 bytes at
+        4 warps, 16 deep (120 so; ``benchmarks/kernel_registers.py``). Signed sums only: ``|Σ_k w_k y_k|``
+        does not factorise over the channels."""
+        t_ok = t < L
+        while p < end:
+            i = p + tl.arange(0, CB)
+            i_ok = i < end
+            cc = tl.load(chan_ptr + i, mask=i_ok, other=0)
+            rows = cc[None, :] * L + t[:, None]  # (Q, CB)
+            r_ok = t_ok[:, None] & i_ok[None, :]
+            x = tl.load(left_ptr + rows, mask=r_ok, other=0.0) * tl.load(rw_ptr + rows, mask=r_ok, other=0.0)
+            x_hi = _tf32_head(x)
+            cols = cc[None, :] * L + j[:, None]  # (Q, CB)
+            c_ok = (j < L)[:, None] & i_ok[None, :]
+            y = tl.load(cw_ptr + cols, mask=c_ok, other=0.0) * pm[:, None]
+            y0 = y * _tap(taps_ptr, cc, K, 0)[None, :] * tl.load(right_ptr + cols, mask=c_ok, other=0.0)
+            total += tl.load(cells) * _split_product(x, x_hi, y0, SPLIT)
+            c_ok = c_ok & (j + 1 < L)[:, None]
+            y1 = y * _tap(taps_ptr, cc, K, 1)[None, :] * tl.load(right_ptr + cols + 1, mask=c_ok, other=0.0)
+            total += tl.load(cells + 1) * _split_product(x, x_hi, y1, SPLIT)
+            c_ok = c_ok & (j + 2 < L)[:, None]
+            y2 = y * _tap(taps_ptr, cc, K, 2)[None, :] * tl.load(right_ptr + cols + 2, mask=c_ok, other=0.0)
+            total += tl.load(cells + 2) * _split_product(x, x_hi, y2, SPLIT)
+            c_ok = c_ok & (j + 3 < L)[:, None]
+            y3 = y * _tap(taps_ptr, cc, K, 3)[None, :] * tl.load(right_ptr + cols + 3, mask=c_ok, other=0.0)
+            total += tl.load(cells + 3) * _split_product(x, x_hi, y3, SPLIT)
+            p += CB
+        tl.debug_barrier()  # every thread has read the windows before the next head's overwrite them
+        return total
+
     @triton.jit(do_not_specialize=UNSPECIALISED["_head_reduce_kernel"])
     def _head_reduce_kernel(
         out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, J0, nI, nJ, L, ssm, n_heads, per_group,
         scratch_ptr, cum_ptr, A_ptr, delta_ptr, B_ptr, C_ptr, chan_ptr, start_ptr, taps_ptr, K, right_ptr,
         left_ptr, D_ptr, skip, pmask_ptr, rw_ptr, cw_ptr,
         N: tl.constexpr, Q: tl.constexpr, H: tl.constexpr, NC: tl.constexpr, SPLIT: tl.constexpr,
-        TRANSFORM: tl.constexpr, ALIGNED: tl.constexpr, GROUPED: tl.constexpr,
+        TRANSFORM: tl.constexpr, ALIGNED: tl.constexpr, GROUPED: tl.constexpr, CB: tl.constexpr,
     ):  # fmt: skip
         """Items ``(tile, group)``: the channel sum over the heads ``group · per_group …`` (``per_group`` of
         them) of tile ``I0 + tile // nJ, J0 + tile % nJ``, into slab ``group`` of the output, for ``item =
         program, program + programs, …`` (tiles above the diagonal are zero: skipped). Per head, its windows
-        once (:func:`_head_windows`), then each of its channels' entries (:func:`_head_channel`) weighted,
-        transformed and summed in registers (:func:`_reduce_at`); one store per item. Groups of heads give a
+        once (:func:`_head_windows`), then its channels: signed sums as four tensor-core products over the
+        channels, ``CB`` at a time (:func:`_head_product_sums`), others (``CB = 0``) a channel at a time,
+        each channel's entries weighted, transformed and summed in registers (:func:`_head_channel_sums`);
+        one store per item. Groups of heads give a
         read of few tiles enough items for every program: one program a tile summed all 1536 channels of
         Mamba-2's 130M layer at L = 512, 36 programs busy (1.13 ms; in 24 groups 0.39 ms). Without
         ``GROUPED`` (one group) it compiles to the kernel before groups, whose time it keeps: item-by-group
@@ -1636,25 +1711,17 @@ if triton is not None:
                             I, J, hh, t, t < L, cum_t, a, L, ssm, d_skip, scratch, cum_ptr, delta_ptr, B_ptr,
                             C_ptr, N, Q, H, NC, SPLIT,
                         )  # fmt: skip
-                        # each channel's factors loaded a channel ahead of their use, as in _head_kernel
-                        c = tl.load(chan_ptr + p)
-                        c_next = tl.load(chan_ptr + tl.minimum(p + 1, end - 1))
-                        tap0, tap1, tap2, tap3, rt0, rt1, rt2, rt3, left = _head_loads(
-                            c, I, J, t, j, L, taps_ptr, K, right_ptr, left_ptr
-                        )  # fmt: skip
-                        while p < end:
-                            c_after = tl.load(chan_ptr + tl.minimum(p + 2, end - 1))
-                            n_tap0, n_tap1, n_tap2, n_tap3, n_rt0, n_rt1, n_rt2, n_rt3, n_left = _head_loads(
-                                c_next, I, J, t, j, L, taps_ptr, K, right_ptr, left_ptr
+                        if CB > 0:  # signed sums: products over the channels
+                            cells = scratch + q[:, None] * (Q + H) + q[None, :]  # w0, unread above
+                            total = _head_product_sums(
+                                total, cells, t, j, L, p, end, chan_ptr, taps_ptr, K, right_ptr, left_ptr, pm,
+                                rw_ptr, cw_ptr, CB, SPLIT,
                             )  # fmt: skip
-                            acc = _head_channel(I, J, w0, w1, w2, w3, tap0, tap1, tap2, tap3, rt0, rt1, rt2,
-                                                rt3, left, pm)  # fmt: skip
-                            total = _reduce_at(total, acc, c, t, j, L, rw_ptr, cw_ptr, TRANSFORM)
-                            c, c_next = c_next, c_after
-                            tap0, tap1, tap2, tap3, rt0, rt1, rt2, rt3, left = (
-                                n_tap0, n_tap1, n_tap2, n_tap3, n_rt0, n_rt1, n_rt2, n_rt3, n_left
+                        else:
+                            total = _head_channel_sums(
+                                total, w0, w1, w2, w3, I, J, t, j, L, p, end, chan_ptr, taps_ptr, K,
+                                right_ptr, left_ptr, pm, rw_ptr, cw_ptr, TRANSFORM,
                             )  # fmt: skip
-                            p += 1
                     hh += 1
                 _store(out_ptr, group, slab_stride, stride_t, I, J, r0, r1, c0, c1, total, Q, J >= 0, ALIGNED)
             item += tl.num_programs(0)
@@ -1982,7 +2049,8 @@ class HeadTiles(_Tiles):
     product over the states, and every channel applies its conv (up to ``HEAD_TAPS = 4`` taps) as four
     multiply-adds of shifted windows of it held in registers (:func:`_head_kernel`). Channel sums take the
     same windows and sum the channels' entries in registers, one store per tile
-    (:func:`_head_reduce_kernel`), so they never hold ``channels × L × L`` either.
+    (:func:`_head_reduce_kernel`; signed sums as products over a head's channels), so they never hold
+    ``channels × L × L`` either.
 
     Args:
         cum: ``(nh, L)`` float64 ``Σ_{k≤t} Δ_k`` of each head; ``A``: ``(nh,)``; ``delta``: ``(nh, L)``;
@@ -2073,6 +2141,8 @@ class HeadTiles(_Tiles):
         rw, cw = _weights(self, 1, row_weight, col_weight)
         programs = max(1, min(nI * nJ * groups, self._programs(TUNING["head_reduce_programs_per_sm"])))
         scratch = torch.empty(programs, TILE, TILE + HEAD_HALO, device=self.device)
+        depth = TUNING["head_sum_depth"] if transform == "signed" else 0  # products: signed sums only
+        warps = TUNING["head_product_warps"] if depth else TUNING["head_reduce_warps"]
         _head_reduce_kernel[(programs,)](
             out, out.stride(0), out.stride(1), r0, r1, c0, c1, I0, J0, nI, nJ, self.L, int(self.ssm),
             self.n_heads, per_group, scratch, self.cum, self.A, self.delta, self.B, self.C, self.chans,
@@ -2080,6 +2150,6 @@ class HeadTiles(_Tiles):
             N=self.N, Q=TILE, H=HEAD_HALO, NC=16,
             SPLIT=bool(TUNING["FAR_SPLIT_TF32"]), TRANSFORM=TRANSFORMS[transform],
             ALIGNED=_aligned(out, c0, c1, "head"), GROUPED=groups > 1,
-            **_options("head", TUNING["head_reduce_warps"], True),
+            CB=depth, **_options("head", warps, True),
         )  # fmt: skip
         return out.sum(0) if groups > 1 else out[0]

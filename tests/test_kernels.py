@@ -367,13 +367,15 @@ def test_rglru_dense_and_reductions_across_resets(monkeypatch):
     assert rel_err(fused.sum(**block), plain.sum(**block)) < SAME
 
 
-def mamba2_record(L, device, *, groups=1, batch=2, conv=4):
-    """A Mamba-2 block (head size 16, N = 16) with small Δ, so that far tiles matter; row 0 left-padded."""
+def mamba2_record(L, device, *, groups=1, batch=2, conv=4, head_dim=16):
+    """A Mamba-2 block (64 channels, head size 16, N = 16) with small Δ, so that far tiles matter; row 0
+    left-padded."""
     from transformers import Mamba2Config, Mamba2ForCausalLM
 
     torch.manual_seed(0)
     cfg = Mamba2Config(
-        vocab_size=64, hidden_size=32, expand=2, head_dim=16, num_heads=4, state_size=16, n_groups=groups,
+        vocab_size=64, hidden_size=32, expand=2, head_dim=head_dim, num_heads=64 // head_dim, state_size=16,
+        n_groups=groups,
         num_hidden_layers=1, chunk_size=32, conv_kernel=conv,
     )  # fmt: skip
     model = randomize(Mamba2ForCausalLM(cfg), 0)
@@ -456,6 +458,29 @@ def test_mamba2_channels_of_several_groups(monkeypatch, by_head):
         both(rec.attention.only("ssm"))[0]._no_kernel(0, torch.tensor(mixed))
     assert core.tiles(0, torch.tensor(mixed), left=None, right=None, taps=None, input_mask=None,
                       ssm=True, skip=True) is None  # fmt: skip
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_mamba2_signed_sums_as_products_over_a_heads_channels(monkeypatch, device):
+    """Signed channel sums by head take the channels of a head as the depth of tensor-core products,
+    ``head_sum_depth`` at a time (``_head_product_sums``): heads of 32 channels in two blocks of 16, one of
+    32, one of 64 with 32 masked, and a channel at a time (0), each against the torch path: the mean, a
+    weighted sum of a block that cuts the tiles, and the mean of channels of both heads out of order."""
+    monkeypatch.setitem(kernels.TUNING, "HEAD_TILES", True)
+    rec, _ = mamba2_record(140, device, batch=1, head_dim=32)
+    fused, plain = both(rec.attention)
+    assert isinstance(fused._fused_tiles(0, torch.arange(64, device=device)), kernels.HeadTiles)
+    gen = torch.Generator().manual_seed(3)
+    w_rows, w_cols = (torch.randn(rec.attention.values.shape, generator=gen).to(device) for _ in range(2))
+    block = dict(row_weight=w_rows, col_weight=w_cols, rows=slice(30, 140), cols=slice(5, 131))
+    mixed = [40, 3, 60, 17, 33, 31]  # channels of both heads (0–31, 32–63), out of order
+    expected = plain.mean(), plain.sum(**block), plain.mean(channels=mixed)
+    assert expected[0][..., 100:, :40].abs().max() > 1e-3 * expected[0].abs().max()  # far entries matter
+    for depth in (16, 32, 64, 0):
+        monkeypatch.setitem(kernels.TUNING, "head_sum_depth", depth)
+        found = fused.mean(), fused.sum(**block), fused.mean(channels=mixed)
+        for a, b in zip(found, expected):
+            assert rel_err(a, b) < (SAME if device == "cpu" else SAME_CUDA), depth
 
 
 @pytest.mark.parametrize("conv, by_head", [(2, True), (5, False)])
@@ -635,6 +660,7 @@ def test_cuda_rglru_mamba2_rwkv4_kernels_against_the_torch_path(monkeypatch, fam
         A = fused.dense()
         assert rel_err(A, plain.dense()) < SAME_CUDA
         assert rel_err(fused.mean(absolute=True), plain.mean(absolute=True)) < SAME_CUDA
+        assert rel_err(fused.mean(), plain.mean()) < SAME_CUDA
         narrow = fused.dense(torch.bfloat16)  # rounded as stored: within rounding of the float32 read
         assert narrow.dtype == torch.bfloat16 and rel_err(narrow.float(), A) < 2**-8
     finally:
