@@ -140,6 +140,11 @@ TUNING: dict = {
     # channels a tensor-core product of one-state far tiles takes at once (RG-LRU's channel sums,
     # _rank_one_sums): 32 against 16, far sums 0.565 → 0.485 ms at L = 2048, 34 → 30 ms at 16k (run SS)
     "rank_one_channels": 32,
+    # channels a tensor-core product of RWKV-4's far tiles takes at once (channel sums, _wkv_far_sums: each
+    # channel's far tile is rank one); 0: a channel at a time. 130M-width layer (1024 channels, run UU-7),
+    # the kernel at L = 512 / 2048 / 16k: a channel at a time 0.147 / 2.00 / 119 ms, 16 at once 0.119 /
+    # 1.38 / 62.1 (no spill), 32 at once 0.110 / 1.19 / 48.9 (120 bytes spilled outside the products' loop)
+    "wkv_sum_channels": 32,
     # the depth of one tensor-core product in the signed channel sums of far tiles of 16-63 states (Mamba-1:
     # 64 / 16 = 4 channels at once, _far_product_sums); at most one channel's states: a product a channel.
     # Run TT-3, Mamba-1 far sums at L = 512 / 2048 / 16k: 0.144 / 2.66 / 164 ms a channel at a time, 64 deep
@@ -913,14 +918,22 @@ if triton is not None:
             x = x * tl.load(rw_ptr + rows, mask=r_ok, other=0.0) * mid[None, :]
             y = tl.load(V_ptr + cols * NP, mask=k_ok, other=0.0)
             y = y * tl.load(cw_ptr + cols, mask=k_ok, other=0.0)
-            if TRANSFORM == 1:
-                total += _product(tl.abs(x), tl.abs(y), SPLIT)
-            elif TRANSFORM == 2:
-                total += _product(tl.maximum(x, 0.0), tl.maximum(y, 0.0), SPLIT)
-                total += _product(tl.minimum(x, 0.0), tl.minimum(y, 0.0), SPLIT)
-            else:
-                total += _product(x, y, SPLIT)
+            total = _rank_one_add(total, x, y, SPLIT, TRANSFORM)
             c += CB
+        return total
+
+    @triton.jit
+    def _rank_one_add(total, x, y, SPLIT: tl.constexpr, TRANSFORM: tl.constexpr):
+        """``total`` plus the transformed sum ``Σ_c f(x_c y_cᵀ)`` of rank-one tiles, as products over the
+        channels (columns ``c`` of ``x`` and ``y``): ``|x_t y_j| = |x_t| |y_j|``, and ``max(x_t y_j, 0)`` is
+        the product of the positive parts plus that of the negative ones."""
+        if TRANSFORM == 1:
+            total += _product(tl.abs(x), tl.abs(y), SPLIT)
+        elif TRANSFORM == 2:
+            total += _product(tl.maximum(x, 0.0), tl.maximum(y, 0.0), SPLIT)
+            total += _product(tl.minimum(x, 0.0), tl.minimum(y, 0.0), SPLIT)
+        else:
+            total += _product(x, y, SPLIT)
         return total
 
     @triton.jit(do_not_specialize=UNSPECIALISED["_far_kernel"])
@@ -1385,14 +1398,58 @@ if triton is not None:
         acc = acc * left[:, None]
         return acc * (right * pm)[None, :]
 
+    @triton.jit
+    def _wkv_far_sums(total, t, j, L, c, c_end, key_ptr, logz_ptr, w_ptr, left_ptr, right_ptr, left_stride,
+                      right_stride, pm, rw_ptr, cw_ptr, CB: tl.constexpr, SPLIT: tl.constexpr,
+                      TRANSFORM: tl.constexpr):  # fmt: skip
+        """``total`` plus the (weighted, transformed) sum over channels ``c … c_end − 1`` of a far tile (every
+        column before every row). There channel ``c``'s entry ``exp((−log Z_t − w t) + (k_j + w (j + 1)))``
+        (:func:`_wkv_entries`) is a product of a row and a column factor, so the tile is rank one and the sum
+        over channels one product ``X Yᵀ`` whose depth is the channels, ``CB`` at a time
+        (:func:`_rank_one_add`), as RG-LRU's far sums: two exponentials an entry of ``X`` and ``Y`` where the
+        loop takes one an entry of the tile. Each channel's column factors are shifted by their largest
+        exponent ``s`` over the tile (float64, as the exponents): ``k_j + w (j + 1) − s ≤ 0``, and
+        ``s − log Z_t − w t ≤ 0`` because ``Z_t`` sums every earlier key's term, so neither factor overflows,
+        whatever the keys."""
+        t_ok = t < L
+        j_ok = j < L
+        t64 = t.to(tl.float64)
+        j64 = (j + 1).to(tl.float64)
+        while c < c_end:
+            cc = c + tl.arange(0, CB)
+            c_ok = cc < c_end
+            rate = tl.load(w_ptr + cc, mask=c_ok, other=0.0)  # (CB,) float64
+            cols = cc[None, :] * L + j[:, None]  # (Q, CB)
+            k_ok = j_ok[:, None] & c_ok[None, :]
+            col = tl.load(key_ptr + cols, mask=k_ok, other=0.0) + rate[None, :] * j64[:, None]
+            col = tl.where(k_ok, col, float("-inf"))
+            shift = tl.max(col, axis=0)
+            shift = tl.where(shift > float("-inf"), shift, 0.0)  # channels past the end: no columns
+            rows = cc[None, :] * L + t[:, None]
+            r_ok = t_ok[:, None] & c_ok[None, :]
+            logz = tl.load(logz_ptr + rows, mask=r_ok, other=0.0)
+            row = shift[None, :] - logz - rate[None, :] * t64[:, None]
+            x = _exp(tl.where(r_ok, row, float("-inf")).to(tl.float32))
+            x = x * tl.load(left_ptr + cc[None, :] * left_stride + t[:, None], mask=r_ok, other=0.0)
+            x = x * tl.load(rw_ptr + rows, mask=r_ok, other=0.0)
+            y = _exp((col - shift[None, :]).to(tl.float32))
+            y = y * tl.load(right_ptr + cc[None, :] * right_stride + j[:, None], mask=k_ok, other=0.0)
+            y = y * (tl.load(cw_ptr + cols, mask=k_ok, other=0.0) * pm[:, None])
+            total = _rank_one_add(total, x, y, SPLIT, TRANSFORM)
+            c += CB
+        return total
+
     @triton.jit(do_not_specialize=UNSPECIALISED["_wkv_kernel"])
     def _wkv_kernel(
         out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, J0, nJ, span, L, n_chan, per_group,
         key_ptr, logz_ptr, w_ptr, u_ptr, left_ptr, right_ptr, pmask_ptr, rw_ptr, cw_ptr,
         left_stride, right_stride,
         Q: tl.constexpr, REDUCE: tl.constexpr, TRANSFORM: tl.constexpr, ALIGNED: tl.constexpr,
+        CB: tl.constexpr, SPLIT: tl.constexpr,
     ):  # fmt: skip
-        """Every tile of the read, zeros above the diagonal; programs as in :func:`_far_kernel`."""
+        """Every tile of the read, zeros above the diagonal; programs as in :func:`_far_kernel`. Channel sums
+        of far tiles as products over ``CB`` channels at a time (:func:`_wkv_far_sums`; ``CB = 0``: a channel
+        at a time, as diagonal tiles always are)."""
         I = I0 + tl.program_id(0)
         J = J0 + tl.program_id(1) * span
         J_end = tl.minimum(J + span, J0 + nJ)
@@ -1403,7 +1460,13 @@ if triton is not None:
             total = tl.zeros((Q, Q), dtype=tl.float32)
             if J <= I:
                 pm = tl.load(pmask_ptr + j, mask=j < L, other=0.0)
-                if REDUCE:
+                if REDUCE and CB > 0 and J < I:
+                    total = _wkv_far_sums(
+                        total, t, j, L, slab * per_group, tl.minimum((slab + 1) * per_group, n_chan),
+                        key_ptr, logz_ptr, w_ptr, left_ptr, right_ptr, left_stride, right_stride, pm, rw_ptr,
+                        cw_ptr, CB, SPLIT, TRANSFORM,
+                    )  # fmt: skip
+                elif REDUCE:
                     # each channel's factors loaded a channel ahead of their use: a channel's exponentials
                     # waited for its own loads
                     c = slab * per_group
@@ -2027,7 +2090,8 @@ class WKVTiles(_Tiles):
             out, out.stride(0), out.stride(1), r0, r1, c0, c1, I0, J0, nJ, run, self.L, self.n_chan,
             per_group, self.key, self.log_z, self.w, self.u, self.left, self.right, self.pmask, rw, cw,
             *self.strides, Q=TILE, REDUCE=groups > 0, TRANSFORM=TRANSFORMS[transform],
-            ALIGNED=_aligned(out, c0, c1, "wkv"),
+            ALIGNED=_aligned(out, c0, c1, "wkv"), CB=TUNING["wkv_sum_channels"] if groups else 0,
+            SPLIT=bool(TUNING["FAR_SPLIT_TF32"]),
             **_options("wkv", TUNING["wkv_warps"], groups > 0),
         )  # fmt: skip
 

@@ -114,6 +114,7 @@ def both(view):
 
 
 LENGTHS_CPU = [1, 5, 64, 65, 150]
+TUNING_ITEMS = kernels.TUNING["reduce_items"]  # as shipped: sums of few tiles in groups of one channel
 
 
 @pytest.mark.parametrize("L", LENGTHS_CPU)
@@ -500,13 +501,13 @@ def test_mamba2_by_head_conv_widths(monkeypatch, conv, by_head):
     assert rel_err(fused.mean(absolute=True), plain.mean(absolute=True)) < SAME
 
 
-def rwkv4_record(L, device, *, key_scale=1.0, slow=True):
-    """An HF RWKV-4 time mixing (16 channels) on two rows, with a carried state (use_cache) in its
+def rwkv4_record(L, device, *, key_scale=1.0, slow=True, width=16):
+    """An HF RWKV-4 time mixing (``width`` channels) on two rows, with a carried state (use_cache) in its
     normaliser; slow decays so that far tiles hold more than underflow, large keys on request."""
     from transformers import RwkvConfig, RwkvForCausalLM
 
     torch.manual_seed(0)
-    cfg = RwkvConfig(vocab_size=64, hidden_size=16, attention_hidden_size=16, intermediate_size=32,
+    cfg = RwkvConfig(vocab_size=64, hidden_size=width, attention_hidden_size=width, intermediate_size=32,
                      num_hidden_layers=2, context_length=1024)  # fmt: skip
     m = randomize(RwkvForCausalLM(cfg), 0).to(device).eval()
     with torch.no_grad():
@@ -548,6 +549,31 @@ def test_rwkv4_kernel_with_large_keys():
     fused, plain = both(rec.attention.only("ssm"))
     R = fused.dense()
     assert torch.isfinite(R).all() and rel_err(R, plain.dense()) < SAME
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_rwkv4_far_sums_as_products_over_channels(monkeypatch, device):
+    """Channel sums of RWKV-4's far tiles take each channel's rank-one tile as a column of a tensor-core
+    product (``_wkv_far_sums``), ``wkv_sum_channels`` at a time: 48 channels in one group as three blocks of
+    16 or two of 32 (the last half masked), in groups of one channel, and a channel at a time (0); every
+    transform, weighted, against the torch path; and keys beyond ±100, whose column factors ``exp(k_j + …)``
+    would overflow float32 unshifted (and their rows' ``exp(−log Z_t …)`` underflow)."""
+    tol = SAME if device == "cpu" else SAME_CUDA
+    large = rwkv4_record(140, device, key_scale=40.0)
+    assert large.tensors["key"].abs().max() > 100
+    for rec in (rwkv4_record(150, device, width=48), large):
+        fused, plain = both(rec.attention)
+        w = torch.randn(rec.attention.values.shape, generator=torch.Generator().manual_seed(0)).to(device)
+        transforms = ("signed", "abs", "positive")
+        reads = [dict(transform=f, row_weight=w, col_weight=w.flip(-1)) for f in transforms]
+        expected = [plain.mean(**options) for options in reads]
+        assert expected[1][..., 128:, :64].abs().max() > 1e-3 * expected[1].abs().max()  # far tiles matter
+        for items, depth in ((1, 16), (1, 32), (TUNING_ITEMS, 32), (1, 0)):
+            monkeypatch.setitem(kernels.TUNING, "reduce_items", items)
+            monkeypatch.setitem(kernels.TUNING, "wkv_sum_channels", depth)
+            for options, b in zip(reads, expected):
+                a = fused.mean(**options)
+                assert torch.isfinite(a).all() and rel_err(a, b) < tol, (items, depth, options["transform"])
 
 
 @pytest.mark.parametrize("family", ["mamba", "mamba2", "rglru", "rwkv4"])
