@@ -1559,6 +1559,13 @@ if triton is not None:
         return tl.load(taps_ptr + c * K + tl.maximum(K - 1 - k, 0), mask=k < K, other=0.0)
 
     @triton.jit
+    def _taps(taps_ptr, cc, K, k):
+        """:func:`_tap` of channels ``cc`` (a vector), ``k < K`` compared as a vector: Triton 3.9's
+        interpreter refuses a scalar mask on a vector of pointers ("mask has unsupported dtype"), which 3.6
+        broadcast."""
+        return tl.load(taps_ptr + cc * K + tl.maximum(K - 1 - k, 0), mask=cc * 0 + k < K, other=0.0)
+
+    @triton.jit
     def _head_loads(c, I, J, t, j, L, taps_ptr, K, right_ptr, left_ptr):
         """Channel ``c``'s factors on tile ``(I, J)`` as loaded, nothing computed from them yet: its conv
         taps ``tap_k`` and right factors ``r_{j+k}`` (``k < 4``) and its left factors (none above the
@@ -1677,6 +1684,14 @@ if triton is not None:
         return total
 
     @triton.jit
+    def _tap_product(total, cells, x, x_hi, y, taps_ptr, cc, K, k: tl.constexpr, right_ptr, cols, ok,
+                     SPLIT: tl.constexpr):  # fmt: skip
+        """``total`` plus window ``k`` (``cells + k``) times ``X Y_kᵀ``, ``Y_k = y · tap_k · r[j + k]``
+        (:func:`_head_product_sums`; ``ok``: where ``r[j + k]`` exists)."""
+        y_k = y * _taps(taps_ptr, cc, K, k)[None, :] * tl.load(right_ptr + cols + k, mask=ok, other=0.0)
+        return total + tl.load(cells + k) * _split_product(x, x_hi, y_k, SPLIT)
+
+    @triton.jit
     def _head_product_sums(total, cells, t, j, L, p, end, chan_ptr, taps_ptr, K, right_ptr, left_ptr, pm,
                            rw_ptr, cw_ptr, CB: tl.constexpr, SPLIT: tl.constexpr):  # fmt: skip
         """``total`` plus the signed, weighted sum of one head's channels ``chan[p : end]`` on a tile below
@@ -1701,17 +1716,13 @@ if triton is not None:
             cols = cc[None, :] * L + j[:, None]  # (Q, CB)
             c_ok = (j < L)[:, None] & i_ok[None, :]
             y = tl.load(cw_ptr + cols, mask=c_ok, other=0.0) * pm[:, None]
-            y0 = y * _tap(taps_ptr, cc, K, 0)[None, :] * tl.load(right_ptr + cols, mask=c_ok, other=0.0)
-            total += tl.load(cells) * _split_product(x, x_hi, y0, SPLIT)
+            total = _tap_product(total, cells, x, x_hi, y, taps_ptr, cc, K, 0, right_ptr, cols, c_ok, SPLIT)
             c_ok = c_ok & (j + 1 < L)[:, None]
-            y1 = y * _tap(taps_ptr, cc, K, 1)[None, :] * tl.load(right_ptr + cols + 1, mask=c_ok, other=0.0)
-            total += tl.load(cells + 1) * _split_product(x, x_hi, y1, SPLIT)
+            total = _tap_product(total, cells, x, x_hi, y, taps_ptr, cc, K, 1, right_ptr, cols, c_ok, SPLIT)
             c_ok = c_ok & (j + 2 < L)[:, None]
-            y2 = y * _tap(taps_ptr, cc, K, 2)[None, :] * tl.load(right_ptr + cols + 2, mask=c_ok, other=0.0)
-            total += tl.load(cells + 2) * _split_product(x, x_hi, y2, SPLIT)
+            total = _tap_product(total, cells, x, x_hi, y, taps_ptr, cc, K, 2, right_ptr, cols, c_ok, SPLIT)
             c_ok = c_ok & (j + 3 < L)[:, None]
-            y3 = y * _tap(taps_ptr, cc, K, 3)[None, :] * tl.load(right_ptr + cols + 3, mask=c_ok, other=0.0)
-            total += tl.load(cells + 3) * _split_product(x, x_hi, y3, SPLIT)
+            total = _tap_product(total, cells, x, x_hi, y, taps_ptr, cc, K, 3, right_ptr, cols, c_ok, SPLIT)
             p += CB
         tl.debug_barrier()  # every thread has read the windows before the next head's overwrite them
         return total
