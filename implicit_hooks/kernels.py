@@ -156,7 +156,7 @@ TUNING: dict = {
     # 26.2 → 23.6 ms against one group; 2048 items left 1024 ≈ 1.5 ms and made 2048 (2 groups) 1.5 % slower
     "head_reduce_items": 8192,
     # channels of a head one tensor-core product of Mamba-2's signed channel sums takes at once
-    # (_head_product_sums), at head_product_warps; 0: a channel at a time (_head_channel_sums), as |·| and
+    # (_head_product_sums), at head_product_warps; 0: a channel at a time (_head_channels), as |·| and
     # positive parts always are. 130M layer, run UU-2, the kernel at L = 512 / 2048 / 16k: a channel at a
     # time (8 warps) 0.395 / 6.33 / 363 ms; 32 deep at 4 warps 0.167 / 2.16 / 105; 16 deep 0.181 / 2.42 / 121;
     # 64 deep 0.304 / 4.01 / 183. At 8 warps Triton 3.6 compiles the products' operands to read shared memory
@@ -1635,35 +1635,23 @@ if triton is not None:
                     I, J, hh, t, t < L, cum_t, a, L, ssm, d_skip, scratch, cum_ptr, delta_ptr, B_ptr, C_ptr,
                     N, Q, H, NC, SPLIT,
                 )  # fmt: skip
-                # each channel's factors are loaded while the channel before is computed and stored, and
-                # its id a channel earlier still: a channel's own loads (its id, then its factors, which
-                # depend on the id) stalled its arithmetic
-                c = tl.load(chan_ptr + p)
-                c_next = tl.load(chan_ptr + tl.minimum(p + 1, end - 1))
-                tap0, tap1, tap2, tap3, rt0, rt1, rt2, rt3, left = _head_loads(
-                    c, I, J, t, j, L, taps_ptr, K, right_ptr, left_ptr
+                _head_channels(  # stored: no sum, no weights (any pointer stands in)
+                    0.0, w0, w1, w2, w3, I, J, t, j, L, p, end, chan_ptr, taps_ptr, K, right_ptr, left_ptr,
+                    pm, out_ptr, stride_slab, stride_t, r0, r1, c0, c1, pmask_ptr, pmask_ptr, Q, ALIGNED,
+                    False, 0,
                 )  # fmt: skip
-                while p < end:
-                    c_after = tl.load(chan_ptr + tl.minimum(p + 2, end - 1))
-                    n_tap0, n_tap1, n_tap2, n_tap3, n_rt0, n_rt1, n_rt2, n_rt3, n_left = _head_loads(
-                        c_next, I, J, t, j, L, taps_ptr, K, right_ptr, left_ptr
-                    )  # fmt: skip
-                    acc = _head_channel(I, J, w0, w1, w2, w3, tap0, tap1, tap2, tap3, rt0, rt1, rt2, rt3,
-                                        left, pm)  # fmt: skip
-                    _store(out_ptr, c, stride_slab, stride_t, I, J, r0, r1, c0, c1, acc, Q, J >= 0, ALIGNED)
-                    c, c_next = c_next, c_after
-                    tap0, tap1, tap2, tap3, rt0, rt1, rt2, rt3, left = (
-                        n_tap0, n_tap1, n_tap2, n_tap3, n_rt0, n_rt1, n_rt2, n_rt3, n_left
-                    )  # fmt: skip
-                    p += 1
             item += tl.num_programs(0)
 
     @triton.jit
-    def _head_channel_sums(total, w0, w1, w2, w3, I, J, t, j, L, p, end, chan_ptr, taps_ptr, K, right_ptr,
-                           left_ptr, pm, rw_ptr, cw_ptr, TRANSFORM: tl.constexpr):  # fmt: skip
-        """``total`` plus the (weighted, transformed) entries of one head's channels ``chan[p : end]`` on tile
-        ``(I, J)``, a channel at a time (:func:`_head_channel`, :func:`_reduce_at`), each channel's factors
-        loaded a channel ahead of their use, as in :func:`_head_kernel`."""
+    def _head_channels(total, w0, w1, w2, w3, I, J, t, j, L, p, end, chan_ptr, taps_ptr, K, right_ptr,
+                       left_ptr, pm, out_ptr, stride_slab, stride_t, r0, r1, c0, c1, rw_ptr, cw_ptr,
+                       Q: tl.constexpr, ALIGNED: tl.constexpr, REDUCE: tl.constexpr,
+                       TRANSFORM: tl.constexpr):  # fmt: skip
+        """One head's channels ``chan[p : end]`` on tile ``(I, J)``, a channel at a time
+        (:func:`_head_channel`): each stored into its slab of the output, or (``REDUCE``) weighted,
+        transformed and added to ``total`` (:func:`_reduce_at`), which is returned. Each channel's factors
+        are loaded while the channel before is computed, and its id a channel earlier still: a channel's own
+        loads (its id, then its factors, which depend on the id) stalled its arithmetic."""
         c = tl.load(chan_ptr + p)
         c_next = tl.load(chan_ptr + tl.minimum(p + 1, end - 1))
         tap0, tap1, tap2, tap3, rt0, rt1, rt2, rt3, left = _head_loads(
@@ -1675,7 +1663,10 @@ if triton is not None:
                 c_next, I, J, t, j, L, taps_ptr, K, right_ptr, left_ptr
             )  # fmt: skip
             acc = _head_channel(I, J, w0, w1, w2, w3, tap0, tap1, tap2, tap3, rt0, rt1, rt2, rt3, left, pm)
-            total = _reduce_at(total, acc, c, t, j, L, rw_ptr, cw_ptr, TRANSFORM)
+            if REDUCE:
+                total = _reduce_at(total, acc, c, t, j, L, rw_ptr, cw_ptr, TRANSFORM)
+            else:
+                _store(out_ptr, c, stride_slab, stride_t, I, J, r0, r1, c0, c1, acc, Q, J >= 0, ALIGNED)
             c, c_next = c_next, c_after
             tap0, tap1, tap2, tap3, rt0, rt1, rt2, rt3, left = (
                 n_tap0, n_tap1, n_tap2, n_tap3, n_rt0, n_rt1, n_rt2, n_rt3, n_left
@@ -1740,7 +1731,7 @@ if triton is not None:
         program, program + programs, …`` (tiles above the diagonal are zero: skipped). Per head, its windows
         once (:func:`_head_windows`), then its channels: signed sums as four tensor-core products over the
         channels, ``CB`` at a time (:func:`_head_product_sums`), others (``CB = 0``) a channel at a time,
-        each channel's entries weighted, transformed and summed in registers (:func:`_head_channel_sums`);
+        each channel's entries weighted, transformed and summed in registers (:func:`_head_channels`);
         one store per item. Groups of heads give a
         read of few tiles enough items for every program: one program a tile summed all 1536 channels of
         Mamba-2's 130M layer at L = 512, 36 programs busy (1.13 ms; in 24 groups 0.39 ms). Without
@@ -1792,9 +1783,10 @@ if triton is not None:
                                 rw_ptr, cw_ptr, CB, SPLIT,
                             )  # fmt: skip
                         else:
-                            total = _head_channel_sums(
+                            total = _head_channels(
                                 total, w0, w1, w2, w3, I, J, t, j, L, p, end, chan_ptr, taps_ptr, K,
-                                right_ptr, left_ptr, pm, rw_ptr, cw_ptr, TRANSFORM,
+                                right_ptr, left_ptr, pm, out_ptr, slab_stride, stride_t, r0, r1, c0, c1,
+                                rw_ptr, cw_ptr, Q, ALIGNED, True, TRANSFORM,
                             )  # fmt: skip
                     hh += 1
                 _store(out_ptr, group, slab_stride, stride_t, I, J, r0, r1, c0, c1, total, Q, J >= 0, ALIGNED)
