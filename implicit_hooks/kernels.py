@@ -1555,15 +1555,10 @@ if triton is not None:
     @triton.jit
     def _tap(taps_ptr, c, K, k):
         """Channel ``c``'s conv weight on the input ``k`` positions after a column: ``taps[c, K − 1 − k]``,
-        zero past the conv's ``K`` taps (a masked load: nothing waits for it where it is issued)."""
-        return tl.load(taps_ptr + c * K + tl.maximum(K - 1 - k, 0), mask=k < K, other=0.0)
-
-    @triton.jit
-    def _taps(taps_ptr, cc, K, k):
-        """:func:`_tap` of channels ``cc`` (a vector), ``k < K`` compared as a vector: Triton 3.9's
-        interpreter refuses a scalar mask on a vector of pointers ("mask has unsupported dtype"), which 3.6
-        broadcast."""
-        return tl.load(taps_ptr + cc * K + tl.maximum(K - 1 - k, 0), mask=cc * 0 + k < K, other=0.0)
+        zero past the conv's ``K`` taps (a masked load: nothing waits for it where it is issued). ``c`` may be
+        a vector of channels: ``k < K`` is compared in its shape, as Triton 3.9's interpreter refuses a
+        scalar mask on a vector of pointers ("mask has unsupported dtype"), which 3.6 broadcast."""
+        return tl.load(taps_ptr + c * K + tl.maximum(K - 1 - k, 0), mask=c * 0 + k < K, other=0.0)
 
     @triton.jit
     def _head_loads(c, I, J, t, j, L, taps_ptr, K, right_ptr, left_ptr):
@@ -1679,7 +1674,7 @@ if triton is not None:
                      SPLIT: tl.constexpr):  # fmt: skip
         """``total`` plus window ``k`` (``cells + k``) times ``X Y_kᵀ``, ``Y_k = y · tap_k · r[j + k]``
         (:func:`_head_product_sums`; ``ok``: where ``r[j + k]`` exists)."""
-        y_k = y * _taps(taps_ptr, cc, K, k)[None, :] * tl.load(right_ptr + cols + k, mask=ok, other=0.0)
+        y_k = y * _tap(taps_ptr, cc, K, k)[None, :] * tl.load(right_ptr + cols + k, mask=ok, other=0.0)
         return total + tl.load(cells + k) * _split_product(x, x_hi, y_k, SPLIT)
 
     @triton.jit

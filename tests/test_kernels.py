@@ -468,7 +468,7 @@ def test_mamba2_signed_sums_as_products_over_a_heads_channels(monkeypatch, devic
     32, one of 64 with 32 masked, and a channel at a time (0), each against the torch path: the mean, a
     weighted sum of a block that cuts the tiles, and the mean of channels of both heads out of order."""
     monkeypatch.setitem(kernels.TUNING, "HEAD_TILES", True)
-    rec, _ = mamba2_record(140, device, batch=1, head_dim=32)
+    rec, _ = mamba2_record(140, device, head_dim=32)  # two rows, row 0 left-padded
     fused, plain = both(rec.attention)
     assert isinstance(fused._fused_tiles(0, torch.arange(64, device=device)), kernels.HeadTiles)
     gen = torch.Generator().manual_seed(3)
