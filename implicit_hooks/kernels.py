@@ -303,15 +303,19 @@ if triton is not None:
 
     @triton.jit
     def _tf32_head(x):
-        """``x`` cut to a TF32 head: the top 10 mantissa bits, masked (-8192 = 0xFFFFE000), not rounded."""
-        return (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+        """``x`` rounded to a TF32 head, the nearest value with 10 mantissa bits (ties away from zero): half a
+        TF32 unit added to its bits, then the low 13 masked (-8192 = 0xFFFFE000). Its remainder ``x − head``
+        is at most 2⁻¹¹ of ``x``; cut rather than rounded, up to 2⁻¹⁰, and a product of depth 32 twice as far
+        from a float64 one on the H200 (6.0e-7 against 2.8e-7; Mamba-2's means 2.05e-6 → 1.74e-6 of the norm
+        at L = 512, the torch path 1.67e-6; run VV)."""
+        return ((x.to(tl.int32, bitcast=True) + 4096) & -8192).to(tl.float32, bitcast=True)
 
     @triton.jit
     def _product(x, y, SPLIT: tl.constexpr):
         """``x · yᵀ``: with ``SPLIT`` on the tensor cores to about float32 accuracy, each operand split into a
-        TF32 head (:func:`_tf32_head`) and its remainder, three TF32 products (the remainders' product, 2⁻²²
-        of the result, is left out; Triton's own ``"tf32x3"`` faulted in these kernels, 3.6, H200); else in
-        IEEE float32."""
+        TF32 head (:func:`_tf32_head`) and its remainder, three TF32 products (the remainders' product, at
+        most 2⁻²² of the result, is left out; the tensor cores read the remainders' top 19 bits; Triton's own
+        ``"tf32x3"`` faulted in these kernels, 3.6, H200); else in IEEE float32."""
         return _split_product(x, _tf32_head(x), y, SPLIT)
 
     @triton.jit
