@@ -15,8 +15,9 @@ holds makes the compiler reshuffle each tile through shared memory first: more s
     python benchmarks/kernel_registers.py          # any machine with triton installed (Linux)
     python benchmarks/kernel_registers.py --only "by head" --loops    # and each loop's barriers, loads
 
-Kernels that ``kernels.TUNING["maxnreg"]`` caps are also shown as shipped (the cap applies to dense
-launches; Mamba-2's kernels run at 8 warps, where they stay under it).
+Channel sums are compiled with their row and column weights (a weighted sum) and without (``None``: a
+plain mean, which loads and multiplies none). Kernels that ``kernels.TUNING["maxnreg"]`` caps are also shown
+as shipped (the cap applies to dense launches; Mamba-2's kernels run at 8 warps, where they stay under it).
 """
 
 from __future__ import annotations
@@ -190,6 +191,14 @@ def main() -> None:
             if cap is not None:
                 capped = report(kernel, constants, warps, cap, with_loops=args.loops)
                 print(f"{'':20s} capped at {cap}: {capped}", flush=True)
+        # a plain sum weighs nothing (weights None: its own variant), but Mamba-2's products read ones
+        weighs = "rw_ptr" in inspect.signature(kernel.fn).parameters
+        products = key == "head_reduce" and constants.get("CB", 0) > 0
+        if weighs and constants.get("REDUCE", key.endswith("reduce")) and not products:
+            unweighted = {**constants, "rw_ptr": None, "cw_ptr": None}
+            for warps in (4, 8):
+                plain = report(kernel, unweighted, warps, with_loops=args.loops)
+                print(f"{'':20s} unweighted, {warps} warps: {plain}", flush=True)
         if key != "prep" and not constants.get("REDUCE", key.endswith("reduce")):  # dense reads in bfloat16
             narrow = report(kernel, constants, 4, output="*bf16", with_loops=args.loops)
             print(f"{'':20s} bfloat16, 4 warps: {narrow}", flush=True)

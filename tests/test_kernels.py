@@ -833,6 +833,12 @@ def test_diagonal_preparation_runs_no_torch_operation_per_read():
     with Ops() as ops:
         tiles = kernels.DiagonalTiles(*arrays, **factors, ssm=True, skip=True)
     assert [name for name in ops.names if not name.startswith(plumbing)] == []
+    with Ops() as ops:  # a channel sum without weights makes no tensor of ones to read them from
+        plain = tiles.reduce(0, L, 0, L, transform="abs")
+    assert not [name for name in ops.names if name.startswith(("ones", "fill", "full"))], ops.names
+    weighted = tiles.reduce(0, L, 0, L, transform="abs", row_weight=torch.ones(nc, L),
+                            col_weight=torch.ones(nc, L))  # fmt: skip
+    assert torch.equal(plain, weighted)
 
     f32, p = torch.float32, torch.arange(L)
     bounds = (torch.arange(L // Q + 2) * Q).clamp(max=L)  # tile starts, then L
