@@ -650,7 +650,7 @@ if triton is not None:
         products the compiler drops. Where a mask is false, the factor the weight multiplies is zero (the
         products' operands) or the entry is never stored (rows and columns past ``L``), so the sums are those
         a tensor of ones gave: the same bits but RWKV-4's signed ones (2e-9 of their norm: a product now
-        fused with its sum). Mamba-2's `|·|` channel loop: 255 → 178 SASS and 18 → 10 global loads a channel
+        fused with its sum). Mamba-2's `|·|` channel loop: 262 → 179 SASS and 18 → 10 global loads a channel
         at 8 warps (``kernel_registers.py``); unweighted means 3–25 % faster (run VV)."""
         if w_ptr is None:
             w = tl.full(offsets.shape, 1.0, tl.float32)
