@@ -19,6 +19,7 @@ The side-by-side with TransformerLens and the loop algorithm is ``bench_peers.py
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import platform
@@ -295,17 +296,48 @@ def overhead_parts(model, ids, device, forward_s: float, per_call: float) -> dic
     return parts
 
 
+def quartiles(ratios: list[float]) -> list[float]:
+    """The first quartile, the median and the third quartile of ``ratios``."""
+    ratios = sorted(ratios)
+    return [ratios[len(ratios) * k // 4] for k in (1, 2, 3)]
+
+
+def overhead_open(model, ids, device, pairs: int) -> dict:
+    """Recording in a context kept open over many forwards: what every forward pays once the hooks are
+    attached, ``rec.clear()`` after it included, without entering and leaving ``record``. A copy of the
+    model with the same weights runs the plain forwards, alternating with the recorded ones; ``twin_paired``
+    is the same pairs with neither recorded, the copy's own difference (≈ 1)."""
+    twin = copy.deepcopy(model)
+
+    def forward(m):
+        return lambda: m(ids, use_cache=False)
+
+    with torch.no_grad():
+        forward(model)(), forward(twin)()
+        twin_paired = [once(forward(model), device) / once(forward(twin), device) for _ in range(pairs)]
+        with ih.record(model) as rec:
+            forward(model)()
+            rec.clear()
+            paired = []
+            for _ in range(pairs):
+                plain = once(forward(twin), device)
+                paired.append(once(lambda: (forward(model)(), rec.clear()), device) / plain)
+    del twin
+    return {"overhead_open_paired": quartiles(paired), "twin_paired": quartiles(twin_paired)}
+
+
 def overhead(family, cfg, args, device, timed) -> list[dict]:
     """Forward with and without ``record``, whole 24-layer models: alternating runs (``--overhead-pairs``, 7
     by default, so that drifts hit both alike), ``overhead`` the ratio of the fastest runs (launch-bound
     forwards, such as HF's slow Mamba path, swing by ±20 % from run to run), ``overhead_median`` that of
     the medians, ``overhead_paired`` the median and quartiles of each pair's ratio (a recorded forward over
-    the plain one just before it: with many pairs, a figure the forward's own drift moves least)."""
+    the plain one just before it: with many pairs, a figure the forward's own drift moves least), and
+    ``overhead_open_paired`` the same inside one open context (:func:`overhead_open`)."""
     model = build(cfg, args.layers, device)
     per_call = hook_cost(device)
     rows = []
     for L in args.overhead_lengths:
-        for batch in (1, 8):
+        for batch in args.overhead_batches:
             ids = torch.randint(0, 1024, (batch, L), device=device)
 
             def plain(ids=ids):
@@ -326,13 +358,20 @@ def overhead(family, cfg, args, device, timed) -> list[dict]:
             row["overhead"] = row["recorded_s"] / row["forward_s"]
             median = sorted(recorded_s)[len(recorded_s) // 2] / sorted(plain_s)[len(plain_s) // 2]
             row["overhead_median"] = median
-            paired = sorted(r / p for r, p in zip(recorded_s, plain_s))
-            row["overhead_paired"] = [paired[len(paired) * k // 4] for k in (1, 2, 3)]
-            row["pairs"] = len(paired)
+            row["overhead_paired"] = quartiles([r / p for r, p in zip(recorded_s, plain_s)])
+            row["pairs"] = len(recorded_s)
+            row.update(overhead_open(model, ids, device, len(recorded_s)))
             row.update(overhead_parts(model, ids, device, row["forward_s"], per_call))
-            if batch == 1:
+            if batch == 1:  # rows of fresh records (every layer's factors derived), then of the same again
+
+                def last_rows(rec):
+                    return lambda: [r.attention[0, :, -1] for r in rec]
+
+                last_rows(record(model, ids))()  # kernels compiled
+                fresh = sorted(once(last_rows(record(model, ids)), device) for _ in range(3))
                 rec = record(model, ids)
-                row["all_layers_last_row_s"] = timed(lambda rec=rec: [r.attention[0, :, -1] for r in rec])
+                row["all_layers_last_row_s"] = fresh[1]
+                row["all_layers_last_row_cached_s"] = timed(last_rows(rec))
                 row["max_output_error"] = max(r.output_error() for r in rec)
                 del rec
             rows.append(row)
@@ -400,8 +439,8 @@ def assembly(family, cfg, args, device, timed, bandwidth) -> list[dict]:
                 n = len(range(*part.indices(C)))
                 if n == 0:  # --slice 0: no torch path past --torch-mean-max
                     continue
-                if L <= 4096:  # the first call compiles the kernels: time the second (past 4k: noise)
-                    v.mean(channels=part)
+                if backend != "torch" or L <= 4096:  # the first call compiles kernels: time the second
+                    v.mean(channels=part)  # (the torch path past 4k: minutes, and it compiles nothing)
                 seconds, peak_bytes = peak(lambda v=v, part=part: v.mean(channels=part), device)
                 row[f"mean_{backend}_s"] = seconds * C / n
                 row[f"mean_{backend}_peak_bytes"] = peak_bytes
@@ -448,9 +487,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="model depth for the overhead (24)")
     parser.add_argument("--overhead-lengths", type=int, nargs="+", default=None)
     parser.add_argument("--overhead-pairs", type=int, default=7, help="alternating forwards with and without")
-    parser.add_argument("--dense-lengths", type=int, nargs="+", default=None)
-    parser.add_argument("--mean-lengths", type=int, nargs="+", default=None)
-    parser.add_argument("--row-lengths", type=int, nargs="+", default=None)
+    parser.add_argument("--overhead-batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--dense-lengths", type=int, nargs="*", default=None, help="none: no such read")
+    parser.add_argument("--mean-lengths", type=int, nargs="*", default=None, help="none: no such read")
+    parser.add_argument("--row-lengths", type=int, nargs="*", default=None, help="none: no such read")
     parser.add_argument("--torch-dense-max", type=int, default=1024, help="longest torch-path dense")
     parser.add_argument("--torch-mean-max", type=int, default=1024, help="longest full torch-path mean")
     parser.add_argument("--slice", type=int, default=64, help="channels of longer torch-path means")
@@ -459,9 +499,14 @@ def main() -> None:
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     args.layers = args.layers or (2 if args.smoke else 24)
     args.overhead_lengths = args.overhead_lengths or ([16] if args.smoke else [512, 1024])
-    args.dense_lengths = args.dense_lengths or ([16, 80] if args.smoke else [512, 1024, 2048])
-    args.mean_lengths = args.mean_lengths or ([80, 200] if args.smoke else [1024, 4096, 16384])
-    args.row_lengths = args.row_lengths or ([16, 80] if args.smoke else [512, 2048, 16384])
+    defaults = {  # (smoke, full)
+        "dense_lengths": ([16, 80], [512, 1024, 2048]),
+        "mean_lengths": ([80, 200], [1024, 4096, 16384]),
+        "row_lengths": ([16, 80], [512, 2048, 16384]),
+    }
+    for name, (smoke, full) in defaults.items():
+        if getattr(args, name) is None:  # an empty list stays empty: no such read
+            setattr(args, name, smoke if args.smoke else full)
     timed = timer(device)
     bandwidth = write_bandwidth(device, timed)
     torch.backends.cuda.matmul.allow_tf32 = False  # every figure in true float32

@@ -197,6 +197,21 @@ class Recording(Sequence):
         for r in self._records:
             r.free()
 
+    def clear(self) -> None:
+        """Free every record and forget it; the context stays open and the next call is ``rec[0]`` again.
+
+        For a loop over inputs inside one ``record``: the hooks are attached once (entering ``record`` costs
+        as much as a forward's hooks), and only the current input's tensors are kept::
+
+            with implicit_hooks.record(model) as rec:
+                for ids in batches:
+                    model(ids)
+                    rows.append([r.attention[0, :, -1] for r in rec])
+                    rec.clear()
+        """
+        self.free()
+        self._records.clear()
+
     def __repr__(self) -> str:
         return f"Recording({len(self)} calls of {len(set(self.names()))} blocks)"
 

@@ -54,6 +54,8 @@ def test_bench_gpu_takes_every_part_of_every_family_and_the_blocks_are_exact(tmp
         if r["part"] == "overhead" and r["batch"] == 1:
             assert r["max_output_error"] < 1e-5, r  # every layer of the recorded model
             assert r["pairs"] == 2 and len(r["overhead_paired"]) == 3
+            assert len(r["overhead_open_paired"]) == len(r["twin_paired"]) == 3  # in a context kept open
+            assert r["left_hooked_modules"] == 0
         if r["part"] == "row":
             assert r["row_torch_vs_torch_rel"] < 1e-6, r  # a row read alone against the dense matrix's
 

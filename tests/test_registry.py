@@ -222,3 +222,27 @@ def test_weight_paths_name_parameters_buffers_and_tensor_attributes():
     assert list(found) == ["conv.weight", "decay", "scale"]
     assert found["conv.weight"] is block.conv.weight and found["decay"] is block.decay
     assert found["scale"] is block.scale
+
+
+def test_clear_forgets_the_calls_so_far_and_keeps_recording():
+    ih.register_patcher(EmaBlock, EmaPatcher, replace=True)  # the lazy test registers it by name
+    torch.manual_seed(0)
+    net = Net()
+    x, y = torch.randn(1, 6, 5), torch.randn(1, 6, 5)
+    with torch.no_grad(), ih.record(net) as rec:
+        net(x)
+        first = rec[0]
+        hooks = hooks_left(net)
+        rec.clear()
+        assert len(rec) == 0 and rec.names() == []
+        net(y)
+        assert hooks_left(net) == hooks  # nothing detached or attached again
+        assert rec.names() == ["blocks.0", "blocks.1"]
+    with pytest.raises(ih.RecordingError, match="freed"):
+        first.attention.dense()
+    # the record after clear() explains the second input: an independent recording of it agrees
+    with torch.no_grad(), ih.record(net) as again:
+        net(y)
+    for r, s in zip(rec, again):
+        torch.testing.assert_close(r.attention.dense(), s.attention.dense(), rtol=0, atol=0)
+    assert hooks_left(net) == []
