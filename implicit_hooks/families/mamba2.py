@@ -202,34 +202,94 @@ class SSDCore(Core):
         return out
 
 
-def ssd_scan(xa: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, h0: Tensor | None, chunk: int = 64):
-    """The SSM output without skip, ``y_t = C_t · h_t``, chunk by chunk: ``(B, H, P, L)``.
+def ssd_scan(
+    xa: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    h0: Tensor | None,
+    chunk: int = 64,
+    span: int = 1024,
+) -> Tensor:
+    """The SSM output without skip, ``y_t = C_t · h_t``: ``(B, H, P, L)``.
 
     ``h_t = exp(A·Δ_t) h_{t−1} + Δ_t · B_t ⊗ x_t`` from ``h0 (B, H, P, N)`` (zeros if None); shapes
-    ``xa (B, H, P, L)``, ``delta (B, H, L)``, ``A (H,)``, ``B``/``C (B, L, G, N)``. Only the gated
-    norm needs it (its per-token scale); loops over chunks, never over positions.
+    ``xa (B, H, P, L)``, ``delta (B, H, L)``, ``A (H,)``, ``B``/``C (B, L, G, N)``. Only the gated norm
+    needs it (its per-token scale), and ``SSDCore.matvec``. All chunks of a span at once
+    (:func:`_ssd_span`); spans of ``span`` positions bound the memory and the work across chunks (the
+    states of its chunks, ``H · P · N`` each, and their ``n × n`` carries), and only they loop: one pass to
+    1024 positions, 16 at 16k, where a loop over chunks launched some 20 kernels a chunk.
     """
     batch, H, P, L = xa.shape
-    rep = H // B.shape[2]
-    B_h = B.repeat_interleave(rep, dim=2)  # (B, L, H, N)
-    C_h = C.repeat_interleave(rep, dim=2)
-    state = xa.new_zeros(batch, H, P, B.shape[-1]) if h0 is None else h0.to(xa.dtype)
+    G, N = B.shape[2:]
+    span = max(chunk, span // chunk * chunk)  # every span but the last: whole chunks
+    state = (
+        xa.new_zeros(batch, G, H // G, P, N) if h0 is None else h0.to(xa.dtype).reshape(batch, G, -1, P, N)
+    )
     out = []
-    for s in range(0, L, chunk):  # chunks of the sequence, not positions
-        e = min(s + chunk, L)
-        log_decay = (A[None, :, None] * delta[..., s:e]).cumsum(-1)  # (B, H, Q): A·Σ_{k=s..t} Δ_k
-        causal = torch.ones(e - s, e - s, dtype=torch.bool, device=xa.device).tril()
-        gap = (log_decay[..., :, None] - log_decay[..., None, :]).masked_fill(~causal, -torch.inf)
-        scores = torch.einsum("bthn,bjhn->bhtj", C_h[:, s:e], B_h[:, s:e])  # C_t·B_j
-        weights = scores * torch.exp(gap) * delta[:, :, None, s:e]  # R_h inside the chunk
-        y = torch.einsum("bhtj,bhpj->bhpt", weights, xa[..., s:e])  # from this chunk's inputs
-        y = y + torch.einsum("bthn,bhpn->bhpt", C_h[:, s:e], state) * torch.exp(log_decay)[:, :, None]
-        to_end = torch.exp(log_decay[..., -1:] - log_decay) * delta[..., s:e]  # (B, H, Q)
-        state = state * torch.exp(log_decay[..., -1])[..., None, None] + torch.einsum(
-            "bhj,bjhn,bhpj->bhpn", to_end, B_h[:, s:e], xa[..., s:e]
-        )
+    for s in range(0, L, span):  # a few spans of the sequence, not its positions or chunks
+        e = min(s + span, L)
+        y, state = _ssd_span(xa[..., s:e], delta[..., s:e], A, B[:, s:e], C[:, s:e], state, chunk)
         out.append(y)
-    return torch.cat(out, dim=-1)
+    return out[0] if len(out) == 1 else torch.cat(out, dim=-1)
+
+
+def _ssd_span(
+    xa: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, h0: Tensor, chunk: int
+) -> tuple[Tensor, Tensor]:
+    """:func:`ssd_scan` of one span from the state ``h0 (B, G, H/G, P, N)``, every chunk at once: ``(y, the
+    state at its end)``.
+
+    Inside a chunk the entries of ``R_h``; each chunk's own inputs give its end state ``u_c``; the state
+    entering chunk ``c`` is ``Σ_{d<c} exp(A_h Σ_{chunks d+1..c−1} Δ) u_d + exp(A_h Σ_{chunks <c} Δ) h0``, one
+    ``n × n`` lower-triangular product over the ``n`` chunks, its exponents differences of float64 sums
+    (all ≤ 0). The last chunk is padded with ``Δ = 0``: no decay and no input. Laid out ``(batch, group,
+    chunk, head in group, …)``: the products batch over contiguous dimensions, and ``C_t · B_j`` is computed
+    once per group, not once per head.
+    """
+    batch, H, P, L = xa.shape
+    G, N = B.shape[2:]
+    Q = min(chunk, L)
+    n = -(-L // Q)
+    pad = n * Q - L
+    if pad:
+        xa, delta = F.pad(xa, (0, pad)), F.pad(delta, (0, pad))
+        B, C = F.pad(B, (0, 0, 0, 0, 0, pad)), F.pad(C, (0, 0, 0, 0, 0, pad))
+
+    def by_chunk(t: Tensor) -> Tensor:  # (B, G·r, …, n·Q) → (B, G, n, r, …, Q)
+        t = t.reshape(batch, G, H // G, *t.shape[2:-1], n, Q)
+        return t.movedim(-2, 2).contiguous()
+
+    x = by_chunk(xa)  # (B, G, n, r, P, Q)
+    d = by_chunk(delta)  # (B, G, n, r, Q)
+    a = A.reshape(G, 1, -1, 1)
+    log_decay = (a * d).cumsum(-1)  # A·Σ_{k=chunk start..t} Δ_k
+    Bc = B.reshape(batch, n, Q, G, N).permute(0, 3, 1, 2, 4)  # (B, G, n, Q, N)
+    Cc = C.reshape(batch, n, Q, G, N).permute(0, 3, 1, 2, 4)
+    scores = (Cc @ Bc.transpose(-1, -2))[:, :, :, None]  # C_t·B_j: (B, G, n, 1, Q, Q)
+    causal = torch.ones(Q, Q, dtype=torch.bool, device=xa.device).tril()
+    gap = (log_decay[..., :, None] - log_decay[..., None, :]).masked_fill(~causal, -torch.inf)
+    inside = torch.exp(gap) * scores * d[..., None, :]  # R_h inside each chunk: (B, G, n, r, Q, Q)
+    y = x @ inside.transpose(-1, -2)  # (B, G, n, r, P, Q)
+    to_end = torch.exp(log_decay[..., -1:] - log_decay) * d  # (B, G, n, r, Q)
+    own = ((x * to_end[..., None, :]).flatten(3, 4) @ Bc).unflatten(3, (H // G, P))  # u_c: (B, G, n, r, P, N)
+    total = log_decay[..., -1].double()  # (B, G, n, r): each chunk's whole decay
+    through = total.cumsum(2)  # Σ over chunks ≤ c
+    before = through - total  # Σ over chunks < c
+    later = torch.ones(n, n, dtype=torch.bool, device=xa.device).tril(-1)[:, :, None]  # d < c
+    carry = torch.exp((before[:, :, :, None] - through[:, :, None]).masked_fill(~later, -torch.inf))
+    entering = torch.einsum("bgcdr,bgdrpn->bgcrpn", carry.to(xa.dtype), own)
+    entering = entering + torch.exp(before).to(xa.dtype)[..., None, None] * h0[:, :, None]
+    from_state = (entering.flatten(3, 4) @ Cc.transpose(-1, -2)).unflatten(
+        3, (H // G, P)
+    )  # (B, G, n, r, P, Q)
+    y = y + from_state * torch.exp(log_decay)[..., None, :]
+    to_last = torch.exp(through[:, :, -1:] - through).to(xa.dtype)  # (B, G, n, r)
+    state = torch.exp(through[:, :, -1]).to(xa.dtype)[..., None, None] * h0
+    state = state + torch.einsum("bgdr,bgdrpn->bgrpn", to_last, own)
+    y = y.permute(0, 1, 3, 4, 2, 5).reshape(batch, H, P, n * Q)  # (B, G, r, P, n, Q)
+    return y[..., :L], state
 
 
 def causal_conv(signal: Tensor, taps: Tensor, bias: Tensor | None, context: Tensor) -> Tensor:
