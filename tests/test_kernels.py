@@ -700,6 +700,20 @@ def test_reads_the_fused_path_cannot_serve_say_why():
     assert rel_err(rec.attention[0, 0, [3, 1], :], rec.attention.with_backend("torch")[0, 0, [3, 1], :]) == 0
 
 
+def test_last_rows_go_to_the_kernel_where_its_rows_are_faster(monkeypatch):
+    """``Core.fused_rows``, what ``backend="auto"`` reads a last-token row with on CUDA: the kernel for
+    Mamba-1, Mamba-2 by head and RWKV-4 (faster than the torch path's rows, at less memory: run WW), the torch
+    path for Mamba-2 by channel (never measured) and RG-LRU (2x faster, but 1.7x the memory)."""
+    monkeypatch.setitem(kernels.TUNING, "HEAD_TILES", True)
+    mamba2 = mamba2_record(40, "cpu")[0].attention.factors.core
+    assert mamba2.fused_rows
+    monkeypatch.setitem(kernels.TUNING, "HEAD_TILES", False)
+    assert not mamba2.fused_rows
+    assert rwkv4_record(40, "cpu").attention.factors.core.fused_rows
+    assert not rglru_record(40, "cpu")[0].attention.factors.core.fused_rows
+    assert record(model("cpu"), 40, "cpu")[0].attention.factors.core.fused_rows
+
+
 @needs_cuda
 @pytest.mark.parametrize("family", ["rglru", "mamba2", "mamba2 by head", "rwkv4"])
 @pytest.mark.parametrize("L", [150, 704])  # stores masked entry by entry, and 16 bytes at a time (aligned)
@@ -713,7 +727,9 @@ def test_cuda_rglru_mamba2_rwkv4_kernels_against_the_torch_path(monkeypatch, fam
         tiles = rec.attention.with_backend("triton")._fused_tiles(0, torch.arange(4, device="cuda"))
         assert isinstance(tiles, kernels.HeadTiles)
     last, every = (_parse_index(s, L, "rows", torch.device("cuda")) for s in (slice(-1, None), slice(None)))
-    assert rec.attention._fused(last, every) is None  # their rows: the torch path is as fast or faster
+    # a last-token row: the kernel's by head and RWKV-4's are faster than the torch path, at less memory
+    by_kernel = family in ("mamba2 by head", "rwkv4")
+    assert (rec.attention._fused(last, every) is not None) == by_kernel
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:

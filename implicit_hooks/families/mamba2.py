@@ -127,10 +127,22 @@ class SSDCore(Core):
         return out
 
     @property
-    def fused_work(self) -> int:
+    def by_head(self) -> bool:
+        """Whether fused reads go by head (``HeadTiles``), not by channel."""
         from ..kernels import HEAD_TAPS, TUNING
 
-        if TUNING["HEAD_TILES"] and self.conv_width <= HEAD_TAPS:
+        return TUNING["HEAD_TILES"] and self.conv_width <= HEAD_TAPS
+
+    @property
+    def fused_rows(self) -> bool:
+        """A last-token row by the by-head kernel: 0.20 / 0.30 / 3.7 ms for 1536 channels on the H200 against
+        0.79 / 0.78 / 4.2 ms by the torch path at L = 512 / 2048 / 16384, at 7 / 18 / 106 MB of peak against
+        23 / 89 / 210 MB (benchmarks/results/gpu.md, run WW); by channel, the torch path's."""
+        return self.by_head
+
+    @property
+    def fused_work(self) -> int:
+        if self.by_head:
             return 8  # by head: the left, right and skip factors; the core's tiles live in a small scratch
         return 3 * self.B.shape[-1] + 12  # by channel: U, V and W of N states, a few per-position arrays
 

@@ -53,6 +53,10 @@ class WKVCore(Core):
 
     work_per_entry = 6
     has_skip = False
+    # a last-token row of 1024 channels on the H200: 0.17 / 0.26 / 1.34 ms by the kernel against 0.41 / 0.41 /
+    # 2.29 ms by the torch path at L = 512 / 2048 / 16384, at 2 / 8 / 67 MB of peak against 19 / 76 / 157 MB
+    # (benchmarks/results/gpu.md, run WW)
+    fused_rows = True
 
     def __init__(self, key: Tensor, w: Tensor, u: Tensor, log_z: Tensor, dtype: torch.dtype):
         # contiguous once here (the recorded keys come as a transposed view), not copied by every fused read
