@@ -2,8 +2,9 @@
 of 130M-class layers (random weights):
 
 1. recording overhead: forward time with ``record`` over without, whole models of 24 layers, batch 1 and 8,
-   and the same part by part (set-up, time inside our hooks, torch's hook dispatch, added device work:
-   :func:`overhead_parts`), which stays measurable where launch-bound forwards swing by ±20 %;
+   with a context per forward and in one context kept open (:func:`overhead_open`), and the same part by
+   part (set-up, time inside our hooks, torch's hook dispatch, added device work: :func:`overhead_parts`),
+   which stays measurable where launch-bound forwards swing by ±20 %;
 2. dense assembly of one layer against the floor set by writing its output (bytes / measured write
    bandwidth), with the fused Triton kernel (``backend="triton"``: Mamba-1, Mamba-2, RG-LRU, RWKV-4; for
    Mamba-2 also by channel, ``kernels.TUNING["HEAD_TILES"] = False``) and the torch path;
