@@ -293,10 +293,8 @@ def _ssd_span(
     carry = torch.exp((before[:, :, :, None] - through[:, :, None]).masked_fill(~later, -torch.inf))
     entering = torch.einsum("bgcdr,bgdrpn->bgcrpn", carry.to(xa.dtype), own)
     entering = entering + torch.exp(before).to(xa.dtype)[..., None, None] * h0[:, :, None]
-    from_state = (entering.flatten(3, 4) @ Cc.transpose(-1, -2)).unflatten(
-        3, (H // G, P)
-    )  # (B, G, n, r, P, Q)
-    y = y + from_state * torch.exp(log_decay)[..., None, :]
+    from_state = entering.flatten(3, 4) @ Cc.transpose(-1, -2)  # C_t · h entering t's chunk
+    y = y + from_state.unflatten(3, (H // G, P)) * torch.exp(log_decay)[..., None, :]
     to_last = torch.exp(through[:, :, -1:] - through).to(xa.dtype)  # (B, G, n, r)
     state = torch.exp(through[:, :, -1]).to(xa.dtype)[..., None, None] * h0
     state = state + torch.einsum("bgdr,bgdrpn->bgrpn", to_last, own)
