@@ -225,6 +225,22 @@ def test_every_code_path_of_the_kernel(monkeypatch, far_dot, split, strips):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_far_tiles_loaded_a_tile_ahead_store_the_same_bits(monkeypatch, device):
+    """Dense reads whose far loop issues each tile's loads a tile ahead (``TUNING["far_ahead"]``, by output
+    entry size) store exactly what the plain loop stores, in float32 and in bfloat16: four row tiles, so
+    that rows see far tiles and tiles past the diagonal, row 0 of the batch padded."""
+    rec, _, _ = record(model(device, channels=2), 200, device)
+    reads = {}
+    for ahead in ((), (2, 4)):
+        monkeypatch.setitem(kernels.TUNING, "far_ahead", ahead)
+        fused = rec.attention.with_backend("triton")
+        reads[ahead] = fused.dense(), fused.dense(torch.bfloat16)
+    (plain, plain16), (ahead, ahead16) = reads.values()
+    assert torch.equal(plain, ahead) and torch.equal(plain16, ahead16)
+    assert plain[..., 128:, :64].abs().amax() > 0  # far tiles were computed, not zeros on both sides
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
 @pytest.mark.parametrize("tile", [32, 128])
 def test_other_tile_sizes(monkeypatch, device, tile):
     """Every kernel is written for any power-of-two tile (``kernels.TILE``; benchmarks/sweep_dense.py times
