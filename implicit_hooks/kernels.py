@@ -105,6 +105,11 @@ TUNING: dict = {
     "FAR_SPLIT_TF32": True,
     "far_warps": 4,
     "near_warps": 4,
+    # warps of dense reads stored in 16 bits, by kernel (RG-LRU's: Mamba-1's near tiles go by strips,
+    # Mamba-2's reads by head). On the H200, bfloat16 at L = 512-2048: near tiles at 2 warps 12-13 % faster
+    # than at 4 (1 warp slower), outer-product far tiles at 8 2-2.5 % faster; in float32 both are slower
+    # (the same bits; run XX)
+    "narrow_warps": {"near": 2, "far_outer": 8},
     "wkv_warps": 4,
     "HEAD_TILES": True,
     # Mamba-2 by head: dense blocks at 4 warps (10 % faster than 8 at L = 2048 since the core went to the
@@ -2078,6 +2083,9 @@ class DiagonalTiles(_Tiles):
         # wide states (Mamba-2's N = 128) take 8 warps whatever TUNING says: 4 spill registers
         far_warps = max(TUNING["far_warps"], 8 if self.NP >= 64 else 1)
         far_kind = "far_outer" if not self.far_dot else "far_wide" if self.NP >= 64 else "far"
+        narrow = out.element_size() == 2 and not groups  # a dense read stored in 16 bits
+        if narrow and far_kind in TUNING["narrow_warps"]:
+            far_warps = TUNING["narrow_warps"][far_kind]
         far_options = _options(far_kind, far_warps, groups > 0)
         # dense reads by strips: the far kernel's programs take their row tile's near tiles too, and (without
         # resets) tile I − 1 into the far product where the growth allows
@@ -2108,7 +2116,10 @@ class DiagonalTiles(_Tiles):
             )  # fmt: skip
             return
         near_warps = max(TUNING["near_warps"], 8 if self.scalar else 1)
-        near_options = _options("near_scalar" if self.scalar else "near", near_warps, groups > 0)
+        near_kind = "near_scalar" if self.scalar else "near"
+        if narrow and near_kind in TUNING["narrow_warps"]:
+            near_warps = TUNING["narrow_warps"][near_kind]
+        near_options = _options(near_kind, near_warps, groups > 0)
         near_head, near_groups, near_per_group = head, slabs, per_group
         if groups:  # channel sums: the near tiles' own channel groups (2 tiles a row tile, where the far
             # kernel's groups count every tile: too few programs), into a buffer of whole tiles, added up
