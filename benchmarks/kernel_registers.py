@@ -139,7 +139,11 @@ def report(kernel, constants: dict, warps: int, maxnreg: int | None = None, outp
     if "out_ptr" in signature:
         signature["out_ptr"] = output
     # pointers 16-byte aligned, as Triton specialises them at a launch on torch's allocations
-    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(signature) if name.endswith("_ptr")}
+    aligned = {
+        (i,): [["tt.divisibility", 16]]
+        for i, (name, kind) in enumerate(signature.items())
+        if name.endswith("_ptr") and kind != "constexpr"  # (Triton 3.9 refuses attributes on constexprs)
+    }
     source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=aligned)
     options = {"num_warps": warps, **kernels.FP_FUSION}  # as the kernels are launched
     if maxnreg is not None:
