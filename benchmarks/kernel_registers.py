@@ -51,6 +51,9 @@ CASES = [
     ("far and strips", "far", kernels._far_kernel,
      dict(N=16, NP=16, Q=64, FAR_DOT=True, SPLIT=True, K=4, KP=4, SQ=16, STRIPS=True, REDUCE=False,
           TRANSFORM=0, ALIGNED=16, CB=16)),
+    ("far and strips, ahead", "far", kernels._far_kernel,  # as bfloat16 reads run it (TUNING["far_ahead"])
+     dict(N=16, NP=16, Q=64, FAR_DOT=True, SPLIT=True, K=4, KP=4, SQ=16, STRIPS=True, REDUCE=False,
+          TRANSFORM=0, ALIGNED=16, CB=16, AHEAD=True)),
     ("far, Mamba-2", "far_wide", kernels._far_kernel,
      dict(N=128, NP=128, Q=64, FAR_DOT=True, SPLIT=False, K=4, KP=4, SQ=16, STRIPS=False, REDUCE=False,
           TRANSFORM=0, ALIGNED=16, CB=16)),
