@@ -963,11 +963,17 @@ if triton is not None:
         return total
 
     @triton.jit
+    def _is_far(I, J, near_far, ssm):
+        """Whether the far product takes tile ``(I, J)``: two tiles below the diagonal, or one with
+        ``near_far`` (:func:`_far_kernel`), where the block has a recurrence."""
+        return ((I >= J + 2) | ((I == J + 1) & near_far)) & (ssm != 0)
+
+    @triton.jit
     def _far_ahead_loads(c, I, J, J_end, L, ssm, near_far, sref_ptr, V_ptr, segref_ptr, NP: tl.constexpr,
                          Q: tl.constexpr):  # fmt: skip
         """What far tile ``(I, J)`` of channel ``c`` loads, none where it is not far: its reference sum, reset
         count and column factors ``V``."""
-        far = ((I >= J + 2) | ((I == J + 1) & near_far)) & (ssm != 0) & (J < J_end)
+        far = _is_far(I, J, near_far, ssm) & (J < J_end)
         n_tiles = (L + Q - 1) // Q
         sref = tl.load(sref_ptr + c * n_tiles + J, mask=far, other=0.0)
         segref = tl.load(segref_ptr + J, mask=far, other=0)
@@ -1050,7 +1056,7 @@ if triton is not None:
                        ALIGNED)  # fmt: skip
             J = J_end
         while J < J_end:  # while: Triton's interpreter cannot range() over arguments
-            far = ((I >= J + 2) | ((I == J + 1) & near_far)) & (ssm != 0)
+            far = _is_far(I, J, near_far, ssm)
             total = tl.zeros((Q, Q), dtype=tl.float32)
             if REDUCE and FAR_DOT and TRANSFORM == 0 and CB > 1:
                 if far:
