@@ -130,7 +130,11 @@ def loops(sass: str) -> list[str]:
 def report(kernel, constants: dict, warps: int, maxnreg: int | None = None, output: str = "*fp32",
            with_loops: bool = False) -> str:  # fmt: skip
     signature = {}
-    for name in inspect.signature(kernel.fn).parameters:
+    parameters = inspect.signature(kernel.fn).parameters
+    # constexprs left out take their defaults (AHEAD, EVICT), as at a launch
+    defaults = {name: p.default for name, p in parameters.items() if p.default is not inspect.Parameter.empty}
+    constants = {**defaults, **constants}
+    for name in parameters:
         if name in constants:
             signature[name] = "constexpr"
         elif name.endswith("_ptr"):

@@ -66,7 +66,8 @@ reads at L = 512 / 1024 / 2048 take 2.7–3.5× / 1.75–2.0× / 1.55× the writ
 channels), 1.8–2.8× / 1.35–1.7× / 1.2× (RWKV-4, 1024 channels); reads issued back to back (the host
 issuing one while the device runs the one before) 1.99–2.04× / 1.56–1.61× / 1.41–1.45× (Mamba-1, whose
 two kernels alone take 1.96× at 512) and
-1.3–1.7× / 1.2–1.6× / 1.1–1.6× (the others); the torch path 983× and 131× at L = 512 (Mamba-1, RWKV-4). Every
+1.2–1.7× / 1.2–1.6× / 1.1–1.6× (the others; Mamba-2 1.23–1.28× since its tiles stream past the L2 while its
+factors stay in it, ``TUNING["evict"]``); the torch path 983× and 131× at L = 512 (Mamba-1, RWKV-4). Every
 preparation runs in the kernels (:func:`_prep_kernel`; the WKV and by-head kernels read the core's arrays as
 they are): on the H200's machine each torch operation costs the host 10–25 µs, as much as a short read's
 kernels.
@@ -124,6 +125,20 @@ TUNING: dict = {
     # dense reads whose far loop loads each tile's factors a tile ahead, by the bytes of an output entry:
     # stored in bfloat16 2–5 % faster at L = 512–2048, in float32 1–2 % slower (the same bits; run XX)
     "far_ahead": (2,),
+    # L2 eviction policies of dense reads by kernel, (stores, loads) ("": the default): the output streams
+    # past the L2 ("evict_first") and the factors every tile re-reads stay in it ("evict_last"; the by-head
+    # kernel's only). Kernels: "head", "wkv", "near", "near_scalar", "far", "far_strips" (Mamba-1's far
+    # kernel with its near tiles), "far_wide", "far_outer" (their far and zero tiles; the near kernel's tiles,
+    # not the band stored over them)
+    # On the H200 (run YY, each setting in its own process), the by-head kernel 0.374 → 0.294 ms in bfloat16
+    # at L = 512, 6.02 → 5.47 ms at 2048 (float32 0.494 → 0.427, 8.10 → 7.44); RWKV-4's 7 % / 2.5 % faster;
+    # Mamba-1's far tiles 1.5–3.4 % in float32 at 512–2048; RG-LRU's far tiles −1.5 to +2.5 %, its near tiles
+    # (the band stored over them) 3–5 % slower: left out
+    "evict": {
+        "head": ("evict_first", "evict_last"),
+        "wkv": ("evict_first", ""),
+        "far_strips": ("evict_first", ""),
+    },
     # the preparation (_prep_kernel): positions a program (at most, and at most prep_elements / NP) and
     # warps (wide states, NP ≥ 64, take 4). Two warps: Mamba-1's preparation 0.110 → 0.092 ms at L = 512,
     # 0.438 → 0.369 ms at 2048, RG-LRU's (one state: four warps held one position in 128 threads) 0.079 →
@@ -623,7 +638,7 @@ if triton is not None:
 
     @triton.jit
     def _store_at(out_ptr, slab, stride_slab, stride_t, t, j, r0, r1, c0, c1, acc, keep,
-                  ALIGNED: tl.constexpr):  # fmt: skip
+                  ALIGNED: tl.constexpr, EVICT: tl.constexpr):  # fmt: skip
         """Entries ``(t, j)`` of ``acc`` that lie in the read ``[r0:r1, c0:c1]`` and in ``keep`` (a scalar
         or a mask that broadcasts), into slab ``slab`` of the output.
 
@@ -632,7 +647,8 @@ if triton is not None:
         the compiler store 16 bytes at a time: a quarter of the store instructions and of their masks, in
         kernels whose issue rate, more than the memory, sets their time. The run it is told caps the
         vectors: 16 lets bfloat16 go 8 entries a store, where a kernel whose entries sit 4 to a thread
-        would first reshuffle every tile through shared memory (the by-head kernel: 4)."""
+        would first reshuffle every tile through shared memory (the by-head kernel: 4). ``EVICT``: the
+        stores' L2 eviction policy (:data:`EVICTIONS`)."""
         rows = (t - r0).to(tl.int64) * stride_t + slab.to(tl.int64) * stride_slab  # past 2^31 entries
         cols = j - c0
         cols_in = (j >= c0) & (j < c1)
@@ -642,14 +658,17 @@ if triton is not None:
             cols_in = tl.max_constancy(cols_in, ALIGNED)
         inside = ((t >= r0) & (t < r1))[:, None] & cols_in[None, :]
         inside = tl.where(keep, inside, False)  # a scalar condition: where(), not &, for every Triton
-        tl.store(out_ptr + rows[:, None] + cols[None, :], acc, mask=inside)
+        if EVICT == 1:  # (an integer: a defaulted string constexpr here failed to compile in Triton 3.6)
+            tl.store(out_ptr + rows[:, None] + cols[None, :], acc, mask=inside, eviction_policy="evict_first")
+        else:
+            tl.store(out_ptr + rows[:, None] + cols[None, :], acc, mask=inside)
 
     @triton.jit
     def _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, acc, Q: tl.constexpr, keep,
-               ALIGNED: tl.constexpr):  # fmt: skip
+               ALIGNED: tl.constexpr, EVICT: tl.constexpr):  # fmt: skip
         t = I * Q + tl.arange(0, Q)
         j = J * Q + tl.arange(0, Q)
-        _store_at(out_ptr, slab, stride_slab, stride_t, t, j, r0, r1, c0, c1, acc, keep, ALIGNED)
+        _store_at(out_ptr, slab, stride_slab, stride_t, t, j, r0, r1, c0, c1, acc, keep, ALIGNED, EVICT)
 
     @triton.jit
     def _weight(w_ptr, offsets, mask):
@@ -987,7 +1006,7 @@ if triton is not None:
     def _far_ahead(out_ptr, slab, stride_slab, stride_t, r0, r1, c0, c1, I, J, J_end, L, ssm, near_far, u,
                    u_hi, sb_ptr, sref_ptr, A_ptr, V_ptr, seg_ptr, segref_ptr, N: tl.constexpr,
                    NP: tl.constexpr, Q: tl.constexpr, SPLIT: tl.constexpr,
-                   ALIGNED: tl.constexpr):  # fmt: skip
+                   ALIGNED: tl.constexpr, EVICT: tl.constexpr):  # fmt: skip
         """The far tiles of a dense read of channel ``slab`` (:func:`_outer`'s), each tile's loads issued a
         tile ahead (``AHEAD``): 2–5 % faster stored in bfloat16, 1–2 % slower in float32 (run XX)."""
         n = tl.arange(0, NP)
@@ -1006,7 +1025,7 @@ if triton is not None:
                 total = _far_tile(u, u_hi, a, (sb - sref).to(tl.float32), linked, v, SPLIT)
             not_near = (I < J) | (I >= J + 2)
             _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, not_near | far,
-                   ALIGNED)  # fmt: skip
+                   ALIGNED, EVICT)  # fmt: skip
             far, sref, segref, v = ahead
             J += 1
 
@@ -1018,6 +1037,7 @@ if triton is not None:
         N: tl.constexpr, NP: tl.constexpr, Q: tl.constexpr, FAR_DOT: tl.constexpr, SPLIT: tl.constexpr,
         K: tl.constexpr, KP: tl.constexpr, SQ: tl.constexpr, STRIPS: tl.constexpr, REDUCE: tl.constexpr,
         TRANSFORM: tl.constexpr, ALIGNED: tl.constexpr, CB: tl.constexpr, AHEAD: tl.constexpr = False,
+        EVICT: tl.constexpr = 0,
     ):  # fmt: skip
         """Every tile but the near ones: far tiles computed, tiles above the diagonal zeros. One program per
         row tile, run of ``span`` column tiles and channel (dense: the row factors loaded once per run) or
@@ -1053,7 +1073,7 @@ if triton is not None:
         if AHEAD and not REDUCE and FAR_DOT:
             _far_ahead(out_ptr, slab, stride_slab, stride_t, r0, r1, c0, c1, I, J, J_end, L, ssm, near_far, u,
                        u_hi, sb_ptr, sref_ptr, A_ptr, V_ptr, seg_ptr, segref_ptr, N, NP, Q, SPLIT,
-                       ALIGNED)  # fmt: skip
+                       ALIGNED, EVICT)  # fmt: skip
             J = J_end
         while J < J_end:  # while: Triton's interpreter cannot range() over arguments
             far = _is_far(I, J, near_far, ssm)
@@ -1091,7 +1111,7 @@ if triton is not None:
                                segref_ptr, N, NP, Q, FAR_DOT, SPLIT)  # fmt: skip
             not_near = (I < J) | (I >= J + 2)  # the near tiles are the other launch's, or the strips'
             _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, not_near | far,
-                   ALIGNED)  # fmt: skip
+                   ALIGNED, EVICT)  # fmt: skip
             J += 1
         if STRIPS:
             if near_in:
@@ -1169,7 +1189,7 @@ if triton is not None:
         out_ptr, stride_slab, stride_t, r0, r1, c0, c1, I0, L, ssm, n_chan, per_group,
         sloc_ptr, tot_ptr, A_ptr, C_ptr, W_ptr, fix_ptr, seg_ptr, left_ptr, pmask_ptr, rw_ptr, cw_ptr,
         N: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, Q: tl.constexpr, SCALAR: tl.constexpr,
-        REDUCE: tl.constexpr, TRANSFORM: tl.constexpr, ALIGNED: tl.constexpr,
+        REDUCE: tl.constexpr, TRANSFORM: tl.constexpr, ALIGNED: tl.constexpr, EVICT: tl.constexpr = 0,
     ):  # fmt: skip
         """The near tiles: row tile ``I`` against column tiles ``I`` and ``I − 1`` (dense: the band stored
         over each, :func:`_store_band`; channel sums: whole tiles of group ``slab``'s partial sums into the
@@ -1203,7 +1223,9 @@ if triton is not None:
             part = (slab * tl.num_programs(0) + tl.program_id(0)) * 2 + tl.program_id(1)
             tl.store(out_ptr + part.to(tl.int64) * (Q * Q) + q[:, None] * Q + q[None, :], total)
         else:
-            _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, J >= 0, ALIGNED)
+            _store(
+                out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, J >= 0, ALIGNED, EVICT
+            )
             _store_band(out_ptr, slab, stride_slab, stride_t, t, jb, on, band, r0, r1, c0, c1, J >= 0)
 
     @triton.jit(do_not_specialize=UNSPECIALISED["_near_sum_kernel"])
@@ -1224,7 +1246,7 @@ if triton is not None:
             while g < parts:
                 total += tl.load(tile + g * step)
                 g += 1
-        _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, J >= 0, ALIGNED)
+        _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, J >= 0, ALIGNED, 0)
 
     @triton.jit(do_not_specialize=UNSPECIALISED["_strip_kernel"])
     def _strip_kernel(
@@ -1250,8 +1272,10 @@ if triton is not None:
                                      left_ptr, pmask_ptr, rw_ptr, cw_ptr, N, NP, K, KP, Q, SQ, SPLIT,
                                      TRANSFORM)  # fmt: skip
         outside = tl.where(J >= 0, (j < R) | (j >= R + SQ), False)  # diag's columns: the other store's
-        _store_at(out_ptr, slab, stride_slab, stride_t, t, j, r0, r1, c0, c1, main, outside[None, :], ALIGNED)
-        _store_at(out_ptr, slab, stride_slab, stride_t, t, jd, r0, r1, c0, c1, diag, J == I, ALIGNED)
+        _store_at(
+            out_ptr, slab, stride_slab, stride_t, t, j, r0, r1, c0, c1, main, outside[None, :], ALIGNED, 0
+        )
+        _store_at(out_ptr, slab, stride_slab, stride_t, t, jd, r0, r1, c0, c1, diag, J == I, ALIGNED, 0)
 
     @triton.jit
     def _column_side(c, I, J, L, sloc_ptr, tot_ptr, W_ptr, pmask_ptr, N: tl.constexpr, NP: tl.constexpr,
@@ -1384,7 +1408,7 @@ if triton is not None:
         zeros = tl.zeros((SQ, SQ), dtype=tl.float32)
         for k in tl.static_range(COLS // SQ):
             j = first + k * SQ + tl.arange(0, SQ)
-            _store_at(out_ptr, c, stride_slab, stride_t, t, j, r0, r1, c0, c1, zeros, True, ALIGNED)
+            _store_at(out_ptr, c, stride_slab, stride_t, t, j, r0, r1, c0, c1, zeros, True, ALIGNED, 0)
 
     @triton.jit
     def _near_strip(out_ptr, c, stride_slab, stride_t, r0, r1, c0, c1, I, J, s, L, max_growth, a2, sloc_ptr,
@@ -1396,7 +1420,9 @@ if triton is not None:
         j, m, s_m, w, pm = _column_side(c, I, J, L, sloc_ptr, tot_ptr, W_ptr, pmask_ptr, N, NP, K, Q, WIDTH)
         ts, acc = _strip_product(c, I, s, L, max_growth, j, m, s_m, w, a2, sloc_ptr, growth_ptr, C_ptr,
                                  seg_ptr, left_ptr, N, NP, K, Q, SQ, SPLIT)  # fmt: skip
-        _store_at(out_ptr, c, stride_slab, stride_t, ts, j, r0, r1, c0, c1, acc * pm[None, :], True, ALIGNED)
+        _store_at(
+            out_ptr, c, stride_slab, stride_t, ts, j, r0, r1, c0, c1, acc * pm[None, :], True, ALIGNED, 0
+        )
         _zeros_past(out_ptr, c, stride_slab, stride_t, ts, I * Q + WIDTH, r0, r1, c0, c1, Q - WIDTH, SQ,
                     ALIGNED)  # fmt: skip
 
@@ -1525,7 +1551,7 @@ if triton is not None:
         key_ptr, logz_ptr, w_ptr, u_ptr, left_ptr, right_ptr, pmask_ptr, rw_ptr, cw_ptr,
         left_stride, right_stride,
         Q: tl.constexpr, REDUCE: tl.constexpr, TRANSFORM: tl.constexpr, ALIGNED: tl.constexpr,
-        CB: tl.constexpr, SPLIT: tl.constexpr,
+        CB: tl.constexpr, SPLIT: tl.constexpr, EVICT: tl.constexpr = 0,
     ):  # fmt: skip
         """Every tile of the read, zeros above the diagonal; programs as in :func:`_far_kernel`. Channel sums
         of far tiles as products over ``CB`` channels at a time (:func:`_wkv_far_sums`; ``CB = 0``: a channel
@@ -1572,7 +1598,9 @@ if triton is not None:
                         right_stride,
                     )  # fmt: skip
                     total = _wkv_entries(t, j, L, rate, bonus, logz, key_j, key_t, left, right, pm)
-            _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, J >= 0, ALIGNED)
+            _store(
+                out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, J >= 0, ALIGNED, EVICT
+            )
             J += 1
 
     @triton.jit
@@ -1641,23 +1669,30 @@ if triton is not None:
         return tl.load(taps_ptr + c * K + tl.maximum(K - 1 - k, 0), mask=c * 0 + k < K, other=0.0)
 
     @triton.jit
-    def _head_loads(c, I, J, t, j, L, taps_ptr, K, right_ptr, left_ptr):
+    def _kept(ptr, mask, EVICT: tl.constexpr):
+        """``tl.load(ptr, mask, other=0)``, kept in the L2 (``EVICT == 2``, :data:`EVICTIONS`) or not."""
+        if EVICT == 2:
+            return tl.load(ptr, mask=mask, other=0.0, eviction_policy="evict_last")
+        return tl.load(ptr, mask=mask, other=0.0)
+
+    @triton.jit
+    def _head_loads(c, I, J, t, j, L, taps_ptr, K, right_ptr, left_ptr, EVICT: tl.constexpr):
         """Channel ``c``'s factors on tile ``(I, J)`` as loaded, nothing computed from them yet: its conv
         taps ``tap_k`` and right factors ``r_{j+k}`` (``k < 4``) and its left factors (none above the
         diagonal), for :func:`_head_channel`. The by-head kernel loads them one channel ahead and uses them a
         whole channel later: arithmetic on them where they are loaded waited for them there (``ncu``, run
-        QQ)."""
+        QQ). ``EVICT``: the loads' L2 eviction policy."""
         cols = tl.where(J <= I, j < L, False)  # (a scalar condition: where(), not &, for every Triton)
         rows = tl.where(J <= I, t < L, False)
         right = right_ptr + c * L + j
         return (
             _tap(taps_ptr, c, K, 0), _tap(taps_ptr, c, K, 1),
             _tap(taps_ptr, c, K, 2), _tap(taps_ptr, c, K, 3),
-            tl.load(right, mask=cols, other=0.0),
-            tl.load(right + 1, mask=cols & (j + 1 < L), other=0.0),
-            tl.load(right + 2, mask=cols & (j + 2 < L), other=0.0),
-            tl.load(right + 3, mask=cols & (j + 3 < L), other=0.0),
-            tl.load(left_ptr + c * L + t, mask=rows, other=0.0),
+            _kept(right, cols, EVICT),
+            _kept(right + 1, cols & (j + 1 < L), EVICT),
+            _kept(right + 2, cols & (j + 2 < L), EVICT),
+            _kept(right + 3, cols & (j + 3 < L), EVICT),
+            _kept(left_ptr + c * L + t, rows, EVICT),
         )  # fmt: skip
 
     @triton.jit
@@ -1680,7 +1715,7 @@ if triton is not None:
         scratch_ptr, cum_ptr, A_ptr, delta_ptr, B_ptr, C_ptr, chan_ptr, start_ptr, taps_ptr, K, right_ptr,
         left_ptr, D_ptr, skip, pmask_ptr,
         N: tl.constexpr, Q: tl.constexpr, H: tl.constexpr, NC: tl.constexpr, SPLIT: tl.constexpr,
-        ALIGNED: tl.constexpr,
+        ALIGNED: tl.constexpr, EVICT: tl.constexpr = 0, LOAD_EVICT: tl.constexpr = 0,
     ):  # fmt: skip
         """Items ``(tile, head)``, ``tile = (I − I0) · nJ + J − J0``: program ``p`` takes items ``p``,
         ``p + programs``, … (as many programs as the device runs at once, :class:`HeadTiles`, each with its
@@ -1713,7 +1748,7 @@ if triton is not None:
                 _head_channels(  # stored: no sum, no weights (any pointer stands in)
                     0.0, w0, w1, w2, w3, I, J, t, j, L, p, end, chan_ptr, taps_ptr, K, right_ptr, left_ptr,
                     pm, out_ptr, stride_slab, stride_t, r0, r1, c0, c1, pmask_ptr, pmask_ptr, Q, ALIGNED,
-                    False, 0,
+                    False, 0, EVICT, LOAD_EVICT,
                 )  # fmt: skip
             item += tl.num_programs(0)
 
@@ -1721,7 +1756,8 @@ if triton is not None:
     def _head_channels(total, w0, w1, w2, w3, I, J, t, j, L, p, end, chan_ptr, taps_ptr, K, right_ptr,
                        left_ptr, pm, out_ptr, stride_slab, stride_t, r0, r1, c0, c1, rw_ptr, cw_ptr,
                        Q: tl.constexpr, ALIGNED: tl.constexpr, REDUCE: tl.constexpr,
-                       TRANSFORM: tl.constexpr):  # fmt: skip
+                       TRANSFORM: tl.constexpr, EVICT: tl.constexpr,
+                       LOAD_EVICT: tl.constexpr):  # fmt: skip
         """One head's channels ``chan[p : end]`` on tile ``(I, J)``, a channel at a time
         (:func:`_head_channel`): each stored into its slab of the output, or (``REDUCE``) weighted,
         transformed and added to ``total`` (:func:`_reduce_at`), which is returned. Each channel's factors
@@ -1730,18 +1766,20 @@ if triton is not None:
         c = tl.load(chan_ptr + p)
         c_next = tl.load(chan_ptr + tl.minimum(p + 1, end - 1))
         tap0, tap1, tap2, tap3, rt0, rt1, rt2, rt3, left = _head_loads(
-            c, I, J, t, j, L, taps_ptr, K, right_ptr, left_ptr
+            c, I, J, t, j, L, taps_ptr, K, right_ptr, left_ptr, LOAD_EVICT
         )  # fmt: skip
         while p < end:
             c_after = tl.load(chan_ptr + tl.minimum(p + 2, end - 1))
             n_tap0, n_tap1, n_tap2, n_tap3, n_rt0, n_rt1, n_rt2, n_rt3, n_left = _head_loads(
-                c_next, I, J, t, j, L, taps_ptr, K, right_ptr, left_ptr
+                c_next, I, J, t, j, L, taps_ptr, K, right_ptr, left_ptr, LOAD_EVICT
             )  # fmt: skip
             acc = _head_channel(I, J, w0, w1, w2, w3, tap0, tap1, tap2, tap3, rt0, rt1, rt2, rt3, left, pm)
             if REDUCE:
                 total = _reduce_at(total, acc, c, t, j, L, rw_ptr, cw_ptr, TRANSFORM)
             else:
-                _store(out_ptr, c, stride_slab, stride_t, I, J, r0, r1, c0, c1, acc, Q, J >= 0, ALIGNED)
+                _store(
+                    out_ptr, c, stride_slab, stride_t, I, J, r0, r1, c0, c1, acc, Q, J >= 0, ALIGNED, EVICT
+                )
             c, c_next = c_next, c_after
             tap0, tap1, tap2, tap3, rt0, rt1, rt2, rt3, left = (
                 n_tap0, n_tap1, n_tap2, n_tap3, n_rt0, n_rt1, n_rt2, n_rt3, n_left
@@ -1861,10 +1899,12 @@ if triton is not None:
                             total = _head_channels(
                                 total, w0, w1, w2, w3, I, J, t, j, L, p, end, chan_ptr, taps_ptr, K,
                                 right_ptr, left_ptr, pm, out_ptr, slab_stride, stride_t, r0, r1, c0, c1,
-                                rw_ptr, cw_ptr, Q, ALIGNED, True, TRANSFORM,
+                                rw_ptr, cw_ptr, Q, ALIGNED, True, TRANSFORM, 0, 0,
                             )  # fmt: skip
                     hh += 1
-                _store(out_ptr, group, slab_stride, stride_t, I, J, r0, r1, c0, c1, total, Q, J >= 0, ALIGNED)
+                _store(
+                    out_ptr, group, slab_stride, stride_t, I, J, r0, r1, c0, c1, total, Q, J >= 0, ALIGNED, 0
+                )
             item += tl.num_programs(0)
 
 
@@ -1875,6 +1915,17 @@ def _aligned(out: Tensor, c0: int, c1: int, kernel: str) -> int:
     variants of a kernel at most, not one per read's offsets."""
     aligned = c0 % 16 == 0 and c1 % 16 == 0 and all(stride % 16 == 0 for stride in out.stride()[:-1])
     return TUNING["aligned_run"][kernel] if aligned else 0
+
+
+#: the L2 eviction policies a kernel takes (``TUNING["evict"]``), as the kernels' ``EVICT`` constants
+EVICTIONS = {"": 0, "evict_first": 1, "evict_last": 2}
+
+
+def _evict(kernel: str, groups: int) -> dict:
+    """The L2 eviction policies of a launch of ``kernel`` (``TUNING["evict"]``): dense reads only (channel
+    sums store a tile per group and read their factors as dense reads do)."""
+    store, load = TUNING["evict"].get(kernel, ("", "")) if not groups else ("", "")
+    return {"EVICT": EVICTIONS[store], **({"LOAD_EVICT": EVICTIONS[load]} if kernel == "head" else {})}
 
 
 def _split_groups(n: int, items: int, tiles: int) -> tuple[int, int]:
@@ -2108,7 +2159,7 @@ class DiagonalTiles(_Tiles):
             self.W,
             N=self.N, NP=self.NP, Q=TILE, FAR_DOT=self.far_dot, SPLIT=split, K=self.K, KP=KP, SQ=STRIP,
             STRIPS=strips, CB=self._product_channels(), AHEAD=ahead,
-            **far_options, **reduce,
+            **_evict(far_kind + "_strips" if strips else far_kind, groups), **far_options, **reduce,
         )  # fmt: skip
         if strips:
             return
@@ -2136,7 +2187,7 @@ class DiagonalTiles(_Tiles):
             *near_head, I0, self.L, int(self.ssm), self.n_chan, near_per_group,
             self.sloc, self.tot, self.A, self.C, self.W, self.fix, self.seg, self.left, self.pmask, rw, cw,
             N=self.N, K=self.K, KP=KP, Q=TILE, SCALAR=self.scalar,
-            **near_options, **reduce,
+            **_evict(near_kind, groups), **near_options, **reduce,
         )  # fmt: skip
         if groups:
             _near_sum_kernel[(nI, 2, slabs)](*head, I0, parts, near_groups, Q=TILE, ALIGNED=aligned)
@@ -2182,7 +2233,7 @@ class WKVTiles(_Tiles):
             per_group, self.key, self.log_z, self.w, self.u, self.left, self.right, self.pmask, rw, cw,
             *self.strides, Q=TILE, REDUCE=groups > 0, TRANSFORM=TRANSFORMS[transform],
             ALIGNED=_aligned(out, c0, c1, "wkv"), CB=TUNING["wkv_sum_channels"] if groups else 0,
-            SPLIT=bool(TUNING["FAR_SPLIT_TF32"]),
+            SPLIT=bool(TUNING["FAR_SPLIT_TF32"]), **_evict("wkv", groups),
             **_options("wkv", TUNING["wkv_warps"], groups > 0),
         )  # fmt: skip
 
@@ -2269,7 +2320,7 @@ class HeadTiles(_Tiles):
             self.n_heads,
             scratch, self.cum, self.A, self.delta, self.B, self.C, self.chans, self.starts, self.taps, self.K,
             self.right, self.left, self.D, self.skip, self.pmask, N=self.N, Q=TILE, H=HEAD_HALO, NC=16,
-            SPLIT=bool(TUNING["FAR_SPLIT_TF32"]), ALIGNED=_aligned(out, c0, c1, "head"),
+            SPLIT=bool(TUNING["FAR_SPLIT_TF32"]), ALIGNED=_aligned(out, c0, c1, "head"), **_evict("head", 0),
             **_options("head", TUNING["head_warps"], False),
         )  # fmt: skip
 

@@ -241,6 +241,44 @@ def test_far_tiles_loaded_a_tile_ahead_store_the_same_bits(monkeypatch, device):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_eviction_policies_store_the_same_bits(monkeypatch, device):
+    """Dense reads with the shipped L2 eviction policies (``TUNING["evict"]``: Mamba-1's far and zero tiles,
+    Mamba-2's by-head tiles and the channels' factors they load, RWKV-4's tiles) store exactly what reads
+    without them store, in float32 and in bfloat16; each family's dense launch takes its policies, a
+    channel sum none. (Triton's interpreter ignores the policies: on CPU this checks the code paths.)"""
+    monkeypatch.setitem(kernels.TUNING, "HEAD_TILES", True)
+    launched = []
+
+    def spy(kernel, groups, evict=kernels._evict):
+        launched.append((kernel, groups, evict(kernel, groups)))
+        return launched[-1][2]
+
+    monkeypatch.setattr(kernels, "_evict", spy)
+    views = {
+        "far_strips": record(model(device, channels=2), 200, device)[0].attention,
+        "head": mamba2_record(140, device, batch=1)[0].attention,
+        "wkv": rwkv4_record(140, device).attention,
+    }
+    shipped = kernels.TUNING["evict"]
+    for name, view in views.items():
+        assert shipped[name][0] == "evict_first", name  # the tiles stream past the L2
+        fused = view.with_backend("triton")
+        reads = []
+        for policies in (shipped, {}):
+            monkeypatch.setitem(kernels.TUNING, "evict", policies)
+            launched.clear()
+            reads.append((fused.dense(), fused.dense(torch.bfloat16)))
+            evicts = [e["EVICT"] for kernel, _, e in launched if kernel == name]
+            assert evicts and all(e == (1 if policies else 0) for e in evicts), (name, launched)
+        assert torch.equal(reads[0][0], reads[1][0]) and torch.equal(reads[0][1], reads[1][1]), name
+        monkeypatch.setitem(kernels.TUNING, "evict", shipped)
+        launched.clear()
+        fused.mean()
+        assert all(e["EVICT"] == 0 for _, groups, e in launched if groups), launched
+    assert kernels._evict("head", 0)["LOAD_EVICT"] == kernels.EVICTIONS["evict_last"]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
 @pytest.mark.parametrize("tile", [32, 128])
 def test_other_tile_sizes(monkeypatch, device, tile):
     """Every kernel is written for any power-of-two tile (``kernels.TILE``; benchmarks/sweep_dense.py times
