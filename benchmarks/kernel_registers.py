@@ -50,10 +50,10 @@ CASES = [
           TRANSFORM=0, ALIGNED=16, CB=16)),
     ("far and strips", "far", kernels._far_kernel,
      dict(N=16, NP=16, Q=64, FAR_DOT=True, SPLIT=True, K=4, KP=4, SQ=16, STRIPS=True, REDUCE=False,
-          TRANSFORM=0, ALIGNED=16, CB=16)),
+          TRANSFORM=0, ALIGNED=16, CB=16, EVICT=1)),  # its far and zero tiles streamed (TUNING["evict"])
     ("far and strips, ahead", "far", kernels._far_kernel,  # as bfloat16 reads run it (TUNING["far_ahead"])
      dict(N=16, NP=16, Q=64, FAR_DOT=True, SPLIT=True, K=4, KP=4, SQ=16, STRIPS=True, REDUCE=False,
-          TRANSFORM=0, ALIGNED=16, CB=16, AHEAD=True)),
+          TRANSFORM=0, ALIGNED=16, CB=16, AHEAD=True, EVICT=1)),
     ("far, Mamba-2", "far_wide", kernels._far_kernel,
      dict(N=128, NP=128, Q=64, FAR_DOT=True, SPLIT=False, K=4, KP=4, SQ=16, STRIPS=False, REDUCE=False,
           TRANSFORM=0, ALIGNED=16, CB=16)),
@@ -76,7 +76,7 @@ CASES = [
     ("near, RG-LRU", "near", kernels._near_kernel,
      dict(N=1, K=4, KP=4, Q=64, SCALAR=False, REDUCE=False, TRANSFORM=0, ALIGNED=16)),
     ("WKV, RWKV-4", "wkv", kernels._wkv_kernel,
-     dict(Q=64, REDUCE=False, TRANSFORM=0, ALIGNED=16, CB=0, SPLIT=True)),
+     dict(Q=64, REDUCE=False, TRANSFORM=0, ALIGNED=16, CB=0, SPLIT=True, EVICT=1)),
     ("WKV, sums", "wkv_reduce", kernels._wkv_kernel,
      dict(Q=64, REDUCE=True, TRANSFORM=1, ALIGNED=16, CB=0, SPLIT=True)),
     ("WKV, far products", "wkv_reduce", kernels._wkv_kernel,
@@ -84,7 +84,7 @@ CASES = [
     ("strips, reduce", "strip_reduce", kernels._strip_kernel,
      dict(N=16, NP=16, K=4, KP=4, Q=64, SQ=16, SPLIT=True, TRANSFORM=1, ALIGNED=16)),
     ("by head, Mamba-2", "head", kernels._head_kernel,
-     dict(N=128, Q=64, H=16, NC=16, SPLIT=True, ALIGNED=4)),
+     dict(N=128, Q=64, H=16, NC=16, SPLIT=True, ALIGNED=4, EVICT=1, LOAD_EVICT=2)),
     ("by head, sums", "head_reduce", kernels._head_reduce_kernel,
      dict(N=128, Q=64, H=16, NC=16, SPLIT=True, TRANSFORM=1, ALIGNED=4, GROUPED=False, CB=0)),
     ("by head, signed sums", "head_reduce", kernels._head_reduce_kernel,
@@ -175,7 +175,7 @@ def report(kernel, constants: dict, warps: int, maxnreg: int | None = None, outp
         sass = subprocess.run([NVDISASM, "-c", cubin], capture_output=True, text=True).stdout
     instructions = len(re.findall(r"^\s+/\*[0-9a-f]+\*/", sass, flags=re.M))
     exps = ptx.count("ex2.approx")
-    wide = len(re.findall(r"st\.global\.v[24]", ptx))
+    wide = len(re.findall(r"st\.global(?:\.L[12]::\w+)*\.v[24]", ptx))  # (with eviction hints too)
     stores = len(re.findall(r"st\.global", ptx))
     shared = ptx.count("st.shared")  # tiles reshuffled between layouts (and tl.dot's operands)
     summary = (
