@@ -246,3 +246,24 @@ def test_clear_forgets_the_calls_so_far_and_keeps_recording():
     for r, s in zip(rec, again):
         torch.testing.assert_close(r.attention.dense(), s.attention.dense(), rtol=0, atol=0)
     assert hooks_left(net) == []
+
+
+def test_a_records_weights_are_the_blocks_own_detached_once():
+    """Recorded without grad, a call's weights are the block's tensors, detached on first read (the same
+    storage, no autograd history, the same object when read again); with grad, the parameters themselves."""
+    ih.register_patcher(EmaBlock, EmaPatcher, replace=True)
+    torch.manual_seed(0)
+    net = Net()
+    x = torch.randn(1, 4, 5)
+    with ih.record(net) as rec:
+        net(x)
+    weights, log_a = rec[0].weights, net.blocks[0].log_a
+    assert list(weights) == ["log_a"] and len(weights) == 1
+    kept = weights["log_a"]
+    assert not kept.requires_grad and log_a.requires_grad
+    assert kept.data_ptr() == log_a.data_ptr() and kept is weights["log_a"]
+    with pytest.raises(KeyError, match="this record has"):
+        weights["missing"]
+    with ih.record(net, grad=True) as rec:
+        net(x)
+    assert rec[0].weights["log_a"] is log_a
