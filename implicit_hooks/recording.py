@@ -51,8 +51,7 @@ def kept_weights(weights: Mapping[str, torch.Tensor], grad: bool) -> Mapping[str
 
 class DetachedWeights(Mapping):
     """``weights`` read detached, each detached once, on first access: one object a block at set-up, where a
-    mapping of ``w.detach`` thunks made seven (entering ``record`` allocates less, so the collector runs
-    less often)."""
+    mapping of ``w.detach`` thunks made seven."""
 
     def __init__(self, weights: Mapping[str, torch.Tensor]):
         self._weights = weights
