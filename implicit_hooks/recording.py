@@ -20,15 +20,18 @@ if TYPE_CHECKING:
 class LazyTensors(Mapping):
     """A read-only mapping whose values are computed on first access, then kept."""
 
-    def __init__(self, thunks: dict[str, Callable[[], torch.Tensor]]):
+    def __init__(self, thunks: Mapping[str, Any]):
         self._thunks = thunks
         self._values: dict[str, torch.Tensor] = {}
+
+    def _compute(self, key: str) -> torch.Tensor:
+        return self._thunks[key]()
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self._values:
             if key not in self._thunks:
                 raise KeyError(f"{key!r}: this record has {sorted(self._thunks)}")
-            self._values[key] = self._thunks[key]()
+            self._values[key] = self._compute(key)
         return self._values[key]
 
     def __iter__(self) -> Iterator[str]:
@@ -38,7 +41,15 @@ class LazyTensors(Mapping):
         return len(self._thunks)
 
     def __repr__(self) -> str:
-        return f"LazyTensors({sorted(self._thunks)})"
+        return f"{type(self).__name__}({sorted(self._thunks)})"
+
+
+class DetachedWeights(LazyTensors):
+    """Weights read detached, each detached once, on first access: one object a block at set-up, where a
+    mapping of ``w.detach`` thunks made seven."""
+
+    def _compute(self, key: str) -> torch.Tensor:
+        return self._thunks[key].detach()
 
 
 def kept_weights(weights: Mapping[str, torch.Tensor], grad: bool) -> Mapping[str, torch.Tensor]:
@@ -47,32 +58,6 @@ def kept_weights(weights: Mapping[str, torch.Tensor], grad: bool) -> Mapping[str
     if grad:
         return dict(weights)
     return DetachedWeights(weights)
-
-
-class DetachedWeights(Mapping):
-    """``weights`` read detached, each detached once, on first access: one object a block at set-up, where a
-    mapping of ``w.detach`` thunks made seven."""
-
-    def __init__(self, weights: Mapping[str, torch.Tensor]):
-        self._weights = weights
-        self._values: dict[str, torch.Tensor] = {}
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        value = self._values.get(key)
-        if value is None:
-            if key not in self._weights:
-                raise KeyError(f"{key!r}: this record has {sorted(self._weights)}")
-            value = self._values[key] = self._weights[key].detach()
-        return value
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._weights)
-
-    def __len__(self) -> int:
-        return len(self._weights)
-
-    def __repr__(self) -> str:
-        return f"DetachedWeights({sorted(self._weights)})"
 
 
 class BlockRecord:
