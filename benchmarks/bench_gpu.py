@@ -228,12 +228,14 @@ def device_busy(fn: Callable[[], Any], device: torch.device) -> tuple[float, int
 
 def overhead_parts(model, ids, device, forward_s: float, per_call: float) -> dict:
     """What recording adds to one forward, measured part by part (each is stable where the forward's own
-    time swings by ±20 %): entering and leaving ``record`` (``setup_s``), the host time inside our hooks
+    time swings by ±20 %): entering and leaving ``record`` (``setup_s``, in a loop; ``setup_cold_s``, the
+    median of 5 right after a forward, as a context per forward pays it: about twice as long, run ZZ, its
+    code and the module tree out of the host's caches), the host time inside our hooks
     (``hooks_s``, timed by wrapping each hook as :class:`implicit_hooks.patcher.Hooks` adds it), torch's
     extra work per hooked module call (``dispatch_s`` = calls × :func:`hook_cost`), and the device time of
     kernels the recording adds
     (``extra_device_s``, by the profiler; copies of taps the model overwrites in place). Their sum over the
-    forward bounds the overhead from above, as host and device work overlap."""
+    forward (with the cold set-up) bounds the overhead from above, as host and device work overlap."""
     spent = [0.0, 0]
     registers = {
         name: getattr(torch.nn.Module, name)
@@ -273,6 +275,13 @@ def overhead_parts(model, ids, device, forward_s: float, per_call: float) -> dic
         with ih.record(model):
             pass
         setup.append(time.perf_counter() - start)
+    cold = []
+    for _ in range(5):
+        once(plain, device)  # a forward, then the device waited for
+        start = time.perf_counter()
+        with ih.record(model):
+            pass
+        cold.append(time.perf_counter() - start)
     for name in registers:
         setattr(torch.nn.Module, name, patched(name))
     Hooks.add = timed_add
@@ -283,16 +292,16 @@ def overhead_parts(model, ids, device, forward_s: float, per_call: float) -> dic
         for name, fn in registers.items():
             setattr(torch.nn.Module, name, fn)
     modules = {id(m) for m in model.modules() if m._forward_hooks or m._forward_pre_hooks}
-    parts = {"setup_s": min(setup), "hooks_s": spent[0], "hook_calls": spent[1]}
+    parts = {"setup_s": min(setup), "setup_cold_s": sorted(cold)[len(cold) // 2], "hooks_s": spent[0],
+             "hook_calls": spent[1]}  # fmt: skip
     parts["dispatch_s"] = spent[1] * per_call  # at most one hooked module call per hook call
     if device.type == "cuda":
         busy_plain, n_plain = device_busy(plain, device)
         busy_rec, n_rec = device_busy(recorded, device)
         parts["extra_device_s"], parts["extra_kernels"] = busy_rec - busy_plain, n_rec - n_plain
     parts["left_hooked_modules"] = len(modules)  # after record exited: must be 0
-    added = (
-        parts["setup_s"] + parts["hooks_s"] + parts["dispatch_s"] + max(0.0, parts.get("extra_device_s", 0))
-    )
+    added = parts["setup_cold_s"] + parts["hooks_s"] + parts["dispatch_s"]
+    added += max(0.0, parts.get("extra_device_s", 0))
     parts["overhead_bound"] = 1 + added / forward_s
     return parts
 

@@ -56,6 +56,7 @@ def test_bench_gpu_takes_every_part_of_every_family_and_the_blocks_are_exact(tmp
             assert r["pairs"] == 2 and len(r["overhead_paired"]) == 3
             assert len(r["overhead_open_paired"]) == len(r["twin_paired"]) == 3  # in a context kept open
             assert r["left_hooked_modules"] == 0
+            assert r["setup_cold_s"] > 0 and r["setup_s"] > 0  # the set-up in a loop and after a forward
         if r["part"] == "row":
             assert r["row_torch_vs_torch_rel"] < 1e-6, r  # a row read alone against the dense matrix's
 
