@@ -8,7 +8,9 @@ bytes spilled, the instructions of its SASS (static, ``nvdisasm``: loops once; t
 time), the fast exponentials, the vectorised global stores and the shared-memory stores in the PTX (per
 thread, loops not unrolled; launches of aligned reads, ``ALIGNED`` as ``kernels.TUNING["aligned_run"]``
 sets it), for float32 output and, for dense reads, bfloat16 (where a store wider than the entries a thread
-holds makes the compiler reshuffle each tile through shared memory first: more shared stores). A spill or
+holds makes the compiler reshuffle each tile through shared memory first: more shared stores), and the
+values a loop stages through shared memory though they are defined before it (:func:`staged_in_loops`,
+from the TTGIR: a store and a barrier every iteration where once would do). A spill or
 255 registers is what made the near tiles 10× slower than their exponentials allow before
 (``benchmarks/results/gpu.md``); check here before spending GPU time.
 
@@ -127,6 +129,31 @@ def loops(sass: str) -> list[str]:
     return found
 
 
+def staged_in_loops(ttgir: str) -> list[str]:
+    """The values a loop of the TTGIR stages through shared memory (``ttg.local_alloc``, a tensor-core
+    operand or a layout change) though they are defined before the loop: each costs a store, a barrier and
+    loads again every iteration where once would do. The far tiles of Mamba-1's dense reads staged their
+    row factors so, from inside ``if far`` (8 KB a tile), until their loop lost the branch
+    (:func:`kernels._far_run`: 7.7–11 % less far-kernel time stored in bfloat16, run AAA)."""
+    lines = ttgir.splitlines()
+    defined, loops, found = {}, [], []
+    for number, line in enumerate(lines):
+        indent = len(line) - len(line.lstrip())
+        text = line.strip()
+        if loops and indent <= loops[-1][0] and text.startswith("}") and "do {" not in text:
+            loops.pop()  # a loop's last region closes (a while's first closes with "} do {")
+        name = re.match(r"(%[\w.]+)(?::\d+)? = ", text)
+        if name:
+            defined[name.group(1)] = number
+        if re.search(r"(= |^)scf\.(while|for) ", text):
+            loops.append((indent, number))
+        staged = re.search(r"ttg\.local_alloc (%[\w.]+)", text)
+        if staged and loops and defined.get(staged.group(1), -1) < loops[-1][1]:
+            found.append(f"{staged.group(1)} (defined at line {defined.get(staged.group(1))}, "
+                         f"staged at {number} in the loop from {loops[-1][1]})")  # fmt: skip
+    return found
+
+
 def report(kernel, constants: dict, warps: int, maxnreg: int | None = None, output: str = "*fp32",
            with_loops: bool = False) -> str:  # fmt: skip
     signature = {}
@@ -178,9 +205,11 @@ def report(kernel, constants: dict, warps: int, maxnreg: int | None = None, outp
     wide = len(re.findall(r"st\.global(?:\.L[12]::\w+)*\.v[24]", ptx))  # (with eviction hints too)
     stores = len(re.findall(r"st\.global", ptx))
     shared = ptx.count("st.shared")  # tiles reshuffled between layouts (and tl.dot's operands)
+    invariant = len(staged_in_loops(compiled.asm["ttgir"]))
     summary = (
         f"{registers:>4} registers, {spilled:>6} bytes spilled, {instructions:>5} SASS, {exps:>3} ex2, "
-        f"{wide:>2} of {stores:>2} global stores vectorised, {shared:>3} shared stores in the PTX"
+        f"{wide:>2} of {stores:>2} global stores vectorised, {shared:>3} shared stores in the PTX, "
+        f"{invariant} loop-invariant values staged in loops"
     )
     return summary + "".join(f"\n{'':24s}{loop}" for loop in loops(sass)) if with_loops else summary
 

@@ -193,7 +193,9 @@ TUNING: dict = {
     # the same matrices bit for bit (benchmarks/sweep_dense.py); reductions would spill 160–1500 bytes.
     # Mamba-1's far kernel, which takes its near tiles too: 128 (four programs an SM), 5–7 % faster than 168
     # at L = 1024 and 2048 (benchmarks/results/sweep_jj.json); it fits without a spill (127 registers; run
-    # PP's U spilled 8 bytes until run QQ split U once per row tile).
+    # PP's U spilled 8 bytes until run QQ split U once per row tile). Again with the far tiles in a loop of
+    # their own (run AAA, L = 512 / 1024): 168 registers 0.574 → 0.635 / 1.997 → 2.034 ms in float32, 0.430 →
+    # 0.477 / 1.273 → 1.437 in bfloat16; uncapped slower still.
     # Mamba-1's preparation ("prep"; "prep_wide": NP ≥ 64, "prep_outer": N < 16): 96 (10 programs of 2
     # warps an SM, 8 at its 123, no spill), 6–7 % faster at L = 512 and 2048, the same arrays bit for bit
     # (benchmarks/results/sweep_pp.json).
@@ -1003,30 +1005,47 @@ if triton is not None:
         return far, sref, segref, v
 
     @triton.jit
-    def _far_ahead(out_ptr, slab, stride_slab, stride_t, r0, r1, c0, c1, I, J, J_end, L, ssm, near_far, u,
-                   u_hi, sb_ptr, sref_ptr, A_ptr, V_ptr, seg_ptr, segref_ptr, N: tl.constexpr,
-                   NP: tl.constexpr, Q: tl.constexpr, SPLIT: tl.constexpr,
-                   ALIGNED: tl.constexpr, EVICT: tl.constexpr):  # fmt: skip
-        """The far tiles of a dense read of channel ``slab`` (:func:`_outer`'s), each tile's loads issued a
-        tile ahead (``AHEAD``): 2–5 % faster stored in bfloat16, 1–2 % slower in float32 (run XX)."""
+    def _far_run(out_ptr, slab, stride_slab, stride_t, r0, r1, c0, c1, I, J, J_end, L, ssm, near_far, u, u_hi,
+                 sb_ptr, sref_ptr, A_ptr, V_ptr, seg_ptr, segref_ptr, N: tl.constexpr, NP: tl.constexpr,
+                 Q: tl.constexpr, SPLIT: tl.constexpr, ALIGNED: tl.constexpr, EVICT: tl.constexpr,
+                 AHEAD: tl.constexpr):  # fmt: skip
+        """Tiles ``J … J_end − 1`` of row tile ``I`` of a dense read of channel ``slab`` (:func:`_outer`'s far
+        tiles): the far ones, which come first (``J ≤ I − 2``, and ``I − 1`` with ``near_far``), in a loop of
+        their own, then the zeros above the diagonal; the near tiles are the strips' or the near kernel's.
+
+        With no branch around the product, the compiler takes the row factors ``U`` (and their TF32 parts)
+        into the tensor cores' operand layout once, before the loop: inside ``if far`` it staged them through
+        shared memory at every tile (8 KB stored and loaded again a tile; the far loop 234 → 206 SASS, 8 → 5
+        barriers, stored in bfloat16). With ``AHEAD`` each far tile's loads are issued a tile ahead: 2–5 %
+        faster stored in bfloat16, 1–2 % slower in float32 (run XX)."""
         n = tl.arange(0, NP)
         a = tl.load(A_ptr + slab * N + n, mask=n < N, other=0.0)
         n_tiles = (L + Q - 1) // Q
         sb = tl.load(sb_ptr + slab * (n_tiles + 1) + I)
         seg_row = tl.load(seg_ptr + I * Q - 1, mask=I > 0, other=-1)
-        far, sref, segref, v = _far_ahead_loads(slab, I, J, J_end, L, ssm, near_far, sref_ptr, V_ptr,
-                                                segref_ptr, NP, Q)  # fmt: skip
-        while J < J_end:
-            ahead = _far_ahead_loads(slab, I, J + 1, J_end, L, ssm, near_far, sref_ptr, V_ptr, segref_ptr, NP,
-                                     Q)  # fmt: skip
-            total = tl.zeros((Q, Q), dtype=tl.float32)
-            if far:
-                linked = (seg_row == segref).to(tl.float32)
-                total = _far_tile(u, u_hi, a, (sb - sref).to(tl.float32), linked, v, SPLIT)
+        far_end = tl.where(ssm != 0, tl.minimum(J_end, I - 1 + near_far.to(tl.int32)), J)
+        if AHEAD:
+            _, sref, segref, v = _far_ahead_loads(slab, I, J, far_end, L, ssm, near_far, sref_ptr, V_ptr,
+                                                  segref_ptr, NP, Q)  # fmt: skip
+        while J < far_end:
+            if AHEAD:
+                ahead = _far_ahead_loads(slab, I, J + 1, far_end, L, ssm, near_far, sref_ptr, V_ptr,
+                                         segref_ptr, NP, Q)  # fmt: skip
+            else:
+                _, sref, segref, v = _far_ahead_loads(slab, I, J, far_end, L, ssm, near_far, sref_ptr, V_ptr,
+                                                      segref_ptr, NP, Q)  # fmt: skip
+            linked = (seg_row == segref).to(tl.float32)
+            total = _far_tile(u, u_hi, a, (sb - sref).to(tl.float32), linked, v, SPLIT)
+            _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, True, ALIGNED, EVICT)
+            if AHEAD:
+                _, sref, segref, v = ahead
+            J += 1
+        J = tl.maximum(J, far_end)
+        zeros = tl.zeros((Q, Q), dtype=tl.float32)
+        while J < J_end:  # zeros above the diagonal (and below it without a recurrence), not the near tiles
             not_near = (I < J) | (I >= J + 2)
-            _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, total, Q, not_near | far,
-                   ALIGNED, EVICT)  # fmt: skip
-            far, sref, segref, v = ahead
+            _store(out_ptr, slab, stride_slab, stride_t, I, J, r0, r1, c0, c1, zeros, Q, not_near, ALIGNED,
+                   EVICT)  # fmt: skip
             J += 1
 
     @triton.jit(do_not_specialize=UNSPECIALISED["_far_kernel"])
@@ -1049,8 +1068,9 @@ if triton is not None:
         strip of row tile ``I`` grows by at most ``e^max_growth`` (:func:`_strip_sums`): its reference
         ``S_ref(J)`` lies ``K − 1`` positions past ``S_IQ``, so the middle factor grows by just that, and the
         entries the factorisation gets wrong (``t < j + K − 1``) are all on the band, stored over the tile
-        last (:func:`_store_band`, with the band of tile ``I``). With ``AHEAD`` (dense reads, the far
-        product) each far tile's loads are issued a tile ahead (:func:`_far_ahead`)."""
+        last (:func:`_store_band`, with the band of tile ``I``). Dense reads of the split product with up to
+        32 states (Mamba-1) take their far tiles in a loop of their own (:func:`_far_run`), there with
+        ``AHEAD`` each far tile's loads issued a tile ahead."""
         I = I0 + tl.program_id(0)
         J = J0 + tl.program_id(1) * span
         J_end = tl.minimum(J + span, J0 + nJ)
@@ -1070,10 +1090,12 @@ if triton is not None:
             lo = I * Q - Q
             band, jb, on = _band_entries(slab, t, lo, I * Q + Q, L, fix_ptr, left_ptr, pmask_ptr, K, KP)
         near_in = (I >= J) & (I - 1 < J_end)  # this run holds a near tile of the row tile
-        if AHEAD and not REDUCE and FAR_DOT:
-            _far_ahead(out_ptr, slab, stride_slab, stride_t, r0, r1, c0, c1, I, J, J_end, L, ssm, near_far, u,
-                       u_hi, sb_ptr, sref_ptr, A_ptr, V_ptr, seg_ptr, segref_ptr, N, NP, Q, SPLIT,
-                       ALIGNED, EVICT)  # fmt: skip
+        # dense reads of split products of up to 32 states (wider row factors, or the FMA products' operands,
+        # held in registers across the loop spill: Mamba-2 by channel 736 → 10064 bytes at 4 warps)
+        if not REDUCE and FAR_DOT and SPLIT and NP <= 32:
+            _far_run(out_ptr, slab, stride_slab, stride_t, r0, r1, c0, c1, I, J, J_end, L, ssm, near_far, u,
+                     u_hi, sb_ptr, sref_ptr, A_ptr, V_ptr, seg_ptr, segref_ptr, N, NP, Q, SPLIT, ALIGNED,
+                     EVICT, AHEAD)  # fmt: skip
             J = J_end
         while J < J_end:  # while: Triton's interpreter cannot range() over arguments
             far = _is_far(I, J, near_far, ssm)

@@ -122,3 +122,28 @@ def test_kernel_registers_reads_the_loops_of_a_sass_listing():
     # the outer loop holds the inner one; a tensor-core wait (DEPBAR) is no barrier; the self-branch at
     # the end is no loop
     assert outer.endswith("9 SASS, 1 BAR, 1 LDG, 1 STG, 1 STS, 0 LDS, 1 STSM, 1 ex2")
+
+
+TTGIR = """\
+    %u = arith.mulf %c, %e : tensor<64x16xf32, #blocked>
+    %r:2 = scf.while (%J = %J0, %v = %v0) : (i32, tensor<64x16xf32, #blocked>) -> (i32, tensor<64x16xf32>) {
+      %go = arith.cmpi slt, %J, %end : i32
+      scf.condition(%go) %J, %v : i32, tensor<64x16xf32, #blocked>
+    } do {
+    ^bb0(%J: i32, %v: tensor<64x16xf32, #blocked>):
+      %y = arith.mulf %v, %mid : tensor<64x16xf32, #blocked>
+      %a = ttg.local_alloc %u : (tensor<64x16xf32, #blocked>) -> !ttg.memdesc<64x16xf32, #shared, #smem>
+      %b = ttg.local_alloc %y : (tensor<64x16xf32, #blocked>) -> !ttg.memdesc<64x16xf32, #shared, #smem>
+      scf.yield %J, %y : i32, tensor<64x16xf32, #blocked>
+    }
+    %w = ttg.local_alloc %u : (tensor<64x16xf32, #blocked>) -> !ttg.memdesc<64x16xf32, #shared, #smem>
+"""
+
+
+def test_kernel_registers_finds_loop_invariant_values_staged_in_a_loop():
+    sys.path.insert(0, str(BENCH))
+    kernel_registers = pytest.importorskip("kernel_registers", reason="needs Triton's compiler")
+    # %u, defined before the loop and staged in it; not %y, defined in the loop, nor %u after the loop
+    # (a while's first region closes with "} do {", which does not end the loop)
+    found = kernel_registers.staged_in_loops(TTGIR)
+    assert found == ["%u (defined at line 0, staged at 7 in the loop from 1)"]
