@@ -61,11 +61,11 @@ For any block of rows and columns, :meth:`DiagonalTiles.dense` writes ``(channel
 holds ``channels × L × L``. Reads whose columns and output strides are multiples of 16 (every dense read
 with ``L`` a multiple of 16) are launched ``ALIGNED`` and store 16 bytes at a time (:func:`_store_at`).
 Measured on the H200 (``benchmarks/results/gpu.md``), through the view, preparation included, lone dense
-reads at L = 512 / 1024 / 2048 take 2.7–3.5× / 1.75–2.0× / 1.55× the write floor (Mamba-1, 1536 channels;
-1.38× at 4096), 2.1–2.9× / 1.7–2.0× / 1.65× (Mamba-2), 1.8–2.5× / 1.35–1.6× / 1.2× (RG-LRU, 2560
+reads at L = 512 / 1024 / 2048 take 2.5–3.1× / 1.7–1.9× / 1.5× the write floor (Mamba-1, 1536 channels;
+1.3× at 4096), 2.1–2.9× / 1.7–2.0× / 1.65× (Mamba-2), 1.8–2.5× / 1.35–1.6× / 1.2× (RG-LRU, 2560
 channels), 1.8–2.8× / 1.35–1.7× / 1.2× (RWKV-4, 1024 channels); reads issued back to back (the host
-issuing one while the device runs the one before) 1.99–2.04× / 1.56–1.61× / 1.41–1.45× (Mamba-1, whose
-two kernels alone take 1.96× at 512) and
+issuing one while the device runs the one before) 1.88–1.97× / 1.53–1.60× / 1.38–1.42× (Mamba-1, whose
+two kernels alone take 1.87× at 512; run AAA) and
 1.2–1.7× / 1.2–1.6× / 1.1–1.6× (the others; Mamba-2 1.23–1.28× since its tiles stream past the L2 while its
 factors stay in it, ``TUNING["evict"]``); the torch path 983× and 131× at L = 512 (Mamba-1, RWKV-4). Every
 preparation runs in the kernels (:func:`_prep_kernel`; the WKV and by-head kernels read the core's arrays as
