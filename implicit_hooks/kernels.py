@@ -123,7 +123,9 @@ TUNING: dict = {
     "aligned_run": {"tiles": 16, "wkv": 16, "head": 4},
     "NEAR_STRIPS": True,
     # dense reads whose far loop loads each tile's factors a tile ahead, by the bytes of an output entry:
-    # stored in bfloat16 2–5 % faster at L = 512–2048, in float32 1–2 % slower (the same bits; run XX)
+    # stored in bfloat16 2–5 % faster at L = 512–2048, in float32 1–2 % slower (the same bits; run XX); with
+    # the far tiles in a loop of their own (_far_run, run AAA) bfloat16 4 % / 9 % faster at 512 / 1024,
+    # float32 2.5 % faster at 512 and 0.5–1 % slower at 1024 and 2048
     "far_ahead": (2,),
     # L2 eviction policies of dense reads by kernel, (stores, loads) ("": the default): the output streams
     # past the L2 ("evict_first") and the factors every tile re-reads stay in it ("evict_last"; the by-head
