@@ -986,10 +986,16 @@ if triton is not None:
         return total
 
     @triton.jit
+    def _far_bound(I, near_far):
+        """The column tiles the far product takes in row tile ``I`` are those before this one: every ``J ≤ I −
+        2`` (two tiles below the diagonal), and ``I − 1`` with ``near_far`` (:func:`_far_kernel`)."""
+        return I - 1 + near_far.to(tl.int32)
+
+    @triton.jit
     def _is_far(I, J, near_far, ssm):
-        """Whether the far product takes tile ``(I, J)``: two tiles below the diagonal, or one with
-        ``near_far`` (:func:`_far_kernel`), where the block has a recurrence."""
-        return ((I >= J + 2) | ((I == J + 1) & near_far)) & (ssm != 0)
+        """Whether the far product takes tile ``(I, J)`` (:func:`_far_bound`), where the block has a
+        recurrence."""
+        return (J < _far_bound(I, near_far)) & (ssm != 0)
 
     @triton.jit
     def _far_ahead_loads(c, I, J, J_end, L, ssm, near_far, sref_ptr, V_ptr, segref_ptr, NP: tl.constexpr,
@@ -1025,7 +1031,7 @@ if triton is not None:
         n_tiles = (L + Q - 1) // Q
         sb = tl.load(sb_ptr + slab * (n_tiles + 1) + I)
         seg_row = tl.load(seg_ptr + I * Q - 1, mask=I > 0, other=-1)
-        far_end = tl.where(ssm != 0, tl.minimum(J_end, I - 1 + near_far.to(tl.int32)), J)
+        far_end = tl.where(ssm != 0, tl.minimum(J_end, _far_bound(I, near_far)), J)  # far tiles: J < far_end
         if AHEAD:
             _, sref, segref, v = _far_ahead_loads(slab, I, J, far_end, L, ssm, near_far, sref_ptr, V_ptr,
                                                   segref_ptr, NP, Q)  # fmt: skip
