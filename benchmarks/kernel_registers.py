@@ -56,6 +56,9 @@ CASES = [
     ("far and strips, ahead", "far", kernels._far_kernel,  # as bfloat16 reads run it (TUNING["far_ahead"])
      dict(N=16, NP=16, Q=64, FAR_DOT=True, SPLIT=True, K=4, KP=4, SQ=16, STRIPS=True, REDUCE=False,
           TRANSFORM=0, ALIGNED=16, CB=16, AHEAD=True, EVICT=1)),
+    ("far and strips, short", "far_short", kernels._far_kernel,  # short bf16 reads (TUNING["short_tiles"])
+     dict(N=16, NP=16, Q=64, FAR_DOT=True, SPLIT=True, K=4, KP=4, SQ=16, STRIPS=True, REDUCE=False,
+          TRANSFORM=0, ALIGNED=16, CB=16, AHEAD=True, EVICT=1, UNROLL=2)),
     ("far, Mamba-2", "far_wide", kernels._far_kernel,
      dict(N=128, NP=128, Q=64, FAR_DOT=True, SPLIT=False, K=4, KP=4, SQ=16, STRIPS=False, REDUCE=False,
           TRANSFORM=0, ALIGNED=16, CB=16)),
@@ -223,13 +226,12 @@ def main() -> None:
         if args.only and args.only not in name:
             continue
         cap = kernels.TUNING["maxnreg"].get(key)  # as shipped: capped by TUNING["maxnreg"]
+        out = "*bf16" if key == "far_short" else "*fp32"  # short reads are those stored in 16 bits
         for warps in (2, 4) if key == "prep" else (4, 8):  # the preparation launches 2 (TUNING)
-            print(
-                f"{name:20s} {warps} warps: {report(kernel, constants, warps, with_loops=args.loops)}",
-                flush=True,
-            )
+            plain = report(kernel, constants, warps, output=out, with_loops=args.loops)
+            print(f"{name:20s} {warps} warps: {plain}", flush=True)
             if cap is not None:
-                capped = report(kernel, constants, warps, cap, with_loops=args.loops)
+                capped = report(kernel, constants, warps, cap, output=out, with_loops=args.loops)
                 print(f"{'':20s} capped at {cap}: {capped}", flush=True)
         # a plain sum weighs nothing (weights None: its own variant), but Mamba-2's products read ones
         weighs = "rw_ptr" in inspect.signature(kernel.fn).parameters
@@ -239,7 +241,8 @@ def main() -> None:
             for warps in (4, 8):
                 plain = report(kernel, unweighted, warps, with_loops=args.loops)
                 print(f"{'':20s} unweighted, {warps} warps: {plain}", flush=True)
-        if key != "prep" and not constants.get("REDUCE", key.endswith("reduce")):  # dense reads in bfloat16
+        dense = not constants.get("REDUCE", key.endswith("reduce"))
+        if key not in ("prep", "far_short") and dense:  # dense reads in bfloat16
             narrow = report(kernel, constants, 4, output="*bf16", with_loops=args.loops)
             print(f"{'':20s} bfloat16, 4 warps: {narrow}", flush=True)
 

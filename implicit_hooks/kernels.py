@@ -198,10 +198,19 @@ TUNING: dict = {
     # PP's U spilled 8 bytes until run QQ split U once per row tile). Again with the far tiles in a loop of
     # their own (run AAA, L = 512 / 1024): 168 registers 0.574 → 0.635 / 1.997 → 2.034 ms in float32, 0.430 →
     # 0.477 / 1.273 → 1.437 in bfloat16; uncapped slower still.
+    # Mamba-1's far kernel on short reads stored in 16 bits ("far_short", TUNING["short_tiles"]): 96 (five
+    # programs an SM, 88 bytes spilled) with its first strips unrolled (UNROLL), the same matrices bit for
+    # bit; on the H200 (run BBB) bfloat16 0.431–0.434 → 0.408–0.409 ms at L = 512, 1.272–1.275 → 1.208–1.210
+    # at 1024 (96 registers alone 0.424 / 1.26, unrolled alone 0.428 / 1.267). Not for longer reads nor
+    # float32, where the far loop's spills cost more than the fifth program hides: 96 registers took 4.33 →
+    # 4.45 ms at 2048 in bfloat16, 2.02 → 2.09 ms at 1024 in float32
     # Mamba-1's preparation ("prep"; "prep_wide": NP ≥ 64, "prep_outer": N < 16): 96 (10 programs of 2
     # warps an SM, 8 at its 123, no spill), 6–7 % faster at L = 512 and 2048, the same arrays bit for bit
     # (benchmarks/results/sweep_pp.json).
-    "maxnreg": {"far": 128, "near": 168, "wkv": 168, "prep": 96},
+    "maxnreg": {"far": 128, "far_short": 96, "near": 168, "wkv": 168, "prep": 96},
+    # dense reads of up to this many column tiles are short (Mamba-1's far kernel: "far_short" above):
+    # there its row tiles' near tiles, bound by the latency of their loads, hold a larger share of the work
+    "short_tiles": 16,
 }
 
 
@@ -1064,7 +1073,7 @@ if triton is not None:
         N: tl.constexpr, NP: tl.constexpr, Q: tl.constexpr, FAR_DOT: tl.constexpr, SPLIT: tl.constexpr,
         K: tl.constexpr, KP: tl.constexpr, SQ: tl.constexpr, STRIPS: tl.constexpr, REDUCE: tl.constexpr,
         TRANSFORM: tl.constexpr, ALIGNED: tl.constexpr, CB: tl.constexpr, AHEAD: tl.constexpr = False,
-        EVICT: tl.constexpr = 0,
+        EVICT: tl.constexpr = 0, UNROLL: tl.constexpr = 1,
     ):  # fmt: skip
         """Every tile but the near ones: far tiles computed, tiles above the diagonal zeros. One program per
         row tile, run of ``span`` column tiles and channel (dense: the row factors loaded once per run) or
@@ -1147,7 +1156,7 @@ if triton is not None:
             if near_in:
                 _strip_tiles(out_ptr, slab, stride_slab, stride_t, r0, r1, c0, c1, I, L, max_growth, near_far,
                              sloc_ptr, tot_ptr, growth_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, left_ptr, pmask_ptr,
-                             N, NP, K, Q, SQ, SPLIT, ALIGNED)  # fmt: skip
+                             N, NP, K, Q, SQ, SPLIT, ALIGNED, UNROLL)  # fmt: skip
             _store_band(out_ptr, slab, stride_slab, stride_t, t, jb, on, band, r0, r1, c0, c1, True)
 
     @triton.jit
@@ -1461,7 +1470,7 @@ if triton is not None:
         out_ptr, c, stride_slab, stride_t, r0, r1, c0, c1, I, L, max_growth, taken,
         sloc_ptr, tot_ptr, growth_ptr, A_ptr, C_ptr, W_ptr, seg_ptr, left_ptr, pmask_ptr,
         N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, Q: tl.constexpr, SQ: tl.constexpr,
-        SPLIT: tl.constexpr, ALIGNED: tl.constexpr,
+        SPLIT: tl.constexpr, ALIGNED: tl.constexpr, UNROLL: tl.constexpr,
     ):  # fmt: skip
         """Dense reads of row tile ``I``'s near tiles by strips (Mamba-1), in the far kernel's program: tile
         ``(I, I)`` and, unless the far product ``taken`` it, ``(I, I − 1)``, each strip of each by
@@ -1473,13 +1482,16 @@ if triton is not None:
         64-tile: 32, 32, 64, 64, 192 columns of products where there were 256), and the columns past them
         are stored as zeros. Strips of one width go in a loop, the widest with tile ``(I, I − 1)``'s: two
         loops of one width let the compiler hold both loops' loads at once (100 bytes spilled at 128
-        registers), and software-pipelining the loops did too (``num_stages=1``)."""
+        registers), and software-pipelining the loops did too (``num_stages=1``). ``UNROLL`` (1 or 2): the
+        narrower widths' loops unrolled by it (short reads, :data:`TUNING` ``"short_tiles"``), so that both
+        strips' loads go out at once."""
         a2 = tl.load(A_ptr + c * N + tl.arange(0, NP), mask=tl.arange(0, NP) < N, other=0.0) * LOG2E
         STRIPS: tl.constexpr = Q // SQ
         WIDEST: tl.constexpr = 0 if STRIPS == 2 else STRIPS // 2  # tile (I, I)'s first strip as wide as Q
         for g in tl.static_range(1, 8):  # tile (I, I)'s strips [2^(g−1), 2^g) (from 0 for g = 1), 2^g·SQ wide
             if 2**g < STRIPS:
-                for s in tl.range(0 if g == 1 else 2 ** (g - 1), 2**g, num_stages=1):
+                first = 0 if g == 1 else 2 ** (g - 1)
+                for s in tl.range(first, 2**g, num_stages=1, loop_unroll_factor=UNROLL):
                     _near_strip(out_ptr, c, stride_slab, stride_t, r0, r1, c0, c1, I, I, s, L, max_growth, a2,
                                 sloc_ptr, tot_ptr, growth_ptr, C_ptr, W_ptr, seg_ptr, left_ptr, pmask_ptr, N,
                                 NP, K, Q, SQ, (2**g) * SQ, SPLIT, ALIGNED)  # fmt: skip
@@ -2177,6 +2189,9 @@ class DiagonalTiles(_Tiles):
         # dense reads by strips: the far kernel's programs take their row tile's near tiles too, and (without
         # resets) tile I − 1 into the far product where the growth allows
         strips = self.strips and bool(TUNING["NEAR_STRIPS"]) and not groups
+        short = strips and narrow and nJ <= TUNING["short_tiles"]  # its own registers and unrolled strips
+        if short:
+            far_options = {**far_options, "maxnreg": TUNING["maxnreg"]["far_short"]}
         near_far = int(strips and not self.segments)
         KP = triton.next_power_of_2(self.K)
         split = bool(TUNING["FAR_SPLIT_TF32"])
@@ -2188,7 +2203,7 @@ class DiagonalTiles(_Tiles):
             self.growth, float(STRIP_GROWTH), near_far, self.fix, self.sloc, self.tot, self.C, self.C_rows,
             self.W,
             N=self.N, NP=self.NP, Q=TILE, FAR_DOT=self.far_dot, SPLIT=split, K=self.K, KP=KP, SQ=STRIP,
-            STRIPS=strips, CB=self._product_channels(), AHEAD=ahead,
+            STRIPS=strips, CB=self._product_channels(), AHEAD=ahead, UNROLL=2 if short else 1,
             **_evict(far_kind + "_strips" if strips else far_kind, groups), **far_options, **reduce,
         )  # fmt: skip
         if strips:

@@ -240,6 +240,44 @@ def test_far_tiles_loaded_a_tile_ahead_store_the_same_bits(monkeypatch, device):
     assert plain[..., 128:, :64].abs().amax() > 0  # far tiles were computed, not zeros on both sides
 
 
+class _Launches:
+    """A kernel whose launches are recorded (their keyword arguments: constants and options), then run."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_short_reads_in_16_bits_store_the_same_bits(monkeypatch, device):
+    """Dense reads stored in 16 bits of up to ``TUNING["short_tiles"]`` column tiles launch Mamba-1's far
+    kernel capped at ``maxnreg["far_short"]`` registers with its first strips unrolled, and store exactly
+    what the usual launch stores; float32 reads and reads of more column tiles take the usual launch."""
+    rec, _, _ = record(model(device, channels=2), 200, device)  # 4 tiles: far, near and zero tiles
+    fused = rec.attention.with_backend("triton")
+    launches = _Launches(kernels._far_kernel)
+    monkeypatch.setattr(kernels, "_far_kernel", launches)
+    caps = kernels.TUNING["maxnreg"]
+
+    def read(dtype, expected):  # each batch row a launch
+        launches.calls.clear()
+        A = fused.dense(dtype)
+        assert {(c["UNROLL"], c.get("maxnreg")) for c in launches.calls} == {expected}, launches.calls
+        return A
+
+    short16, plain32 = read(torch.bfloat16, (2, caps["far_short"])), read(torch.float32, (1, caps["far"]))
+    monkeypatch.setitem(kernels.TUNING, "short_tiles", 3)  # fewer column tiles than the read's 4
+    plain16 = read(torch.bfloat16, (1, caps["far"]))
+    assert torch.equal(short16, plain16) and rel_err(short16.float(), plain32) < 1e-2
+    assert plain32[..., 128:, :64].abs().amax() > 0  # far tiles were computed, not zeros on both sides
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
 def test_eviction_policies_store_the_same_bits(monkeypatch, device):
     """Dense reads with the shipped L2 eviction policies (``TUNING["evict"]``: Mamba-1's far and zero tiles,
