@@ -2185,13 +2185,11 @@ class DiagonalTiles(_Tiles):
         narrow = out.element_size() == 2 and not groups  # a dense read stored in 16 bits
         if narrow and far_kind in TUNING["narrow_warps"]:
             far_warps = TUNING["narrow_warps"][far_kind]
-        far_options = _options(far_kind, far_warps, groups > 0)
         # dense reads by strips: the far kernel's programs take their row tile's near tiles too, and (without
         # resets) tile I − 1 into the far product where the growth allows
         strips = self.strips and bool(TUNING["NEAR_STRIPS"]) and not groups
         short = strips and narrow and nJ <= TUNING["short_tiles"]  # its own registers and unrolled strips
-        if short:
-            far_options = {**far_options, "maxnreg": TUNING["maxnreg"]["far_short"]}
+        far_options = _options("far_short" if short else far_kind, far_warps, groups > 0)
         near_far = int(strips and not self.segments)
         KP = triton.next_power_of_2(self.K)
         split = bool(TUNING["FAR_SPLIT_TF32"])
