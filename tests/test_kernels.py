@@ -374,6 +374,44 @@ def test_near_strips_factorised_or_direct(monkeypatch, device):
         assert rel_err(fused[key], plain[key]) < same
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_strips_that_grow_up_to_the_bound_are_as_exact_as_direct_entries(monkeypatch, device):
+    """A strip's product is as exact as computing its entries one by one, however much its column factors
+    grow up to ``e^STRIP_GROWTH``: with steps large enough that strips grow from a few to past the bound
+    (``e^2`` to ``e^180``), the entries the default read computes otherwise than a read that takes every
+    strip's entries directly (threshold 0) are as close to the float64 recurrence, measured against their
+    row's largest; none is infinite or NaN (strips past the sequence too); the bfloat16 reads are at most
+    one bfloat16 unit apart, and the channel means agree."""
+    m = model(device, channels=4)
+    with torch.no_grad():  # steps of about 0.05–0.8: a strip spans 19 of them, with rates up to 16
+        mixer = m.backbone.layers[0].mixer
+        mixer.dt_proj.bias.copy_(-3.0 + torch.linspace(0.0, 2.8, mixer.dt_proj.bias.numel()))
+    rec, (hidden, mask), mixer = record(m, 140, device)
+    impulses = impulse_matrix(reference(copy.deepcopy(mixer).cpu(), hidden.cpu(), mask.cpu())).double()
+    rows = impulses.abs().amax(-1, keepdim=True).clamp_min(1e-30)
+    fused = rec.attention.with_backend("triton")
+    growth = fused._fused_tiles(1, torch.arange(4, device=device)).growth.cpu()
+    bound = kernels.STRIP_GROWTH
+    assert bool((growth <= 8).any() & (growth > bound).any())
+    assert float(((growth > 8) & (growth <= bound)).float().mean()) > 0.2  # what the bound above 8 adds
+
+    def reads() -> tuple[torch.Tensor, torch.Tensor]:
+        A, A16 = fused.dense().cpu().double(), fused.dense(torch.bfloat16).cpu().double()
+        assert bool(A.isfinite().all() & A16.isfinite().all())
+        return A, A16
+
+    (shipped, shipped16), mean = reads(), fused.mean()
+    monkeypatch.setattr(kernels, "STRIP_GROWTH", 0.0)
+    direct, direct16 = reads()
+    differ = shipped != direct
+    assert float(differ.float().mean()) > 0.05  # the bound decides how a good share of entries is computed
+    ours, theirs = (((x - impulses).abs() / rows)[differ] for x in (shipped, direct))
+    assert float(ours.max()) <= 2 * float(theirs.max()) + 1e-6, (float(ours.max()), float(theirs.max()))
+    assert float(ours.mean()) <= 2 * float(theirs.mean()) + 1e-9, (float(ours.mean()), float(theirs.mean()))
+    assert bool(((shipped16 - direct16).abs() <= 2**-7 * direct16.abs()).all())
+    assert rel_err(mean, fused.mean()) < (SAME if device == "cpu" else SAME_CUDA)
+
+
 def test_preparation_is_chunked_over_channels(monkeypatch):
     """The fused path prepares at most ``FUSED_PREP_ELEMENTS`` worth of channels at a time (its only
     temporary memory besides the output), and the result does not depend on the chunking."""
