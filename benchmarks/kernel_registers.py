@@ -50,15 +50,15 @@ CASES = [
     ("far, split TF32", "far", kernels._far_kernel,
      dict(N=16, NP=16, Q=64, FAR_DOT=True, SPLIT=True, K=4, KP=4, SQ=16, STRIPS=False, REDUCE=False,
           TRANSFORM=0, ALIGNED=16, CB=16)),
-    ("far and strips", "far", kernels._far_kernel,
+    ("far and strips", "far", kernels._far_kernel,  # its far and zero tiles streamed (TUNING["evict"])
      dict(N=16, NP=16, Q=64, FAR_DOT=True, SPLIT=True, K=4, KP=4, SQ=16, STRIPS=True, REDUCE=False,
-          TRANSFORM=0, ALIGNED=16, CB=16, EVICT=1)),  # its far and zero tiles streamed (TUNING["evict"])
+          TRANSFORM=0, ALIGNED=16, CB=16, EVICT=1, PREFETCH=True)),
     ("far and strips, ahead", "far", kernels._far_kernel,  # as bfloat16 reads run it (TUNING["far_ahead"])
      dict(N=16, NP=16, Q=64, FAR_DOT=True, SPLIT=True, K=4, KP=4, SQ=16, STRIPS=True, REDUCE=False,
-          TRANSFORM=0, ALIGNED=16, CB=16, AHEAD=True, EVICT=1)),
+          TRANSFORM=0, ALIGNED=16, CB=16, AHEAD=True, EVICT=1, PREFETCH=True)),
     ("far and strips, short", "far_short", kernels._far_kernel,  # short bf16 reads (TUNING["short_tiles"])
      dict(N=16, NP=16, Q=64, FAR_DOT=True, SPLIT=True, K=4, KP=4, SQ=16, STRIPS=True, REDUCE=False,
-          TRANSFORM=0, ALIGNED=16, CB=16, AHEAD=True, EVICT=1, UNROLL=2)),
+          TRANSFORM=0, ALIGNED=16, CB=16, AHEAD=True, EVICT=1, UNROLL=2, PREFETCH=True)),
     ("far, Mamba-2", "far_wide", kernels._far_kernel,
      dict(N=128, NP=128, Q=64, FAR_DOT=True, SPLIT=False, K=4, KP=4, SQ=16, STRIPS=False, REDUCE=False,
           TRANSFORM=0, ALIGNED=16, CB=16)),

@@ -279,6 +279,28 @@ def test_short_reads_in_16_bits_store_the_same_bits(monkeypatch, device):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_near_prefetch_stores_the_same_bits(monkeypatch, device):
+    """Dense reads by strips ask for their strips' lines into the L1 first (``TUNING["NEAR_PREFETCH"]``, a
+    hint: the interpreter skips it) and store exactly what reads without it store, in float32 and bfloat16,
+    at the tile size and at lengths that cut tiles; channel sums launch no strips there, so no prefetch."""
+    rec, _, _ = record(model(device, channels=2), 150, device)
+    fused = rec.attention.with_backend("triton")
+    launches = _Launches(kernels._far_kernel)
+    monkeypatch.setattr(kernels, "_far_kernel", launches)
+    reads = []
+    for on in (True, False):
+        monkeypatch.setitem(kernels.TUNING, "NEAR_PREFETCH", on)
+        launches.calls.clear()
+        reads.append((fused.dense(), fused.dense(torch.bfloat16), fused[1, :, 70:150, 5:100]))
+        assert launches.calls and all(c["PREFETCH"] is on for c in launches.calls), launches.calls
+    for ours, theirs in zip(*reads):
+        assert torch.equal(ours, theirs)
+    launches.calls.clear()
+    fused.mean()
+    assert all(c["PREFETCH"] is False for c in launches.calls)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
 def test_eviction_policies_store_the_same_bits(monkeypatch, device):
     """Dense reads with the shipped L2 eviction policies (``TUNING["evict"]``: Mamba-1's far and zero tiles,
     Mamba-2's by-head tiles and the channels' factors they load, RWKV-4's tiles) store exactly what reads
