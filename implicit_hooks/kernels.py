@@ -123,7 +123,8 @@ TUNING: dict = {
     "aligned_run": {"tiles": 16, "wkv": 16, "head": 4},
     "NEAR_STRIPS": True,
     # dense reads by strips: the far kernel's program asks for its strips' lines into the L1 when it starts
-    # (_prefetch_near), so that they arrive while its far tiles run: 1–3 % faster, the same bits (run CCC)
+    # (_prefetch_near, one line a lane), so that they arrive while its far tiles run: 2–4 % faster at L = 512,
+    # 1–2 % at 1024, the same bits (runs CCC, DDD)
     "NEAR_PREFETCH": True,
     # dense reads whose far loop loads each tile's factors a tile ahead, by the bytes of an output entry:
     # stored in bfloat16 2–5 % faster at L = 512–2048, in float32 1–2 % slower (the same bits; run XX); with
@@ -1079,30 +1080,51 @@ if triton is not None:
 
     @triton.jit
     def _prefetch(at):
-        """Every address of ``at`` asked into the SM's L1 (``prefetch.global.L1``): nothing waits for it and
-        nothing is returned; a load of those lines later finds them there. A no-op in the interpreter."""
+        """Every address of ``at`` (``int64``) asked into the SM's L1 (``prefetch.global.L1``): nothing waits
+        for it and nothing is returned; a load of those lines later finds them there. A no-op in the
+        interpreter."""
         if not _INTERPRETED:
             tl.inline_asm_elementwise("prefetch.global.L1 [$1];\n\tmov.u32 $0, 0;", "=r,l", [at],
                                       dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
 
     @triton.jit
+    def _near_line(k, c, I, L, C_ptr, W_ptr, sloc_ptr, left_ptr, pmask_ptr, N: tl.constexpr,
+                   NP: tl.constexpr, Q: tl.constexpr):  # fmt: skip
+        """The address (``int64``) of each line ``k`` of :func:`_prefetch_near`'s list, in its order: the rows
+        of ``C`` of tile ``I`` (``NP × Q / 32`` lines, a state's in a row), ``W`` of tiles ``I − 1`` and ``I``
+        (``NP × 2Q / 32``), the local sums and the input mask of those two tiles (``2Q / 32`` each), the left
+        factors of tile ``I`` (``Q / 32``). Every part starts at a multiple of ``2Q / 32`` lines (``NP``
+        even), so ``k`` itself gives the line's place in its tile. Positions are clamped to the sequence,
+        states to ``N``: lines past either repeat one that is there."""
+        tl.static_assert(NP % 2 == 0, "the prefetch's list needs an even number of states")
+        QL: tl.constexpr = Q // 32  # lines (of 32 float32 entries) a tile
+        rows = tl.minimum(I * Q + (k % QL) * 32, L - 1)
+        cols = tl.minimum(tl.maximum(I * Q - Q + (k % (2 * QL)) * 32, 0), L - 1)
+        k_w = k - NP * QL  # the line's index in its part of the list
+        k_s = k_w - NP * 2 * QL
+        at = tl.where(k_s < 2 * QL, (sloc_ptr + c * L + cols).to(tl.int64),
+                      tl.where(k_s < 4 * QL, (pmask_ptr + cols).to(tl.int64),
+                               (left_ptr + c * L + rows).to(tl.int64)))  # fmt: skip
+        w_at = W_ptr + (c * N + tl.minimum(k_w // (2 * QL), N - 1)) * L + cols
+        at = tl.where(k_s < 0, w_at.to(tl.int64), at)
+        at = tl.where(k_w < 0, (C_ptr + tl.minimum(k // QL, N - 1) * L + rows).to(tl.int64), at)
+        return at
+
+    @triton.jit
     def _prefetch_near(c, I, L, C_ptr, W_ptr, sloc_ptr, left_ptr, pmask_ptr, N: tl.constexpr,
                        NP: tl.constexpr, Q: tl.constexpr):  # fmt: skip
         """The 128-byte lines that row tile ``I``'s strips (:func:`_strip_tiles`) load, asked for when the
-        program starts, so that they arrive while its far tiles run: the rows of ``C`` of tile ``I`` (every
-        state), ``W``, the local sums and the input mask of tiles ``I − 1`` and ``I``, the left factors of
-        tile ``I``. Each strip waited on those loads from the L2 (``ncu``: 35 % of the far kernel's samples
-        wait on global loads, most of them in the strips); prefetched, Mamba-1's far kernel is 1–3 % faster at
-        L = 512 and 1024 (run CCC), the same bits."""
-        LINE: tl.constexpr = 32  # float32 entries a line
-        n = tl.minimum(tl.arange(0, NP), N - 1)
-        rows = tl.minimum(I * Q + tl.arange(0, Q // LINE) * LINE, L - 1)
-        cols = tl.minimum(tl.maximum(I * Q - Q + tl.arange(0, 2 * Q // LINE) * LINE, 0), L - 1)
-        _prefetch(C_ptr + n[:, None] * L + rows[None, :])
-        _prefetch(W_ptr + (c * N + n[:, None]) * L + cols[None, :])
-        _prefetch(sloc_ptr + c * L + cols)
-        _prefetch(left_ptr + c * L + rows)
-        _prefetch(pmask_ptr + cols)
+        program starts, so that they arrive while its far tiles run (:func:`_near_line` lists them). Each
+        strip waited on those loads from the L2 (``ncu``: 35 % of the far kernel's samples wait on global
+        loads, most of them in the strips). The lines are listed one a lane, 128 at a time (Mamba-1: 106
+        lines, one prefetch a thread): one prefetch a list and a thread, each of a tensor of its own, had the
+        threads repeat each other's (run DDD: the far kernel 1 % slower). Prefetched, Mamba-1's far kernel is
+        2–4 % faster at L = 512 and 1–2 % at 1024 (runs CCC, DDD), the same bits."""
+        TOTAL: tl.constexpr = 3 * NP * (Q // 32) + 5 * (Q // 32)
+        LANES: tl.constexpr = 128
+        for first in tl.static_range(0, TOTAL, LANES):
+            k = tl.minimum(first + tl.arange(0, LANES), TOTAL - 1)
+            _prefetch(_near_line(k, c, I, L, C_ptr, W_ptr, sloc_ptr, left_ptr, pmask_ptr, N, NP, Q))
 
     @triton.jit(do_not_specialize=UNSPECIALISED["_far_kernel"])
     def _far_kernel(

@@ -300,6 +300,57 @@ def test_near_prefetch_stores_the_same_bits(monkeypatch, device):
     assert all(c["PREFETCH"] is False for c in launches.calls)
 
 
+if kernels.triton is not None:
+    CONST = kernels.tl.constexpr
+
+    @kernels.triton.jit
+    def _near_lines_kernel(out_ptr, c, I, L, C_ptr, W_ptr, sloc_ptr, left_ptr, pmask_ptr, TOTAL, N: CONST,
+                           NP: CONST, Q: CONST):  # fmt: skip
+        k = kernels.tl.arange(0, 128)
+        at = kernels._near_line(k, c, I, L, C_ptr, W_ptr, sloc_ptr, left_ptr, pmask_ptr, N, NP, Q)
+        kernels.tl.store(out_ptr + k, at, mask=k < TOTAL)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+@pytest.mark.parametrize("I", [2, 3])
+def test_near_prefetch_asks_for_the_lines_the_strips_load(device, I):
+    """The prefetch's list (``_near_line``), decoded back into arrays and entries: every line of ``C``'s rows
+    of tile ``I`` (a state at a time), of ``W``, the local sums and the input mask of tiles ``I − 1`` and
+    ``I``, of the left factors of tile ``I``, in that order, and nothing outside the arrays: positions past
+    the sequence (tile 3 of 200 positions) and states past ``N`` (12 states padded to 16) repeat a line that
+    is there."""
+    N, NP, Q, L, c, channels = 12, 16, 64, 200, 1, 3
+    arrays = {
+        "C": torch.zeros(N, L, device=device),
+        "W": torch.zeros(channels, N, L, device=device),
+        "sloc": torch.zeros(channels, L, device=device),
+        "left": torch.zeros(channels, L, device=device),
+        "pmask": torch.zeros(L, device=device),
+    }
+    total = 3 * NP * (Q // 32) + 5 * (Q // 32)
+    out = torch.zeros(128, dtype=torch.int64, device=device)
+    _near_lines_kernel[(1,)](out, c, I, L, *arrays.values(), total, N=N, NP=NP, Q=Q)
+
+    def where(address):
+        for name, a in arrays.items():
+            offset = address - a.data_ptr()
+            if 0 <= offset < a.numel() * 4:
+                assert offset % 4 == 0
+                return name, offset // 4
+        raise AssertionError(f"address {address:#x} lies in none of the arrays")
+
+    rows = [min(I * Q + r, L - 1) for r in range(0, Q, 32)]
+    cols = [min(max(I * Q - Q + r, 0), L - 1) for r in range(0, 2 * Q, 32)]
+    expected = (
+        [("C", min(n, N - 1) * L + t) for n in range(NP) for t in rows]
+        + [("W", (c * N + min(n, N - 1)) * L + j) for n in range(NP) for j in cols]
+        + [("sloc", c * L + j) for j in cols]
+        + [("pmask", j) for j in cols]
+        + [("left", c * L + t) for t in rows]
+    )
+    assert [where(a) for a in out[:total].tolist()] == expected
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
 def test_eviction_policies_store_the_same_bits(monkeypatch, device):
     """Dense reads with the shipped L2 eviction policies (``TUNING["evict"]``: Mamba-1's far and zero tiles,
