@@ -225,6 +225,13 @@ TUNING: dict = {
 FP_FUSION = {"enable_fp_fusion": True}
 
 
+def _contiguous(x: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``x`` in ``dtype`` and contiguous: ``x`` itself where it already is. ``.to`` and ``.contiguous`` return
+    ``x`` then too, but each goes through torch's dispatch (a few µs of the host a call on the H200's
+    machine, where a short read is issued by the host about as long as the device runs it)."""
+    return x if x.dtype == dtype and x.is_contiguous() else x.to(dtype).contiguous()
+
+
 def _options(kernel: str, warps: int, reduce: bool) -> dict:
     """Launch options of ``kernel``: its warps, FMA contraction (:data:`FP_FUSION`) and, where
     ``TUNING["maxnreg"]`` caps it, its registers."""
@@ -2096,11 +2103,13 @@ class _Tiles:
 
 
 @functools.lru_cache(maxsize=64)
-def filled(n: int, value: float, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
-    """A read-only vector of ``n`` copies of ``value``, made once per length and device: the stand-ins
-    that reads of every length pass to the kernels (segment ids without resets, an input mask of ones,
-    RG-LRU's one state) without a fill on every read. Never write to it."""
-    return torch.full((n,), value, dtype=dtype, device=device)
+def filled(n: int, value: float, device: torch.device, dtype: torch.dtype = torch.float32, *,
+           column: bool = False) -> Tensor:  # fmt: skip
+    """A read-only vector of ``n`` copies of ``value`` (with ``column``, a ``(n, 1)`` column), made once per
+    length and device: the stand-ins that reads of every length pass to the kernels (segment ids without
+    resets, an input mask of ones, RG-LRU's one state) without a fill, nor a view, on every read. Never write
+    to it."""
+    return torch.full((n, 1) if column else (n,), value, dtype=dtype, device=device)
 
 
 def _weights(tiles: _Tiles, groups: int, row_weight: Tensor | None, col_weight: Tensor | None, *,
@@ -2115,8 +2124,8 @@ def _weights(tiles: _Tiles, groups: int, row_weight: Tensor | None, col_weight: 
     absent = None
     if ones and (row_weight is None or col_weight is None):
         absent = torch.ones(tiles.n_chan, tiles.L, device=tiles.device, dtype=torch.float32)
-    rw = absent if row_weight is None else row_weight.to(torch.float32).contiguous()
-    return rw, absent if col_weight is None else col_weight.to(torch.float32).contiguous()
+    rw = absent if row_weight is None else _contiguous(row_weight)
+    return rw, absent if col_weight is None else _contiguous(col_weight)
 
 
 class DiagonalTiles(_Tiles):
@@ -2187,19 +2196,18 @@ class DiagonalTiles(_Tiles):
         if segment is None:
             self.seg, self.seg_ref = filled(L, 0, device, torch.int32), filled(nT, 0, device, torch.int32)
         else:  # seg_ref: the segment of each tile's last column
-            self.seg = segment.to(torch.int32).contiguous()
+            self.seg = _contiguous(segment, torch.int32)
             self.seg_ref = torch.empty(nT, device=device, dtype=torch.int32)
-        weight = weight.to(f32).contiguous()
-        right = weight if right is None else right.to(f32).contiguous()  # unread without has_right
+        weight = _contiguous(weight)
+        right = weight if right is None else _contiguous(right)  # unread without has_right
         skip = skip and D is not None
-        D = D.to(f32).contiguous() if skip else weight  # unread without skip
-        self.A = A.to(f32).contiguous()
-        self.B = B.to(f32).contiguous()
-        self.C_rows = C = C.to(f32).contiguous()  # row-major: the far tiles' U (:func:`_far_rows`)
-        w = torch.ones(nc, 1, device=device, dtype=f32) if taps is None else taps.to(f32)
-        self.taps = w.contiguous()
-        self.left = torch.ones(nc, L, device=device, dtype=f32) if left is None else left.to(f32).contiguous()
-        self.pmask = filled(L, 1.0, device) if input_mask is None else input_mask.to(f32).contiguous()
+        D = _contiguous(D) if skip else weight  # unread without skip
+        self.A = _contiguous(A)
+        self.B = _contiguous(B)
+        self.C_rows = C = _contiguous(C)  # row-major: the far tiles' U (:func:`_far_rows`)
+        self.taps = torch.ones(nc, 1, device=device, dtype=f32) if taps is None else _contiguous(taps)
+        self.left = torch.ones(nc, L, device=device, dtype=f32) if left is None else _contiguous(left)
+        self.pmask = filled(L, 1.0, device) if input_mask is None else _contiguous(input_mask)
         self.N, self.NP, self.K, self.L, self.ssm = N, NP, K, L, ssm
         self.n_chan, self.device = nc, device
         # W, C, V (and U): written by the preparation with the recurrence; without it unread (sloc stands in)
@@ -2215,9 +2223,9 @@ class DiagonalTiles(_Tiles):
         P = max(16, min(TUNING["prep_positions"], TUNING["prep_elements"] // NP))
         prep_kind = "prep_outer" if not self.far_dot else "prep_wide" if NP >= 64 else "prep"
         _prep_kernel[(nc, triton.cdiv(L, P))](
-            S.contiguous(), self.A, self.B, C, weight, right, D, self.taps, self.seg, self.seg_ref, self.left,
-            self.pmask, self.sloc, self.sb, self.tot, self.sref, self.growth, self.U, self.V, self.W, self.C,
-            self.fix,
+            _contiguous(S, S.dtype), self.A, self.B, C, weight, right, D, self.taps, self.seg, self.seg_ref,
+            self.left, self.pmask, self.sloc, self.sb, self.tot, self.sref, self.growth, self.U, self.V,
+            self.W, self.C, self.fix,
             L, int(ssm), int(skip), int(right is not weight), int(segment is not None),
             N=N, NP=NP, K=K, KP=triton.next_power_of_2(K), Q=Q, P=P, SQ=STRIP, ROWS=not self.far_dot,
             **_options(prep_kind, max(TUNING["prep_warps"], 4 if NP >= 64 else 1), False),
@@ -2315,17 +2323,16 @@ class WKVTiles(_Tiles):
 
     def __init__(self, key: Tensor, log_z: Tensor, w: Tensor, u: Tensor, *, left: Tensor | None,
                  right: Tensor | None, input_mask: Tensor | None, ssm: bool = True):  # fmt: skip
-        f64, f32 = torch.float64, torch.float32
         self.n_chan, self.L = key.shape
         self.device, self.ssm = key.device, ssm
-        self.key, self.log_z, self.w, self.u = (x.to(f64).contiguous() for x in (key, log_z, w, u))
+        self.key, self.log_z, self.w, self.u = (_contiguous(x, torch.float64) for x in (key, log_z, w, u))
         # without a factor, every channel reads one shared vector of ones (stride 0)
         ones = filled(self.L, 1.0, self.device)
-        self.left = ones if left is None else left.to(f32).contiguous()
-        self.right = ones if right is None else right.to(f32).contiguous()
+        self.left = ones if left is None else _contiguous(left)
+        self.right = ones if right is None else _contiguous(right)
         self.strides = (0 if left is None else self.L, 0 if right is None else self.L)
         mask = input_mask
-        self.pmask = filled(self.L, 1.0, self.device) if mask is None else mask.to(f32).contiguous()
+        self.pmask = filled(self.L, 1.0, self.device) if mask is None else _contiguous(mask)
 
     def _launch(self, out: Tensor, span: tuple[int, int, int, int], groups: int, per_group: int,
                 row_weight: Tensor | None = None, col_weight: Tensor | None = None, transform: str = "signed",
@@ -2386,28 +2393,28 @@ class HeadTiles(_Tiles):
         n_heads, L = cum.shape
         self.n_chan = nc = run[1] if run is not None else len(head_index)
         self.device, self.L, self.ssm = device, L, ssm
-        self.cum = cum.to(torch.float64).contiguous()
-        self.A, self.delta = A.to(f32).contiguous(), delta.to(f32).contiguous()
-        self.B, self.C = B.to(f32).contiguous(), C.to(f32).contiguous()
+        self.cum = _contiguous(cum, torch.float64)
+        self.A, self.delta = _contiguous(A), _contiguous(delta)
+        self.B, self.C = _contiguous(B), _contiguous(C)
         # the read's channels (positions into it) head by head: head h's are chans[starts[h] : starts[h + 1]]
         if run is not None:  # from the layout, once per layout (a sort and a search cost 0.1 ms a read)
             self.chans, self.starts = _run_by_head(*run, n_heads, device)
         else:  # sorted and searched on the device: nothing here waits for it
             head_index = head_index.long()
             order = torch.argsort(head_index, stable=True)
-            self.chans = order.to(torch.int32).contiguous()
+            self.chans = _contiguous(order, torch.int32)
             bounds = torch.arange(n_heads + 1, device=device)
             self.starts = torch.searchsorted(head_index[order], bounds).to(torch.int32).contiguous()
         ones = torch.ones(nc, L, device=device, dtype=f32) if left is None or right is None else None
-        self.left = ones if left is None else left.to(f32).contiguous()
-        self.right = ones if right is None else right.to(f32).contiguous()
-        taps = filled(nc, 1.0, device)[:, None] if taps is None else taps.to(f32).contiguous()
+        self.left = ones if left is None else _contiguous(left)
+        self.right = ones if right is None else _contiguous(right)
+        taps = filled(nc, 1.0, device, column=True) if taps is None else _contiguous(taps)
         if taps.shape[1] > HEAD_TAPS:
             raise ValueError(f"the by-head kernel handles convolutions of up to {HEAD_TAPS} taps")
         self.taps, self.K = taps, taps.shape[1]
         self.skip = int(skip and D is not None)
-        self.D = D.to(f32).contiguous() if self.skip else self.A  # (n_heads,); unread without skip
-        self.pmask = filled(L, 1.0, device) if input_mask is None else input_mask.to(f32).contiguous()
+        self.D = _contiguous(D) if self.skip else self.A  # (n_heads,); unread without skip
+        self.pmask = filled(L, 1.0, device) if input_mask is None else _contiguous(input_mask)
         self.n_heads, self.N = n_heads, B.shape[1]
 
     def _programs(self, per_sm: int) -> int:

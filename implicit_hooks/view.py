@@ -43,8 +43,11 @@ FUSED_MIN_ROWS = 16
 
 def take(t: Tensor, chans: Tensor | slice, dim: int = 0) -> Tensor:
     """The entries ``chans`` of ``t`` along ``dim``: a view for a run of channels (a ``slice``, as fused reads
-    of whole channel ranges pass them to :meth:`Core.tiles`: no copy, no kernel launched), else a gather."""
+    of whole channel ranges pass them to :meth:`Core.tiles`: no copy, no kernel launched; ``t`` itself for all
+    of them, as a narrow costs the host a few µs on a GPU machine), else a gather."""
     if isinstance(chans, slice):
+        if chans.start == 0 and chans.stop == t.shape[dim]:
+            return t
         return t.narrow(dim, chans.start, chans.stop - chans.start)
     return t.index_select(dim, chans)
 
@@ -112,6 +115,17 @@ class Core:
     def tile_parts(self, chans: Tensor | slice) -> list[Tensor] | None:
         """Positions into ``chans`` that one :meth:`tiles` call can take together; None: all at once."""
         return None
+
+    def rows_of(self, b: int, *names: str) -> tuple[Tensor, ...]:
+        """Batch row ``b`` of the core's arrays ``names`` (``getattr(self, name)[b]``), taken once and kept:
+        views, no memory. For :meth:`tiles`, called at every fused read, where each ``x[b]`` is a torch
+        operation (a few µs of the host on a GPU machine, whose short reads the host issues about as long
+        as the device runs them)."""
+        kept = self.__dict__.setdefault("_rows_kept", {})
+        key = (b, names)
+        if key not in kept:
+            kept[key] = tuple(getattr(self, name)[b] for name in names)
+        return kept[key]
 
 
 class DenseCore(Core):
@@ -425,23 +439,28 @@ class AttentionView:
         Where that takes a multiplication (two factors or more, or ``extra``), the product of every channel
         of the batch row is kept with the factors until a read of another row replaces it (``(C, L)``: one
         batch row of one factor): every read of a row would otherwise launch the same elementwise product,
-        and on a GPU machine each torch operation costs the host 10–25 µs of a read. A read that builds an
-        autograd graph multiplies only its channels and keeps nothing (nor takes what a read without a graph
-        kept)."""
+        and on a GPU machine each torch operation costs the host 10–25 µs of a read. A single factor's row
+        is kept the same way (a view: no memory; not in a view recorded with ``grad``, whose factors have a
+        graph), so a read of a kept row runs no torch operation here. A read that builds an autograd graph
+        multiplies only its channels and keeps nothing (nor takes what a read without a graph kept)."""
         kept = self.kept  # a property that builds a set: once, not per factor
         names = tuple(name for name in group if name in kept)
-        parts = [group[name][b] for name in names]
-        if not parts and extra is None:
+        if not names and extra is None:
             return None
-        if len(parts) == 1 and extra is None:
-            return take(parts[0], chans)
-        mask = None if extra is None else extra[b].to(self.dtype)[None, :]
-        if self.grad and torch.is_grad_enabled():  # a graph per read, of these channels only: nothing kept
-            return _product([take(part, chans) for part in parts], mask, count(chans))
+        graph = self.grad and torch.is_grad_enabled()  # a graph per read, of its channels only: nothing kept
         key = ("diagonal", id(group), names, extra is not None)
-        row, out = self._cache.get(key, (None, None))
-        if row != b:
-            out = _product(parts, mask, self.shape[1])
+        row, out = (None, None) if graph else self._cache.get(key, (None, None))
+        if row != b:  # the factors' rows taken (a torch operation each) only when the row is not kept
+            parts = [group[name][b] for name in names]
+            mask = None if extra is None else extra[b].to(self.dtype)[None, :]
+            if len(parts) == 1 and mask is None:
+                out = parts[0]  # one factor: its row, a view
+                if self.grad:  # of a factor with a graph: not kept
+                    return take(out, chans)
+            elif graph:
+                return _product([take(part, chans) for part in parts], mask, count(chans))
+            else:
+                out = _product(parts, mask, self.shape[1])
             self._cache[key] = (b, out)
         return take(out, chans)
 

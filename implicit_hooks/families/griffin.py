@@ -99,11 +99,11 @@ class RGLRUCore(Core):
         ``−log a`` (``A = −1``), input weight ``i · m``, entries across a reset zero."""
         from ..kernels import DiagonalTiles, filled
 
-        S = take(self.rate[b], chans)  # (nc, L + 1)
+        rate, scale, segment = self.rows_of(b, "rate", "input_scale", "segment")
+        S = take(rate, chans)  # (nc, L + 1)
         L, device = S.shape[1] - 1, S.device
-        ones, A = filled(L, 1.0, device)[:, None], filled(count(chans), -1.0, device)[:, None]
-        weight = take(self.input_scale[b], chans)
-        return DiagonalTiles(S, A, ones, ones, weight, None, self.segment[b], **parts)
+        ones, A = filled(L, 1.0, device, column=True), filled(count(chans), -1.0, device, column=True)
+        return DiagonalTiles(S, A, ones, ones, take(scale, chans), None, segment, **parts)
 
 
 #: the RG-LRU's own parameters (``block.rg_lru.<name>``)

@@ -85,12 +85,13 @@ class SelectiveCore(Core):
         """The fused Triton assembler of whole tiles (:mod:`implicit_hooks.kernels`)."""
         from ..kernels import DiagonalTiles
 
+        S, B, C, delta = self.rows_of(b, "cumdelta", "B", "C", "delta")
         return DiagonalTiles(
-            take(self.cumdelta[b], chans),
+            take(S, chans),
             take(self.A, chans),
-            self.B[b],
-            self.C[b],
-            take(self.delta[b], chans),
+            B,
+            C,
+            take(delta, chans),
             None if self.D is None else take(self.D, chans),
             **parts,
         )

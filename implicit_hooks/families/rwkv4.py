@@ -107,9 +107,10 @@ class WKVCore(Core):
             return None  # RWKV-4 shifts tokens before its projections: no conv factor to fold
         from ..kernels import WKVTiles
 
+        key, log_z = self.rows_of(b, "key", "log_z")
         return WKVTiles(
-            take(self.key[b], chans),
-            take(self.log_z[b], chans),
+            take(key, chans),
+            take(log_z, chans),
             take(self.w, chans),
             take(self.u, chans),
             left=parts["left"],
