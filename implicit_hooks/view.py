@@ -447,21 +447,17 @@ class AttentionView:
         names = tuple(name for name in group if name in kept)
         if not names and extra is None:
             return None
-        graph = self.grad and torch.is_grad_enabled()  # a graph per read, of its channels only: nothing kept
+        graph = self.grad and torch.is_grad_enabled()
         key = ("diagonal", id(group), names, extra is not None)
-        row, out = (None, None) if graph else self._cache.get(key, (None, None))
-        if row != b:  # the factors' rows taken (a torch operation each) only when the row is not kept
+        row, out = self._cache.get(key, (None, None))
+        if graph or row != b:  # the factors' rows taken (a torch operation each) only where none is kept
             parts = [group[name][b] for name in names]
             mask = None if extra is None else extra[b].to(self.dtype)[None, :]
-            if len(parts) == 1 and mask is None:
-                out = parts[0]  # one factor: its row, a view
-                if self.grad:  # of a factor with a graph: not kept
-                    return take(out, chans)
-            elif graph:
+            if graph:  # a graph per read, of its channels only: nothing kept, nothing taken from the kept
                 return _product([take(part, chans) for part in parts], mask, count(chans))
-            else:
-                out = _product(parts, mask, self.shape[1])
-            self._cache[key] = (b, out)
+            out = _product(parts, mask, self.shape[1])  # one factor: its row, a view
+            if not (self.grad and len(parts) == 1 and mask is None):  # nor a lone factor that has a graph
+                self._cache[key] = (b, out)
         return take(out, chans)
 
     def _tiles(self, n_chans: int, n_rows: int, n_cols: int) -> tuple[int, int]:
