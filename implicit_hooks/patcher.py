@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .errors import UnsupportedInputError
+from .errors import UnsupportedInputError, UnsupportedModelError
 from .recording import BlockRecord, kept_weights
 from .view import Factors
 
@@ -25,14 +25,14 @@ from .view import Factors
 class Patcher:
     """Records the calls of one block and turns each call into factors.
 
-    Subclasses set :attr:`kind`, say which sub-module inputs or outputs to keep in :meth:`taps`, read the
-    block's own arguments in :meth:`on_call`, name the weights the maths reads in :attr:`weight_paths`, and
-    implement :meth:`factors`. Example (a block ``y = sigmoid(g) * cumsum(v)`` of your own)::
+    Subclasses set :attr:`kind`, say which sub-module inputs or outputs to keep (:attr:`tap_paths`, or
+    :meth:`taps`), read the block's own arguments in :meth:`on_call`, name the weights the maths reads in
+    :attr:`weight_paths`, and implement :meth:`factors`. Example (a block ``y = sigmoid(g) * cumsum(v)``
+    of your own)::
 
         class CumsumPatcher(implicit_hooks.Patcher):
             kind = "cumsum"
-            def taps(self):
-                return {"v": (self.module.value, "output"), "g": (self.module.gate, "output")}
+            tap_paths = {"v": ("value", "output"), "g": ("gate", "output")}
             def factors(self, record, dtype):
                 v = record.raw["v"].to(dtype).transpose(1, 2)          # (B, C, L)
                 g = torch.sigmoid(record.raw["g"].to(dtype)).transpose(1, 2)
@@ -50,6 +50,9 @@ class Patcher:
     #: (``"conv1d.weight"``); the default :meth:`weights` returns those that exist (an absent bias is left
     #: out).
     weight_paths: ClassVar[Mapping[str, str]] = {}
+    #: ``key -> (path, "input" | "output")`` of the sub-modules the default :meth:`taps` taps, relative to
+    #: the block (``"in_proj"``); override :meth:`taps` for taps that depend on the instance.
+    tap_paths: ClassVar[Mapping[str, tuple[str, str]]] = {}
 
     def __init__(self, module: nn.Module, name: str):
         self.module = module
@@ -59,8 +62,10 @@ class Patcher:
 
     # --- what subclasses describe -------------------------------------------------------------
     def taps(self) -> Mapping[str, tuple[nn.Module, str]]:
-        """``key -> (sub_module, "input" | "output")``: tensors kept in ``record.raw[key]``."""
-        return {}
+        """``key -> (sub_module, "input" | "output")``: tensors kept in ``record.raw[key]``; by default the
+        sub-modules at :attr:`tap_paths`."""
+        module = self.module
+        return {key: (submodule_at(module, path), where) for key, (path, where) in self.tap_paths.items()}
 
     def on_call(self, record: BlockRecord, args: tuple, kwargs: dict) -> None:
         """Read the block's own arguments at the start of a call (no host synchronisation here)."""
@@ -116,6 +121,8 @@ class Patcher:
                 opened.pop().status = "complete" if output is not None else "failed"
 
         def make_tap(key: str, where: str) -> Callable:
+            if where not in ("input", "output"):
+                raise ValueError(f"tap {key!r}: where must be 'input' or 'output', got {where!r}")
             from_input, copy = where == "input", key in self.copy_taps
 
             def tap(module: nn.Module, args: tuple, output: Any) -> None:
@@ -130,13 +137,12 @@ class Patcher:
 
             return tap
 
+        # every tap resolved and checked before the first hook goes on: one that fails leaves none behind
+        taps = [(sub, make_tap(key, where)) for key, (sub, where) in self.taps().items()]
         hooks = Hooks()
         hooks.add(self.module, pre_hook, pre=True, with_kwargs=True)
-        for key, (sub, where) in self.taps().items():
-            if where not in ("input", "output"):
-                hooks.remove()
-                raise ValueError(f"tap {key!r}: where must be 'input' or 'output', got {where!r}")
-            hooks.add(sub, make_tap(key, where))
+        for sub, tap in taps:
+            hooks.add(sub, tap)
         hooks.add(self.module, post_hook, always_call=True)
         return [hooks]
 
@@ -217,6 +223,17 @@ _PATHS: dict[str, tuple[tuple[str, ...], str]] = {}
 def _parsed(path: str) -> tuple[tuple[str, ...], str]:
     *parents, name = path.split(".")
     return tuple(parents), name
+
+
+def submodule_at(module: nn.Module, path: str) -> nn.Module:
+    """``module.<path>``, a sub-module (``"mixer.in_proj"``), read from the module tree's own dictionaries
+    (as :func:`tensors_at`: every ``record`` resolves each block's taps)."""
+    owner: nn.Module | None = module
+    for name in path.split("."):
+        owner = owner._modules.get(name) if owner is not None else None
+    if owner is None:
+        raise UnsupportedModelError(f"{type(module).__name__} has no sub-module {path!r} to tap")
+    return owner
 
 
 def tensors_at(module: nn.Module, paths: Mapping[str, str]) -> dict[str, torch.Tensor]:

@@ -117,6 +117,39 @@ def test_a_tap_that_names_neither_input_nor_output_leaves_no_hook():
     assert hooks_left(net) == []
 
 
+def test_tap_paths_tap_the_same_sub_modules_and_a_missing_one_leaves_no_hook():
+    class ByPath(EmaPatcher):
+        tap_paths = {"v": ("value", "output"), "g": ("gate", "output")}
+        taps = ih.Patcher.taps  # the default: the sub-modules at tap_paths
+
+    def recorded(patcher):
+        ih.register_patcher(EmaBlock, patcher, replace=True)
+        torch.manual_seed(0)
+        net, x = Net(), torch.randn(2, 7, 5)
+        with ih.record(net) as rec:
+            net(x)
+        return rec
+
+    try:
+        by_taps, by_path = recorded(EmaPatcher), recorded(ByPath)
+        for a, b in zip(by_taps, by_path):
+            assert a.raw.keys() == b.raw.keys() == {"v", "g"}
+            assert all(torch.equal(a.raw[k], b.raw[k]) for k in ("v", "g"))
+            assert torch.allclose(b.view().dense(), a.view().dense())
+
+        class Missing(ByPath):
+            tap_paths = {"v": ("value", "output"), "g": ("gates", "output")}
+
+        ih.register_patcher(EmaBlock, Missing, replace=True)
+        net = Net()
+        with pytest.raises(ih.UnsupportedModelError, match="EmaBlock has no sub-module 'gates' to tap"):
+            with ih.record(net):
+                pass
+        assert hooks_left(net) == []  # the block pre-hook used to go on before the taps were resolved
+    finally:
+        ih.register_patcher(EmaBlock, EmaPatcher, replace=True)
+
+
 def test_blocks_are_found_as_named_modules_finds_them():
     """``record`` walks the module tree with a stack of its own: the names and order of ``named_modules``,
     a module registered twice recorded once (under its first name), empty slots skipped, and a class that

@@ -189,14 +189,12 @@ class SoftmaxAttentionPatcher(Patcher):
     kind = "attention"
     real_output_key = "o_proj_input"
 
-    def taps(self):
-        m = self.module
-        return {
-            "q_proj": (m.q_proj, "output"),
-            "k_proj": (m.k_proj, "output"),
-            "v_proj": (m.v_proj, "output"),
-            "o_proj_input": (m.o_proj, "input"),
-        }
+    tap_paths = {
+        "q_proj": ("q_proj", "output"),
+        "k_proj": ("k_proj", "output"),
+        "v_proj": ("v_proj", "output"),
+        "o_proj_input": ("o_proj", "input"),
+    }
 
     def on_call(self, record: BlockRecord, args: tuple, kwargs: dict) -> None:
         m = self.module
@@ -422,8 +420,7 @@ def _cached_keys(cache: Any, layer_idx: int | None) -> CachedKeys | None:
 class RecurrentGemmaAttentionPatcher(SoftmaxAttentionPatcher):
     """``RecurrentGemmaAttention``: local attention over a sliding window; RoPE (partial) inside."""
 
-    def taps(self):
-        return {**super().taps(), "rotary": (self.module.rotary_emb, "output")}
+    tap_paths = {**SoftmaxAttentionPatcher.tap_paths, "rotary": ("rotary_emb", "output")}
 
     def rope(self, record: BlockRecord):
         require("rotary" in record.raw, f"{record.name}: rotary_emb never ran as a module during this call")

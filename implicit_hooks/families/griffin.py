@@ -117,13 +117,11 @@ class RGLRUPatcher(Patcher):
     kind = "rglru"
     real_output_key = "linear_out_input"
 
-    def taps(self):
-        m = self.module
-        return {
-            "linear_x": (m.linear_x, "output"),
-            "linear_y": (m.linear_y, "output"),
-            "linear_out_input": (m.linear_out, "input"),
-        }
+    tap_paths = {
+        "linear_x": ("linear_x", "output"),
+        "linear_y": ("linear_y", "output"),
+        "linear_out_input": ("linear_out", "input"),
+    }
 
     weight_paths = {
         "conv.weight": "conv_1d.weight",

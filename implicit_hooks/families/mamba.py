@@ -191,8 +191,7 @@ class MambaPatcher(Patcher):
     #: how B, C and the low-rank Δ are normalised after ``x_proj``: None, "weightless" or "weighted".
     bcdt_norm: str | None = None
 
-    def taps(self):
-        return {"in_proj": (self.module.in_proj, "output"), "out_proj_input": (self.module.out_proj, "input")}
+    tap_paths = {"in_proj": ("in_proj", "output"), "out_proj_input": ("out_proj", "input")}
 
     weight_paths = {
         "conv.weight": "conv1d.weight",

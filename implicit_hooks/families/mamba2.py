@@ -354,8 +354,7 @@ class Mamba2Patcher(Patcher):
     kind = "mamba2"
     real_output_key = "out_proj_input"
 
-    def taps(self):
-        return {"in_proj": (self.module.in_proj, "output"), "out_proj_input": (self.module.out_proj, "input")}
+    tap_paths = {"in_proj": ("in_proj", "output"), "out_proj_input": ("out_proj", "input")}
 
     weight_paths = {
         "conv.weight": "conv1d.weight",

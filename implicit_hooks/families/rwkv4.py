@@ -126,14 +126,12 @@ class RWKV4Patcher(Patcher):
     kind = "rwkv4"
     real_output_key = "output_input"
 
-    def taps(self):
-        m = self.module
-        return {
-            "key": (m.key, "output"),
-            "value": (m.value, "output"),
-            "receptance": (m.receptance, "output"),
-            "output_input": (m.output, "input"),
-        }
+    tap_paths = {
+        "key": ("key", "output"),
+        "value": ("value", "output"),
+        "receptance": ("receptance", "output"),
+        "output_input": ("output", "input"),
+    }
 
     weight_paths = {"time_decay": "time_decay", "time_first": "time_first"}
 

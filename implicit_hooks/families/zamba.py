@@ -87,8 +87,7 @@ class ZambaMambaPatcher(Patcher):
     kind = "mamba"
     real_output_key = "out_proj_input"
 
-    def taps(self):
-        return {"in_proj": (self.module.in_proj, "output"), "out_proj_input": (self.module.out_proj, "input")}
+    tap_paths = {"in_proj": ("in_proj", "output"), "out_proj_input": ("out_proj", "input")}
 
     weight_paths = {
         "conv.weight": "conv1d.weight",
