@@ -227,6 +227,43 @@ class Recording(Sequence):
         return f"Recording({len(self)} calls of {len(set(self.names()))} blocks)"
 
 
+class Replacements:
+    """Counts the parameters, buffers and sub-modules registered on any module while it is on (torch's global
+    registration hooks; ``remove()`` takes them off): assigning ``mixer.A_log = nn.Parameter(...)``, or
+    ``load_state_dict(..., assign=True)``, between two forwards of one ``record`` context. The patchers look
+    their weights up again at their next call (:meth:`Patcher.attach`), so a record never keeps the weights
+    of an earlier call. In-place changes need no lookup: each call keeps the versions it saw.
+
+    The hook goes straight into torch's three dictionaries of global registration hooks, under a key of its
+    own (:class:`~implicit_hooks.patcher.Hooks` says why: the handles were a fifth of entering ``record``)."""
+
+    _next = [-1]  # keys count down from -1: torch's count up from 0
+
+    def __init__(self) -> None:
+        self.count = [0]  # a list: the hooks read it from a closure cell
+        count = self.count
+
+        def registered(module: nn.Module, name: str, value: Any) -> None:
+            count[0] += 1
+
+        self._key = key = Replacements._next[0]
+        Replacements._next[0] = key - 1
+        for hooks in _REGISTRATION_HOOKS:
+            hooks[key] = registered
+
+    def remove(self) -> None:
+        for hooks in _REGISTRATION_HOOKS:
+            hooks.pop(self._key, None)
+
+
+#: torch's global hooks on the registration of a parameter, a buffer or a sub-module (torch ≥ 2.0)
+_REGISTRATION_HOOKS = (
+    nn.modules.module._global_parameter_registration_hooks,
+    nn.modules.module._global_buffer_registration_hooks,
+    nn.modules.module._global_module_registration_hooks,
+)
+
+
 def modules_of(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``model.named_modules()``, the same names in the same order (depth first, each module once), walked
     with a stack: ``named_modules`` nests a generator per level, 0.6 µs a module, a quarter of what
@@ -316,10 +353,11 @@ def record(
     patchers: list[Patcher] = []
     handles: list = []
     try:
+        handles.append(replacements := Replacements())
         for name, module, cls in blocks:
             patcher = cls(module, name)
             patchers.append(patcher)
-            handles.extend(patcher.attach(recording._append, grad=grad))
+            handles.extend(patcher.attach(recording._append, grad=grad, replacements=replacements))
         yield recording
     finally:
         for handle in handles:

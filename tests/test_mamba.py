@@ -418,6 +418,22 @@ def test_errors_say_what_is_wrong(device):
     assert view.name == "backbone.layers.0.mixer"
 
 
+def test_a_weight_replaced_between_forwards_of_one_context_belongs_to_the_later_call(device):
+    model = mamba(device, layers=1)
+    ids = torch.randint(0, 64, (2, L), device=device)
+    mixer = model.backbone.layers[0].mixer
+    with torch.no_grad(), ih.record(model) as rec:
+        model(ids)
+        old = mixer.A_log
+        mixer.A_log = torch.nn.Parameter(old - 0.7)  # a new tensor, as load_state_dict(assign=True) makes
+        model(ids)
+    first, second = rec.calls("backbone.layers.0.mixer")
+    assert first.weights["A_log"].data_ptr() == old.data_ptr()
+    assert second.weights["A_log"].data_ptr() == mixer.A_log.data_ptr()
+    assert first.output_error() < TOL and second.output_error() < TOL  # each explains its own call
+    assert rel_err(first.attention.dense(), second.attention.dense()) > 1e-2
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
 def test_recording_adds_no_host_synchronisation_on_cuda():
     model = mamba("cuda")

@@ -86,7 +86,11 @@ HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwarg
 
 
 def hooks_left(net):
-    return [(name, d) for name, m in net.named_modules() for d in HOOK_DICTS if getattr(m, d)]
+    """Our hooks still on ``net``, or on torch's global registration hooks (:class:`Replacements`)."""
+    registration = ih.recording._REGISTRATION_HOOKS
+    return [(name, d) for name, m in net.named_modules() for d in HOOK_DICTS if getattr(m, d)] + [
+        ("torch", key) for hooks in registration for key in hooks if key < 0
+    ]
 
 
 def test_hooks_run_in_order_with_torch_hooks_and_leave_nothing_behind():

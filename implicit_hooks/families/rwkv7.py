@@ -41,7 +41,7 @@ from torch import Tensor
 
 from ..errors import UnsupportedInputError
 from ..patcher import Patcher, require
-from ..recording import BlockRecord, kept_weights
+from ..recording import BlockRecord, Replacements, kept_weights
 from ..view import Factors
 from .rwkv_pkg import HeadCore, InstancePatch, freeze_group_norm, heads_to_channels
 
@@ -211,7 +211,10 @@ class RWKV7PackagePatcher(Patcher):
         return fns
 
     # --- recording ----------------------------------------------------------------------------------
-    def attach(self, on_record: Callable[[BlockRecord], None], *, grad: bool = False) -> list:
+    def attach(self, on_record: Callable[[BlockRecord], None], *, grad: bool = False,
+               replacements: Replacements | None = None) -> list:  # fmt: skip
+        """Listen to the model's forwards; returns their handles. Each call's weights are looked up when its
+        record opens (:meth:`open_record`), so ``replacements`` are not needed."""
         fns = self._functions()
         mirror = _MIRRORS.get(id(self.module))
         if mirror is None:

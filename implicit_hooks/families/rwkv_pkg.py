@@ -44,7 +44,7 @@ from torch import Tensor
 
 from ..errors import UnsupportedInputError
 from ..patcher import Patcher, require
-from ..recording import BlockRecord
+from ..recording import BlockRecord, Replacements
 from ..view import Core, Factors
 from .rwkv4 import WKVCore, log_normaliser
 
@@ -621,7 +621,10 @@ class RWKVPackagePatcher(Patcher):
         return f"{prefix}blocks.{'?' if layer is None else layer}.att"
 
     # --- recording ----------------------------------------------------------------------------------
-    def attach(self, on_record: Callable[[BlockRecord], None], *, grad: bool = False) -> list:
+    def attach(self, on_record: Callable[[BlockRecord], None], *, grad: bool = False,
+               replacements: Replacements | None = None) -> list:  # fmt: skip
+        """Patch the model's time-mix entry points; returns their handles. Each call brings its weights as
+        arguments, so ``replacements`` are not needed."""
         model = self.module
         n_layer = model.args.n_layer
         layer_of = {id(model.w[f"blocks.{i}.ln1.weight"]): i for i in range(n_layer)}

@@ -45,7 +45,7 @@ from torch import nn
 
 from ..errors import RecordingError, UnsupportedInputError, UnsupportedModelError
 from ..patcher import Patcher
-from ..recording import BlockRecord, Recording, _select, kept_weights
+from ..recording import BlockRecord, Recording, Replacements, _select, kept_weights
 from ..registry import _REGISTRY, _resolve, class_path, patcher_class_for, supported_classes
 
 __all__ = ["SavedCalls", "hooks", "record", "save", "SCAN_CALLS"]
@@ -195,10 +195,11 @@ def record(model: Any, *, layers: Layers = None, grad: bool = False) -> Iterator
 def _attach(blocks: list, recording: Recording, patchers: list, handles: list, *, grad: bool) -> None:
     """Attach every block's hooks, as :func:`implicit_hooks.record` does, filling ``patchers``/``handles``."""
     recording.blocks = [name for name, _, _ in blocks]
+    handles.append(replacements := Replacements())
     for name, module, cls in blocks:
         patcher = _patcher(cls, module, name)
         patchers.append(patcher)
-        handles.extend(patcher.attach(recording._append, grad=grad))
+        handles.extend(patcher.attach(recording._append, grad=grad, replacements=replacements))
 
 
 def _detach(patchers: list, handles: list) -> None:
