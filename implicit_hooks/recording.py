@@ -316,6 +316,18 @@ def _select(blocks: list, layers: Sequence[int | str] | Callable[[str], bool] | 
     return [b for i, b in enumerate(blocks) if i in chosen]
 
 
+def attach_blocks(blocks: list, recording: Recording, patchers: list, handles: list, *, grad: bool) -> None:
+    """Attach every block's hooks into ``recording``, filling ``patchers`` and ``handles`` as it goes (the
+    caller removes the handles and closes the patchers, also when this raises), with one
+    :class:`Replacements` watch for them all."""
+    recording.blocks = [name for name, _, _ in blocks]
+    handles.append(replacements := Replacements())
+    for name, module, cls in blocks:
+        patcher = cls(module, name)
+        patchers.append(patcher)
+        handles.extend(patcher.attach(recording._append, grad=grad, replacements=replacements))
+
+
 @contextlib.contextmanager
 def record(
     model: nn.Module,
@@ -349,15 +361,10 @@ def record(
             f"  {classes}\nRegister your own with implicit_hooks.register_patcher(...)."
         )
     recording = Recording()
-    recording.blocks = [name for name, _, _ in blocks]
     patchers: list[Patcher] = []
     handles: list = []
     try:
-        handles.append(replacements := Replacements())
-        for name, module, cls in blocks:
-            patcher = cls(module, name)
-            patchers.append(patcher)
-            handles.extend(patcher.attach(recording._append, grad=grad, replacements=replacements))
+        attach_blocks(blocks, recording, patchers, handles, grad=grad)
         yield recording
     finally:
         for handle in handles:

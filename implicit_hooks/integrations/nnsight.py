@@ -45,7 +45,7 @@ from torch import nn
 
 from ..errors import RecordingError, UnsupportedInputError, UnsupportedModelError
 from ..patcher import Patcher
-from ..recording import BlockRecord, Recording, Replacements, _select, kept_weights
+from ..recording import BlockRecord, Recording, _select, attach_blocks, kept_weights
 from ..registry import _REGISTRY, _resolve, class_path, patcher_class_for, supported_classes
 
 __all__ = ["SavedCalls", "hooks", "record", "save", "SCAN_CALLS"]
@@ -186,20 +186,10 @@ def record(model: Any, *, layers: Layers = None, grad: bool = False) -> Iterator
     patchers: list[Patcher] = []
     handles: list = []
     try:
-        _attach(_blocks(root, layers), recording, patchers, handles, grad=grad)
+        attach_blocks(_blocks(root, layers), recording, patchers, handles, grad=grad)
         yield recording
     finally:
         _detach(patchers, handles)
-
-
-def _attach(blocks: list, recording: Recording, patchers: list, handles: list, *, grad: bool) -> None:
-    """Attach every block's hooks, as :func:`implicit_hooks.record` does, filling ``patchers``/``handles``."""
-    recording.blocks = [name for name, _, _ in blocks]
-    handles.append(replacements := Replacements())
-    for name, module, cls in blocks:
-        patcher = _patcher(cls, module, name)
-        patchers.append(patcher)
-        handles.extend(patcher.attach(recording._append, grad=grad, replacements=replacements))
 
 
 def _detach(patchers: list, handles: list) -> None:
@@ -264,7 +254,7 @@ def hooks(tracer: Any, *, layers: Layers = None, grad: bool = False) -> Recordin
 
     handles.append(root.register_forward_pre_hook(start, with_kwargs=True))
     try:
-        _attach(blocks, recording, patchers, handles, grad=grad)
+        attach_blocks(blocks, recording, patchers, handles, grad=grad)
     except BaseException:
         _detach(patchers, handles)
         raise
