@@ -53,6 +53,9 @@ class Patcher:
     #: ``key -> (path, "input" | "output")`` of the sub-modules the default :meth:`taps` taps, relative to
     #: the block (``"in_proj"``); override :meth:`taps` for taps that depend on the instance.
     tap_paths: ClassVar[Mapping[str, tuple[str, str]]] = {}
+    #: whether other supported blocks may sit among this block's sub-modules: ``record`` searches below a
+    #: block only then. False for every built-in family (their sub-modules are projections, convs, norms).
+    holds_blocks: ClassVar[bool] = True
 
     def __init__(self, module: nn.Module, name: str):
         self.module = module

@@ -264,36 +264,35 @@ _REGISTRATION_HOOKS = (
 )
 
 
-def modules_of(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``model.named_modules()``, the same names in the same order (depth first, each module once), walked
-    with a stack: ``named_modules`` nests a generator per level, 0.6 µs a module, a quarter of what
-    entering ``record`` on a 24-layer model costs (a module tree's own ``_modules``; a class that overrides
-    ``named_modules`` is asked instead)."""
-    if type(model).named_modules is not nn.Module.named_modules:
-        yield from model.named_modules()
-        return
-    seen = set()
+def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module, type[Patcher]]]:
+    """Every sub-module of ``model`` with a registered patcher: ``(name, module, patcher_class)``, in the
+    order and under the names of ``model.named_modules()``.
+
+    The walk does not go below a block whose patcher says it holds no other block
+    (:attr:`Patcher.holds_blocks`, false for every built-in family): a Mamba-2 model's mixers hold 120 of its
+    199 modules, and finding its blocks takes 31 µs instead of 80 (the 2-core development machine), a fifth
+    of what entering ``record`` costs."""
+    if type(model).named_modules is not nn.Module.named_modules:  # a class that walks itself is asked
+        named = ((name, m, patcher_class_for(m)) for name, m in model.named_modules())
+        return [block for block in named if block[2] is not None]
+    found, by_type, seen = [], {}, set()  # a model repeats a few module types many times: a lookup a type
     stack = [("", model)]
     while stack:
         name, module = stack.pop()
         if id(module) in seen:
             continue
         seen.add(id(module))
-        yield name, module
+        kind = type(module)
+        cls = by_type.get(kind, False)
+        if cls is False:
+            cls = by_type[kind] = patcher_class_for(module)
+        if cls is not None:
+            found.append((name, module, cls))
+            if not cls.holds_blocks:
+                continue
         if module._modules:
             prefix = name + "." if name else ""
             stack.extend([(prefix + k, m) for k, m in reversed(module._modules.items()) if m is not None])
-
-
-def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module, type[Patcher]]]:
-    """Every sub-module of ``model`` with a registered patcher: ``(name, module, patcher_class)``."""
-    found, by_type = [], {}  # a model repeats a few module types many times: one lookup per type
-    for name, module in modules_of(model):
-        kind = type(module)
-        if kind not in by_type:
-            by_type[kind] = patcher_class_for(module)
-        if by_type[kind] is not None:
-            found.append((name, module, by_type[kind]))
     return found
 
 

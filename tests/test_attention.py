@@ -184,6 +184,8 @@ def test_whole_model_recording_walks_every_token_mixing_layer_in_order(device, f
     assert torch.equal(before, during)
     for mod in model.modules():
         assert not mod._forward_hooks and not mod._forward_pre_hooks
+    # the walk skips the blocks' sub-modules (Patcher.holds_blocks): it still finds what a full walk finds
+    assert rec.blocks == [name for name, m in model.named_modules() if registry.patcher_class_for(m)]
     layer = [int(name.split("layers.")[1].split(".")[0]) for name in rec.names()]
     assert layer == sorted(layer)  # call order is layer order
     attention = [r.name for r in rec if r.kind == "attention"]

@@ -163,9 +163,8 @@ def test_blocks_are_found_as_named_modules_finds_them():
     net.blocks.append(net.blocks[0])  # the same block twice
     net.spare = None  # an empty slot
     net.inner = Net()
-    walked = [(name, id(m)) for name, m in ih.recording.modules_of(net)]
-    assert walked == [(name, id(m)) for name, m in net.named_modules()]
     names = ["blocks.0", "blocks.1", "inner.blocks.0", "inner.blocks.1"]
+    assert [n for n, m in net.named_modules() if isinstance(m, EmaBlock)] == names
     assert [name for name, _, _ in ih.recording.find_blocks(net)] == names
 
     class OnlyFirst(Net):
@@ -173,6 +172,57 @@ def test_blocks_are_found_as_named_modules_finds_them():
             yield "blocks.0", self.blocks[0]
 
     assert [name for name, _, _ in ih.recording.find_blocks(OnlyFirst())] == ["blocks.0"]
+
+
+class Wrapper(nn.Module):
+    """A user's block that holds another supported block."""
+
+    def __init__(self):
+        super().__init__()
+        self.ema = EmaBlock(5)
+        self.value = nn.Linear(5, 5)
+        self.gate = nn.Linear(5, 5)
+        self.log_a = nn.Parameter(-torch.rand(5))
+
+    def forward(self, x):
+        return EmaBlock.forward(self, self.ema(x))
+
+
+class Holder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.outer = Wrapper()
+
+    def forward(self, x):
+        return self.outer(x)
+
+
+def test_blocks_inside_a_block_are_found_unless_its_patcher_says_it_holds_none():
+    """The walk goes below a block only when its patcher's ``holds_blocks`` is true (the default for a
+    patcher of the user's own; the built-in families', whose sub-modules are projections, convs and norms,
+    say false: a hybrid model's walk finds the same blocks either way, ``test_attention.py``)."""
+
+    class ClosedPatcher(EmaPatcher):
+        holds_blocks = False
+
+    ih.register_patcher(EmaBlock, EmaPatcher)
+    net = Holder()
+    try:
+        ih.register_patcher(Wrapper, EmaPatcher)
+        assert [name for name, _, _ in ih.recording.find_blocks(net)] == ["outer", "outer.ema"]
+        x = torch.randn(2, 6, 5)
+        with torch.no_grad(), ih.record(net) as rec:
+            out = net(x)
+        assert rec.names() == ["outer", "outer.ema"]  # the outer call opens first
+        with torch.no_grad():
+            inner = net.outer.ema(x)
+        assert torch.allclose(rec["outer.ema"].attention.output(), inner.transpose(1, 2), atol=1e-5)
+        assert torch.allclose(rec["outer"].attention.output(), out.transpose(1, 2), atol=1e-5)
+        ih.register_patcher(Wrapper, ClosedPatcher, replace=True)
+        assert [name for name, _, _ in ih.recording.find_blocks(net)] == ["outer"]
+    finally:
+        ih.registry._REGISTRY.pop(ih.registry.class_path(Wrapper), None)
+        ih.registry._MATCHES.clear()
 
 
 def test_lazy_registration_by_string_and_conflicts():

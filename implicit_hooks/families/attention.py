@@ -187,6 +187,7 @@ class SoftmaxAttentionPatcher(Patcher):
     """
 
     kind = "attention"
+    holds_blocks = False
     real_output_key = "o_proj_input"
 
     tap_paths = {

@@ -115,6 +115,7 @@ class RGLRUPatcher(Patcher):
     """transformers' ``RecurrentGemmaRecurrentBlock`` with its ``RecurrentGemmaRglru``."""
 
     kind = "rglru"
+    holds_blocks = False
     real_output_key = "linear_out_input"
 
     tap_paths = {

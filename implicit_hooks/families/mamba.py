@@ -187,6 +187,7 @@ class MambaPatcher(Patcher):
     """transformers' ``MambaMixer`` (and the base of the FalconMamba and Jamba variants)."""
 
     kind = "mamba"
+    holds_blocks = False
     real_output_key = "out_proj_input"
     #: how B, C and the low-rank Δ are normalised after ``x_proj``: None, "weightless" or "weighted".
     bcdt_norm: str | None = None

@@ -352,6 +352,7 @@ class Mamba2Patcher(Patcher):
     ``Zamba2MambaMixer`` (same forward; NemotronH and Zamba2 clamp ``Δ`` from below only)."""
 
     kind = "mamba2"
+    holds_blocks = False
     real_output_key = "out_proj_input"
 
     tap_paths = {"in_proj": ("in_proj", "output"), "out_proj_input": ("out_proj", "input")}

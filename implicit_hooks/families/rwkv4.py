@@ -124,6 +124,7 @@ class RWKV4Patcher(Patcher):
     """transformers' ``RwkvSelfAttention`` (RWKV-4 time mixing), on the CPU loop and the CUDA kernel path."""
 
     kind = "rwkv4"
+    holds_blocks = False
     real_output_key = "output_input"
 
     tap_paths = {

@@ -185,6 +185,7 @@ class RWKV7PackagePatcher(Patcher):
     call."""
 
     kind = "rwkv7"
+    holds_blocks = False
     real_output_key = "real_output"
 
     def block_name(self, layer: int) -> str:

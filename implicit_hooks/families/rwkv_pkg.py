@@ -604,6 +604,7 @@ class RWKVPackagePatcher(Patcher):
     """
 
     kind = "rwkv"
+    holds_blocks = False
     real_output_key = "real_output"
 
     def __init__(self, module: torch.nn.Module, name: str):

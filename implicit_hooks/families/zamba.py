@@ -85,6 +85,7 @@ class ZambaMambaPatcher(Patcher):
     """transformers' ``ZambaMambaMixer`` (multi-head Mamba-1; keyword calls)."""
 
     kind = "mamba"
+    holds_blocks = False
     real_output_key = "out_proj_input"
 
     tap_paths = {"in_proj": ("in_proj", "output"), "out_proj_input": ("out_proj", "input")}
