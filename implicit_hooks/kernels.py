@@ -2140,8 +2140,8 @@ class DiagonalTiles(_Tiles):
     ``U`` for ``N < 16``) and ``fix``; ``V`` and ``U`` are the far tiles' factors (the input mask and the
     left factors in them; the far kernel computes ``U`` itself from ``C`` where the tile is one product),
     the rest serves the near tiles (``growth``: the strips'). Besides allocations no torch operation runs
-    per read: on the H200's machine each costs the host 10–25 µs, and a short read is issued by the host as
-    much as computed by the device.
+    per read: on the H200's machine each costs the host 10–25 µs inside a read (an allocation 2 µs in a warm
+    loop, run FFF), and a short read is issued by the host as much as computed by the device.
 
     Args:
         S: ``(nc, L + 1)`` float64 cumulative rates, ``S[p + 1] = Σ_{k ≤ p}``, ``S[0] = 0``.
