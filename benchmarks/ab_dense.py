@@ -46,6 +46,9 @@ def measure(label: str, out: str, families: list[str], lengths: list[int], smoke
     device = torch.device("cpu" if smoke or not torch.cuda.is_available() else "cuda")
     torch.backends.cuda.matmul.allow_tf32 = False
     bandwidth = write_bandwidth(device, timer(device))
+    # reads a timing takes (lone: the median of; back to back: a round of); --smoke: the fewest that still
+    # exercise every path (the test suite runs it four times: 20 reads a round took it 5 minutes)
+    lone_reads, mean_reads, b2b_reads = (3, 3, 2) if smoke else (9, 5, 20)
     rows = []
     for family, L, view in one_layer_views(families, lengths, device, smoke):
         B, C = view.shape[:2]
@@ -54,8 +57,8 @@ def measure(label: str, out: str, families: list[str], lengths: list[int], smoke
         def read(view=view):
             return view.dense(dtype)
 
-        lone = sorted(once(read, device) for _ in range(9))[4]
-        b2b = sorted(back_to_back(read, device, 20) for _ in range(3))
+        lone = sorted(once(read, device) for _ in range(lone_reads))[lone_reads // 2]
+        b2b = sorted(back_to_back(read, device, b2b_reads) for _ in range(3))
         kernels, mean_kernels = {}, {}
         if device.type == "cuda":
             from sweep_dense import device_times
@@ -63,8 +66,8 @@ def measure(label: str, out: str, families: list[str], lengths: list[int], smoke
             kernels = {k[:40]: v for k, v in device_times(read, 5).items()}
             mean_kernels = {k[:40]: v for k, v in device_times(view.mean, 5).items()}
         mean = view.mean()
-        mean_s = sorted(once(view.mean, device) for _ in range(5))[2]
-        mean_b2b_s = sorted(back_to_back(view.mean, device, 10) for _ in range(3))
+        mean_s = sorted(once(view.mean, device) for _ in range(mean_reads))[mean_reads // 2]
+        mean_b2b_s = sorted(back_to_back(view.mean, device, b2b_reads // 2) for _ in range(3))
         row = dict(label=label, family=family, pkg=implicit_hooks.__file__, L=L, dtype=str(dtype)[6:],
                    floor=floor, lone=lone / floor, b2b=[x / floor for x in b2b], b2b_s=b2b, mean_s=mean_s,
                    mean_b2b_s=mean_b2b_s, kernels=kernels, mean_kernels=mean_kernels)  # fmt: skip
